@@ -1,0 +1,35 @@
+"""Errors a user can cause: values with a file, a line and a sentence, never a traceback."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong with the input, located where the user can fix it."""
+
+    file: str
+    line: int  # 1-based; 0 when the problem has no line (a missing file)
+    where: str  # the path of the value inside the file, e.g. "lans[1]" ("" for the whole file)
+    message: str
+
+    def __str__(self) -> str:
+        loc = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{loc}: {self.where}: {self.message}" if self.where else f"{loc}: {self.message}"
+
+
+class WanError(Exception):
+    """Raised with every problem found, so the user sees them all at once."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = sorted(set(problems))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def show(value: object, limit: int = 60) -> str:
+    """A value as it may appear in an error: quoted, control characters escaped, cut short.
+
+    Hostile input (newlines, terminal escapes) must not reach the terminal or a log verbatim.
+    """
+    text = repr(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"

@@ -1,0 +1,18 @@
+"""The WAN as a Mermaid flowchart: sites with their LANs, tunnels as edges."""
+from __future__ import annotations
+
+from .model import Wan
+
+
+def mermaid(wan: Wan, highlight: frozenset[str] = frozenset()) -> str:
+    """Mermaid source; tunnels named in `highlight` are drawn thick (the plan marks changes)."""
+    lines = ["flowchart LR"]
+    for s in wan.sites:
+        role = " (hub)" if s.name in wan.hubs else ""
+        lans = "<br/>".join(str(n) for n in s.lans)
+        lines.append(f'  {s.name}["<b>{s.name}</b>{role}<br/>{s.router.platform}, Libreswan {s.router.libreswan}'
+                     f'<br/>{s.router.public_address}<br/>{lans}<br/>{s.dns.domain}"]')
+    for i, t in enumerate(wan.tunnels):
+        arrow = "==>" if t.name in highlight else "-->"
+        lines.append(f"  {t.initiator} {arrow}|{t.name}| {t.peer_of(t.initiator)}")
+    return "\n".join(lines) + "\n"

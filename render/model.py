@@ -1,0 +1,84 @@
+"""The WAN model: the only vocabulary templates, the lab, the plan and the release read.
+
+Everything here is immutable and already validated; nothing downstream reads raw YAML.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+
+@dataclass(frozen=True)
+class CryptoProfile:
+    name: str
+    ike: tuple[str, ...]
+    esp: tuple[str, ...]
+    ikelifetime: int = 28800
+    salifetime: int = 3600
+
+
+@dataclass(frozen=True)
+class Dpd:
+    delay: int = 10
+    timeout: int = 60
+
+
+@dataclass(frozen=True)
+class Router:
+    platform: str  # "openwrt" | "el"
+    libreswan: int  # 4 | 5
+    public_address: IPv4Address
+    lan_address: IPv4Address
+    ike_id: str  # "@name" or the public address as text
+
+
+@dataclass(frozen=True)
+class Dns:
+    domain: str
+    server: IPv4Address
+    records: tuple[tuple[str, IPv4Address], ...]  # (name relative to domain, address), sorted
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    file: str
+    router: Router
+    lans: tuple[IPv4Network, ...]
+    dns: Dns
+    crypto_profile: str | None  # the site's own override, None = WAN default
+    dpd: Dpd
+    dns_mode: str  # "forward" | "hosts"
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """One IKEv2 tunnel between two sites; `a` < `b` by name, so both ends share the name."""
+
+    name: str
+    a: str
+    b: str
+    initiator: str  # the one end that has auto=start
+    crypto: CryptoProfile
+
+    def peer_of(self, site: str) -> str:
+        return self.b if site == self.a else self.a
+
+
+@dataclass(frozen=True)
+class Wan:
+    name: str
+    topology: str  # "mesh" | "hub-and-spoke"
+    hubs: tuple[str, ...]
+    sites: tuple[Site, ...]  # sorted by name
+    tunnels: tuple[Tunnel, ...]  # sorted by name
+    source_dir: str
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def tunnels_of(self, site: str) -> tuple[Tunnel, ...]:
+        return tuple(t for t in self.tunnels if site in (t.a, t.b))

@@ -1,0 +1,32 @@
+"""The one place that knows where each file lives on each platform's router."""
+from __future__ import annotations
+
+IPSEC_CONF = "etc/ipsec.conf"
+IPSEC_SECRETS = "etc/ipsec.secrets"
+IPSEC_D = "etc/ipsec.d"
+MANIFEST = "MANIFEST.json"  # at the root of out/<router>/, not installed as a router file
+
+
+def tunnel_conf(name: str) -> str:
+    return f"{IPSEC_D}/{name}.conf"
+
+
+def tunnel_secrets(name: str) -> str:
+    return f"{IPSEC_D}/{name}.secrets"
+
+
+# dnsmasq: a conf-dir file on EL (dnsmasq's default conf-dir=/etc/dnsmasq.d), a UCI batch on OpenWrt
+DNSMASQ_EL = "etc/dnsmasq.d/wan.conf"
+DHCP_UCI_OPENWRT = "etc/wan/dhcp.uci"
+HOSTS_OPENWRT = "etc/wan/hosts"
+
+# firewall: a table of our own on EL; fw4 chain snippets registered through UCI includes on OpenWrt
+NFT_EL = "etc/nftables/wan.nft"
+FW4_SNIPPETS = ("input", "forward", "srcnat")  # fw4 chain names, each gets a chain-prepend include
+
+
+def fw4_snippet(chain: str) -> str:
+    return f"etc/wan/fw4/{chain}.nft"
+
+
+FIREWALL_UCI_OPENWRT = "etc/wan/firewall.uci"

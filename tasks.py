@@ -1,0 +1,55 @@
+"""Tasks: thin; each calls one function of render/ or lab/. `./run --list` shows them."""
+from __future__ import annotations
+
+import os
+import sys
+
+from invoke import Exit, task
+
+SITES = "sites"
+OUT = "out"
+
+
+def _exit(rc: int) -> None:
+    if rc:
+        raise Exit(code=rc)
+
+
+@task(help={"sites": "the sites directory (default: sites)"})
+def validate(c, sites=SITES):
+    """Validate the sites against the schemas and the semantic rules; list every problem."""
+    from render import cli
+    _exit(cli.validate(sites))
+
+
+@task(help={"sites": "the sites directory", "out": "where the router trees go (replaced atomically)",
+            "lab_secrets": "use a throw-away PSK master key (for the lab and for reviews)"})
+def render(c, sites=SITES, out=OUT, lab_secrets=False):
+    """Render every router's files into out/<router>/."""
+    from render import cli
+    _exit(cli.render(sites, out, lab_secrets=lab_secrets))
+
+
+@task(help={"sites": "the sites directory", "out": "where the router trees go"})
+def check(c, sites=SITES, out=OUT):
+    """Render with throw-away secrets and check every file with the real tools."""
+    from render import cli
+    _exit(cli.check(sites, out))
+
+
+@task(help={"sites": "the sites directory", "out": "write the Mermaid text here instead of printing it"})
+def graph(c, sites=SITES, out=None):
+    """The WAN as a Mermaid flowchart (sites, LANs, tunnels)."""
+    from render import cli
+    _exit(cli.graph(sites, out))
+
+
+@task(help={"k": "only tests matching this expression", "quick": "skip the lab tests (they boot kernels)"})
+def test(c, k=None, quick=False):
+    """The test suite (real tools, real kernels)."""
+    args = [sys.executable, "-m", "pytest", "-q", "-ra"]
+    if k:
+        args += ["-k", k]
+    if quick:
+        args += ["-m", "not lab"]
+    os.execv(sys.executable, args)

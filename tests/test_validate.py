@@ -1,0 +1,57 @@
+"""Bad input: each broken sites directory against the exact messages it must produce."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from render.errors import WanError
+from render.validate import load_sites
+
+from conftest import REPO
+
+CASES = sorted(p.name for p in (REPO / "tests/errors").iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_broken_sites_give_the_expected_messages(case, update_goldens):
+    d = Path("tests/errors") / case
+    with pytest.raises(WanError) as info:
+        load_sites(d / "sites")
+    got = str(info.value) + "\n"
+    expected = REPO / d / "expected.log"
+    if update_goldens:
+        expected.write_text(got)
+    assert got == expected.read_text()
+
+
+def test_every_error_names_a_file_and_a_line():
+    for case in CASES:
+        with pytest.raises(WanError) as info:
+            load_sites(Path("tests/errors") / case / "sites")
+        for p in info.value.problems:
+            assert p.file.endswith(".yaml") and p.line >= 1, (case, str(p))
+
+
+def test_the_example_wan_is_valid():
+    wan = load_sites("sites")
+    assert [s.name for s in wan.sites] == ["acme", "berlin", "home", "oslo", "paris", "rome"]
+    assert len(wan.tunnels) == 15
+
+
+def test_alias_bomb_is_refused(tmp_path):
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / "wan.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                                    + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                                              for p, c in zip("abcdefgh", "bcdefghi")))
+    with pytest.raises(WanError) as info:
+        load_sites(sites)
+    assert "alias bomb" in str(info.value)
+
+
+def test_missing_directory_and_missing_wan_yaml(tmp_path):
+    with pytest.raises(WanError, match="is not a directory"):
+        load_sites(tmp_path / "nope")
+    with pytest.raises(WanError, match="wan.yaml: missing"):
+        load_sites(tmp_path)
