@@ -70,7 +70,10 @@ def _subnets(side: str, lans, version: int) -> str:
 def conn_names(t: Tunnel, me: Site, peer: Site) -> list[str]:
     """The connection names pluto will know for this tunnel (4.x expands `subnets=` into aliases)."""
     if me.router.libreswan == 4 and (len(me.lans) > 1 or len(peer.lans) > 1):
-        return [f"{t.name}/{i}x{j}" for i in range(1, len(me.lans) + 1) for j in range(1, len(peer.lans) + 1)]
+        # a side with one `subnet=` counts as 0, a side with `subnets={...}` counts from 1
+        left = range(1, len(me.lans) + 1) if len(me.lans) > 1 else [0]
+        right = range(1, len(peer.lans) + 1) if len(peer.lans) > 1 else [0]
+        return [f"{t.name}/{i}x{j}" for i in left for j in right]
     return [t.name]
 
 

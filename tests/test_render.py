@@ -137,7 +137,7 @@ def test_manifest_lists_every_file_with_its_digest_and_mode(tmp_path):
     assert set(m["files"]) == on_disk
     for name, entry in m["files"].items():
         assert entry["sha256"] == hashlib.sha256((root / name).read_bytes()).hexdigest()
-    assert m["tunnels"]["acme-paris"]["conns"] == ["acme-paris/1x1", "acme-paris/2x1"]
+    assert m["tunnels"]["acme-paris"]["conns"] == ["acme-paris/1x0", "acme-paris/2x0"]
     assert m["source_revision"] == "golden"
 
 
