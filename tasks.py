@@ -53,3 +53,18 @@ def test(c, k=None, quick=False):
     if quick:
         args += ["-m", "not lab"]
     os.execv(sys.executable, args)
+
+
+@task(help={"sites": "the sites directory", "kernel": "host, qemu or uml (default: host where it has ESP, else qemu)",
+            "results": "where result.json, junit.xml and diagnostics go", "timeout": "seconds for the whole run"})
+def lab(c, sites=SITES, kernel=None, results="lab-results", timeout=1500):
+    """Validate, render and prove the WAN in the lab: tunnels, pings through ESP, DNS; print the verdict."""
+    from render import cli
+    if cli.validate(sites):
+        raise Exit(code=1)
+    from lab.run import run_lab, verdict
+    from render.validate import load_sites
+    names = [s.name for s in load_sites(sites).sites]
+    outcome = run_lab(sites, kernel, results, float(timeout))
+    print(verdict(outcome, names))
+    _exit(0 if outcome.ok else 1)

@@ -1,0 +1,476 @@
+"""The lab inside a kernel with ESP: build the routers, start them, prove every cell, report.
+
+Run as root inside the lab kernel (or on a host whose kernel has ESP):
+    python3 -m lab.inner PLAN.json RESULTS_DIR
+It prints progress lines (`@@ phase k/N`) for the host side and writes RESULTS_DIR/result.json.
+Everything it starts it ends again, by PID; every namespace it made it deletes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from render.openwrt import dnsmasq_options, fw4_ruleset  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TUNNEL_TIMEOUT = float(os.environ.get("WAN_LAB_TUNNEL_TIMEOUT", "90"))
+KEY_RE = re.compile(r"0x[0-9a-fA-F]{16,}")
+
+
+def progress(phase: str, done: int, total: int, note: str = "") -> None:
+    print(f"@@ {phase} {done}/{total} {note}".rstrip(), flush=True)
+
+
+def log(msg: str) -> None:
+    print(f"lab: {msg}", flush=True)
+
+
+def run(argv: list[str], check: bool = True, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[:2000]}")
+    return r
+
+
+def scrub(text: str) -> str:
+    """Keys never leave the lab: XFRM key material and PSKs are replaced."""
+    text = KEY_RE.sub("0x<scrubbed>", text)
+    return re.sub(r'PSK "[^"]*"', 'PSK "<scrubbed>"', text)
+
+
+class Lab:
+    def __init__(self, plan: dict, results: Path):
+        self.plan = plan
+        self.results = results
+        self.state = Path(tempfile.mkdtemp(prefix=f"wanlab-{plan['prefix']}-"))
+        self.sites = {s["name"]: s for s in plan["sites"]}
+        self.namespaces: list[str] = []
+        self.holders: dict[str, subprocess.Popen] = {}
+        self.pidfiles: list[Path] = []
+        self.checks: list[dict] = []
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+
+    # ---- running things -------------------------------------------------------------------
+    def in_router(self, site: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        pid = self.holders[site].pid
+        return run(["nsenter", "-t", str(pid), "-m", "-n", "--"] + argv, **kw)
+
+    def in_ns(self, ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        return run(["nsenter", f"--net=/run/netns/{ns}", "--"] + argv, **kw)
+
+    def popen_ns(self, ns: str, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "--"] + argv, **kw)
+
+    # ---- building ---------------------------------------------------------------------------
+    def build_network(self) -> None:
+        p = self.plan
+        inet = p["inet_ns"]
+        batch = [f"netns add {inet}"]
+        for s in p["sites"]:
+            batch.append(f"netns add {s['router_ns']}")
+            batch.append(f"netns add {s['dns_ns']}")
+            for lan in s["lans"]:
+                batch.append(f"netns add {lan['host_ns']}")
+        self.namespaces = [line.split()[-1] for line in batch]
+        for s in p["sites"]:
+            batch.append(f"link add wan netns {s['router_ns']} type veth peer name {s['inet_if']} netns {inet}")
+            for j, lan in enumerate(s["lans"]):
+                batch.append(f"link add h{j} netns {s['router_ns']} type veth peer name eth0 netns {lan['host_ns']}")
+            batch.append(f"link add d0 netns {s['router_ns']} type veth peer name eth0 netns {s['dns_ns']}")
+        run(["ip", "-batch", "-"], input="\n".join(batch) + "\n")
+
+        # the internet: routes to every router's public address, forwarding on
+        cmds = ["link set lo up", f"addr add {p['isp_resolver']}/32 dev lo"]
+        for s in p["sites"]:
+            cmds += [f"link set {s['inet_if']} up", f"addr add {p['inet_gw']}/32 dev {s['inet_if']}",
+                     f"route add {s['public']}/32 dev {s['inet_if']}"]
+        run(["ip", "-n", inet, "-batch", "-"], input="\n".join(cmds) + "\n")
+        for s in p["sites"]:
+            cmds = ["link set lo up", "link set wan up", f"addr add {s['public']}/32 dev wan",
+                    f"route add {p['inet_gw']}/32 dev wan", f"route add default via {p['inet_gw']} dev wan"]
+            dns_lan = None
+            for j, lan in enumerate(s["lans"]):
+                br = lan["bridge"]
+                cmds += [f"link add {br} type bridge", f"link set {br} up",
+                         f"addr add {lan['router_address']}/{lan['prefixlen']} dev {br}",
+                         f"link set h{j} master {br}", f"link set h{j} up"]
+                if lan["has_dns"] and dns_lan is None:
+                    dns_lan = lan
+                    cmds += [f"link set d0 master {br}", "link set d0 up"]
+                hcmds = ["link set lo up", "link set eth0 up", f"addr add {lan['host']}/{lan['prefixlen']} dev eth0",
+                         f"route add default via {lan['router_address']}"]
+                run(["ip", "-n", lan["host_ns"], "-batch", "-"], input="\n".join(hcmds) + "\n")
+            run(["ip", "-n", s["router_ns"], "-batch", "-"], input="\n".join(cmds) + "\n")
+            dcmds = ["link set lo up", "link set eth0 up", f"addr add {s['dns_server']}/{dns_lan['prefixlen']} dev eth0",
+                     f"route add default via {dns_lan['router_address']}"]
+            run(["ip", "-n", s["dns_ns"], "-batch", "-"], input="\n".join(dcmds) + "\n")
+        # forwarding in the internet and in every router; one shell per namespace
+        for ns in [inet] + [s["router_ns"] for s in p["sites"]]:
+            self.in_ns(ns, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+
+    def start_isp_resolver(self) -> None:
+        p = self.plan
+        d = self.state / "isp"
+        d.mkdir()
+        conf = d / "dnsmasq.conf"
+        conf.write_text("\n".join([
+            "no-resolv", "no-hosts", f"listen-address={p['isp_resolver']}", "bind-interfaces", "user=root",
+            f"pid-file={d}/dnsmasq.pid", f"log-facility={d}/dnsmasq.log", "log-queries",
+            f"address=/{p['rebind'][0]}/{p['rebind'][1]}", f"address=/#/{p['isp_answer']}", ""]))
+        self.in_ns(p["inet_ns"], ["dnsmasq", f"--conf-file={conf}"])
+        self.pidfiles.append(d / "dnsmasq.pid")
+
+    def start_dns_servers(self) -> None:
+        for s in self.plan["sites"]:
+            d = self.state / f"dns-{s['name']}"
+            d.mkdir()
+            records = dict(s["records"])
+            records[s["probe_record"][0]] = s["probe_record"][1]
+            lines = ["no-resolv", "no-hosts", f"listen-address={s['dns_server']}", "bind-interfaces", "user=root",
+                     f"pid-file={d}/dnsmasq.pid", f"log-facility={d}/dnsmasq.log", "log-queries",
+                     f"local=/{s['domain']}/"]
+            lines += [f"host-record={name},{addr}" for name, addr in sorted(records.items())]
+            (d / "dnsmasq.conf").write_text("\n".join(lines) + "\n")
+            self.in_ns(s["dns_ns"], ["dnsmasq", f"--conf-file={d / 'dnsmasq.conf'}"])
+            self.pidfiles.append(d / "dnsmasq.pid")
+
+    def _router_dnsmasq_conf(self, s: dict, d: Path) -> Path:
+        """The options the platform's dnsmasq would run with: EL reads /etc/dnsmasq.d; OpenWrt's init
+        script turns the UCI lists into options. The ISP resolver stands in for resolv.conf."""
+        base = [f"listen-address={','.join(l['router_address'] for l in s['lans'])}", "bind-interfaces",
+                "no-resolv", "no-hosts", f"server={self.plan['isp_resolver']}", "user=root",
+                f"pid-file={d}/dnsmasq.pid", f"log-facility={d}/dnsmasq.log", "log-queries"]
+        if s["platform"] == "el":
+            base.append("conf-dir=/etc/dnsmasq.d")
+        else:
+            uci = (Path(s["tree"]) / "etc/wan/dhcp.uci").read_text()
+            base += dnsmasq_options(uci)
+        conf = d / "dnsmasq.conf"
+        conf.write_text("\n".join(base) + "\n")
+        return conf
+
+    def _router_firewall(self, s: dict, d: Path) -> str:
+        if not self.plan["firewall"]:
+            return "-"
+        fw = d / "firewall.nft"
+        if s["platform"] == "el":
+            # the router's own masquerade on the WAN side (as firewalld or the admin's table would),
+            # then the rendered table, loaded from its real path
+            text = ("table ip labnat\ndelete table ip labnat\ntable ip labnat {\n"
+                    "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+                    '\t\toifname "wan" masquerade\n\t}\n}\ninclude "/etc/nftables/wan.nft"\n')
+        else:
+            text = fw4_ruleset(Path(s["tree"]), "wan", tuple(l["bridge"] for l in s["lans"]))
+        fw.write_text(text)
+        return str(fw)
+
+    def make_nss_template(self) -> Path:
+        nss = self.state / "nss"
+        nss.mkdir(mode=0o700)
+        run(["certutil", "-N", "-d", f"sql:{nss}", "--empty-password"])
+        return nss
+
+    def start_routers(self) -> None:
+        nss = self.make_nss_template()
+        order = self.plan["start_order"]
+        for k, name in enumerate(order, 1):
+            s = self.sites[name]
+            d = self.state / f"router-{name}"
+            d.mkdir()
+            dnsconf = self._router_dnsmasq_conf(s, d)
+            fw = self._router_firewall(s, d)
+            self.pidfiles += [d / "dnsmasq.pid"]
+            logf = open(d / "setup.log", "w")
+            self.holders[name] = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{s['router_ns']}", "unshare", "--mount", "--propagation", "private",
+                 "sh", str(HERE / "router-setup.sh"), name, s["tree"], str(d), str(nss), str(dnsconf), fw],
+                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self._wait_loaded(name, d)
+            progress("routers", k, len(order), name)
+
+    def _wait_loaded(self, name: str, d: Path, timeout: float = 60) -> None:
+        """Until pluto has added every conn of this router (its log says so): then its initiators
+        find their responders ready, and the next router may start."""
+        want = sum(len(c) for c in self.sites[name]["conns"].values())
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.holders[name].poll() is not None:
+                raise RuntimeError(f"router {name} failed to start: {(d / 'setup.log').read_text()[-2000:]}")
+            try:
+                text = (d / "pluto.log").read_text()
+            except FileNotFoundError:
+                text = ""
+            if len(re.findall(r"added IKEv2 connection", text)) >= want:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"router {name}: pluto did not load its {want} connections within {timeout:.0f} s")
+
+    # ---- proving ----------------------------------------------------------------------------
+    def traffic(self, name: str) -> dict[str, dict]:
+        r = self.in_router(name, ["ipsec", "whack", "--trafficstatus"], check=False)
+        out = {}
+        for line in r.stdout.splitlines():
+            m = re.search(r'"([^"]+)".*inBytes=(\d+), outBytes=(\d+)', line)
+            if m:
+                out[m.group(1)] = {"in": int(m.group(2)), "out": int(m.group(3))}
+        return out
+
+    def wait_tunnels(self) -> dict[str, dict]:
+        tunnels = self.plan["tunnels"]
+        end = time.monotonic() + TUNNEL_TIMEOUT
+        up: dict[str, bool] = {}
+        status: dict[str, dict] = {}
+        while True:
+            with ThreadPoolExecutor(max_workers=8) as ex:
+                status = dict(zip(self.sites, ex.map(self.traffic, self.sites)))
+            for t in tunnels:
+                up[t["name"]] = all(set(self.sites[e]["conns"][t["name"]]) <= set(status[e]) for e in (t["a"], t["b"]))
+            progress("tunnels", sum(up.values()), len(tunnels))
+            if all(up.values()) or time.monotonic() > end:
+                break
+            time.sleep(0.3)
+        for t in tunnels:
+            ends = {e: {c: status[e].get(c) for c in self.sites[e]["conns"][t["name"]]} for e in (t["a"], t["b"])}
+            self.add("tunnel", t["a"], t["b"], up[t["name"]], {"tunnel": t["name"], "established": ends,
+                     "why": "" if up[t["name"]] else "not every Child SA is established on both ends (ipsec whack --trafficstatus)"})
+        return status
+
+    def add(self, kind: str, src: str, dst: str, ok: bool, evidence: dict) -> None:
+        self.checks.append({"kind": kind, "src": src, "dst": dst, "ok": bool(ok), "evidence": evidence})
+
+    def _ping(self, argv_prefix: list[str], target: str) -> tuple[bool, str]:
+        r = run(argv_prefix + ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target], check=False, timeout=30)
+        m = re.search(r"(\d+) received", r.stdout)
+        return bool(m and int(m.group(1)) > 0), (r.stdout.strip().splitlines() or [""])[-2 if r.stdout.count("\n") > 1 else -1]
+
+    def check_pings(self, before: dict[str, dict]) -> None:
+        jobs = []
+        for s in self.plan["sites"]:
+            for lan in s["lans"]:
+                for o in self.plan["sites"]:
+                    if o["name"] == s["name"]:
+                        continue
+                    for olan in o["lans"]:
+                        jobs.append((s, lan, o, olan))
+        done = [0]
+        lock = threading.Lock()
+
+        def one(job):
+            s, lan, o, olan = job
+            ok, line = self._ping(["nsenter", f"--net=/run/netns/{lan['host_ns']}", "--"], olan["host"])
+            with lock:
+                done[0] += 1
+                progress("pings", done[0], len(jobs))
+            return s, lan, o, olan, ok, line
+
+        capture = self.start_capture()
+        with ThreadPoolExecutor(max_workers=8) as ex:
+            results = list(ex.map(one, jobs))
+        esp, plain = self.stop_capture(capture)
+        after = {name: self.traffic(name) for name in self.sites}
+        for s, lan, o, olan, ok, line in results:
+            tname = "-".join(sorted((s["name"], o["name"])))
+            conns = s["conns"][tname]
+            rose = any((after[s["name"]].get(c, {}).get("out", 0) > before[s["name"]].get(c, {}).get("out", 0)) for c in conns)
+            self.add("ping", s["name"], o["name"], ok and rose, {
+                "from": lan["host"], "to": olan["host"], "ping": line, "sa_out_bytes_rose": rose})
+        self.add("capture", "wan", "wan", esp > 0 and plain == 0,
+                 {"esp_packets": esp, "plain_icmp_between_lans": plain,
+                  "why": "" if (esp > 0 and plain == 0) else "expected ESP only on the WAN during the pings"})
+
+    def start_capture(self):
+        pcap = self.state / "wan.pcap"
+        errf = self.state / "tcpdump.err"
+        proc = self.popen_ns(self.plan["inet_ns"], ["tcpdump", "-i", "any", "-n", "-U", "--immediate-mode", "-w", str(pcap)],
+                             stdout=subprocess.DEVNULL, stderr=open(errf, "w"))
+        # tcpdump says "listening on" once the capture is armed
+        end = time.monotonic() + 10
+        while time.monotonic() < end and "listening on" not in errf.read_text():
+            time.sleep(0.05)
+        return proc, pcap
+
+    def stop_capture(self, capture) -> tuple[int, int]:
+        proc, pcap = capture
+        time.sleep(0.2)
+        proc.terminate()
+        proc.wait(timeout=10)
+        lans = [l["subnet"] for s in self.plan["sites"] for l in s["lans"]]
+        lan_filter = " or ".join(f"net {n}" for n in lans)
+        r = run(["tcpdump", "-n", "-r", str(pcap), "esp"], check=False)
+        esp = r.stdout.count("\n")
+        plain = run(["tcpdump", "-n", "-r", str(pcap), f"icmp and ({lan_filter})"], check=False).stdout.count("\n")
+        if not esp:
+            log(f"capture: {(self.state / 'tcpdump.err').read_text().strip()} / {r.stderr.strip()} / {pcap.stat().st_size} bytes")
+        return esp, plain
+
+    def check_router_pings(self) -> None:
+        jobs = [(s, o) for s in self.plan["sites"] for o in self.plan["sites"] if o["name"] != s["name"]]
+
+        def one(job):
+            s, o = job
+            pid = self.holders[s["name"]].pid
+            ok, line = self._ping(["nsenter", "-t", str(pid), "-n", "--"], o["lans"][0]["host"])
+            return s, o, ok, line
+
+        with ThreadPoolExecutor(max_workers=8) as ex:
+            for k, (s, o, ok, line) in enumerate(ex.map(one, jobs), 1):
+                progress("router pings", k, len(jobs))
+                self.add("router_ping", s["name"], o["name"], ok, {"to": o["lans"][0]["host"], "ping": line,
+                         "why": "" if ok else "the router's own traffic missed the tunnel (leftsourceip?)"})
+
+    def check_dns(self) -> None:
+        jobs = [(s, o) for s in self.plan["sites"] for o in self.plan["sites"] if o["name"] != s["name"]]
+
+        def dig(s, name):
+            lan = s["lans"][0]
+            r = run(["nsenter", f"--net=/run/netns/{lan['host_ns']}", "--", "dig", f"@{lan['router_address']}",
+                     "+short", "+time=3", "+tries=2", name, "A"], check=False, timeout=30)
+            return [x for x in r.stdout.split() if re.match(r"^\d+\.\d+\.\d+\.\d+$", x)]
+
+        def one(job):
+            s, o = job
+            name, want = o["check_name"]
+            if s["dns_mode"] == "hosts" and not o["records"]:
+                return s, o, None, name, want, []
+            got = dig(s, name)
+            return s, o, want in got and len(got) == 1, name, want, got
+
+        with ThreadPoolExecutor(max_workers=8) as ex:
+            for k, (s, o, ok, name, want, got) in enumerate(ex.map(one, jobs), 1):
+                progress("dns", k, len(jobs))
+                if ok is None:
+                    self.notes.append(f"dns {s['name']}->{o['name']}: hosts mode and {o['name']} has no records: nothing to resolve")
+                    continue
+                self.add("dns", s["name"], o["name"], ok, {"name": name, "want": want, "got": got,
+                         "why": "" if ok else "the router did not forward the domain through the tunnel to the right server"})
+        # names outside the WAN go to the ISP, never into a tunnel; rebinding answers are dropped
+        for s in self.plan["sites"]:
+            got = dig(s, self.plan["outside_name"])
+            leaked = [o["name"] for o in self.plan["sites"] if self.plan["outside_name"] in self.dns_log(o)]
+            self.add("dns_outside", s["name"], s["name"], got == [self.plan["isp_answer"]] and not leaked,
+                     {"name": self.plan["outside_name"], "got": got, "asked_wan_dns_servers": leaked})
+            got = dig(s, self.plan["rebind"][0])
+            self.add("dns_rebind", s["name"], s["name"], self.plan["rebind"][1] not in got,
+                     {"name": self.plan["rebind"][0], "got": got, "why": "a private answer from outside the WAN must be dropped"})
+
+    def dns_log(self, site: dict) -> str:
+        try:
+            return (self.state / f"dns-{site['name']}" / "dnsmasq.log").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def check_firewall(self) -> None:
+        """The proof only counts if the firewall was active, with its drop policies, all along."""
+        for s in self.plan["sites"]:
+            if not self.plan["firewall"]:
+                continue
+            r = self.in_router(s["name"], ["nft", "list", "ruleset"], check=False)
+            table = "table inet wan" if s["platform"] == "el" else "table inet fw4"
+            ok = table in r.stdout and "policy drop" in r.stdout
+            self.add("firewall", s["name"], s["name"], ok, {"table": table, "drop_policies": r.stdout.count("policy drop")})
+
+    # ---- diagnostics, teardown ----------------------------------------------------------------
+    def diagnostics(self, names: set[str]) -> None:
+        for name in sorted(names):
+            if name not in self.holders:
+                continue
+            d = self.results / "diagnostics" / name
+            d.mkdir(parents=True, exist_ok=True)
+            cmds = {"ip-a": ["ip", "a"], "ip-r": ["ip", "r"], "ip-xfrm-policy": ["ip", "xfrm", "policy"],
+                    "ip-xfrm-state": ["ip", "-s", "xfrm", "state"], "trafficstatus": ["ipsec", "whack", "--trafficstatus"],
+                    "ipsec-status": ["ipsec", "status"], "nft-ruleset": ["nft", "list", "ruleset"]}
+            for fname, argv in cmds.items():
+                r = self.in_router(name, argv, check=False, timeout=30)
+                (d / f"{fname}.txt").write_text(scrub(r.stdout + r.stderr))
+            rdir = self.state / f"router-{name}"
+            for src, dst in (("pluto.log", "pluto.log"), ("dnsmasq.log", "dnsmasq.log"), ("setup.log", "setup.log")):
+                if (rdir / src).exists():
+                    (d / dst).write_text(scrub((rdir / src).read_text(errors="replace")))
+            r = self.in_router(name, ["timeout", "3", "tcpdump", "-i", "wan", "-n", "-c", "40"], check=False, timeout=10)
+            (d / "wan-capture.txt").write_text(scrub(r.stdout + r.stderr))
+
+    def teardown(self) -> None:
+        for pf in self.pidfiles + [self.state / f"router-{n}" / "pluto.pid" for n in self.holders]:
+            pass
+        for name, holder in self.holders.items():
+            try:
+                self.in_router(name, ["ipsec", "whack", "--shutdown"], check=False, timeout=20)
+            except Exception:
+                pass
+        for pf in self.pidfiles:
+            try:
+                os.kill(int(pf.read_text().strip()), 15)
+            except (OSError, ValueError):
+                pass
+        for holder in self.holders.values():
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+    def run(self) -> dict:
+        t0 = time.monotonic()
+        phases = [("network", self.build_network), ("dns servers", lambda: (self.start_isp_resolver(), self.start_dns_servers())),
+                  ("routers", self.start_routers)]
+        for label, fn in phases:
+            t = time.monotonic()
+            fn()
+            self.timings[label] = round(time.monotonic() - t, 2)
+            log(f"{label}: {self.timings[label]} s")
+        t = time.monotonic()
+        status = self.wait_tunnels()
+        self.timings["tunnels"] = round(time.monotonic() - t, 2)
+        t = time.monotonic()
+        self.check_firewall()
+        self.check_pings(status)
+        self.check_router_pings()
+        self.check_dns()
+        self.check_firewall()
+        self.timings["checks"] = round(time.monotonic() - t, 2)
+        failed = {c["src"] for c in self.checks if not c["ok"]} | {c["dst"] for c in self.checks if not c["ok"]}
+        if failed:
+            t = time.monotonic()
+            self.diagnostics(failed & set(self.sites))
+            self.timings["diagnostics"] = round(time.monotonic() - t, 2)
+        self.timings["inside_total"] = round(time.monotonic() - t0, 2)
+        return {"checks": self.checks, "timings": self.timings, "firewall_exercised": self.plan["firewall"],
+                "notes": self.notes, "ok": all(c["ok"] for c in self.checks)}
+
+
+def main(argv: list[str]) -> int:
+    plan = json.loads(Path(argv[0]).read_text())
+    results = Path(argv[1])
+    results.mkdir(parents=True, exist_ok=True)
+    lab = Lab(plan, results)
+    result: dict = {"ok": False, "checks": [], "error": None}
+    try:
+        result = lab.run()
+    except Exception as e:  # the host side reports it; the kernel must still power off cleanly
+        result["error"] = scrub(f"{type(e).__name__}: {e}")
+        result["timings"] = lab.timings
+        log(f"ERROR {result['error']}")
+        try:
+            lab.diagnostics(set(lab.holders))
+        except Exception as d:
+            log(f"diagnostics failed too: {d}")
+    finally:
+        lab.teardown()
+    (results / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

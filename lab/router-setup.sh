@@ -1,0 +1,35 @@
+#!/bin/sh
+# Runs as a lab router's holder process, already inside the router's network namespace and a
+# mount namespace of its own (nsenter --net=... unshare -m). It lays the router's rendered tree at
+# its real paths (/etc/ipsec.conf, /etc/ipsec.d, ...), starts what the router's platform starts,
+# then stays alive so the lab can enter this namespace pair with nsenter -t <its pid>.
+#   $1 router name   $2 rendered tree   $3 state dir (writable, outside the namespace too)
+#   $4 nss template  $5 dnsmasq config (written by the lab: the platform's base options)
+#   $6 firewall file to load, or "-" when the lab kernel cannot (User-Mode Linux)
+set -eu
+name=$1 tree=$2 state=$3 nss=$4 dnsconf=$5 firewall=$6
+mount --make-rprivate /
+
+# A writable /etc: the host's entries as symlinks, the router's own files as real files.
+mkdir -p "$state/hostetc"
+mount --bind /etc "$state/hostetc"
+mount -t tmpfs -o mode=0755 tmpfs /etc
+ln -s "$state"/hostetc/* /etc/
+cd "$tree/etc"
+rm -rf $(for e in *; do printf '/etc/%s ' "$e"; done)
+cp -a "$tree/etc/." /etc/
+cd /
+
+mkdir -p /run/pluto /var/lib/ipsec/nss
+mount -t tmpfs -o mode=0700 tmpfs /run/pluto
+mount -t tmpfs -o mode=0700 tmpfs /var/lib/ipsec/nss
+cp -a "$nss/." /var/lib/ipsec/nss/
+
+if [ "$firewall" != "-" ]; then
+    nft -f "$firewall"
+fi
+dnsmasq --conf-file="$dnsconf"
+# as ipsec.service / OpenWrt's init script start it; pluto loads every conn itself (auto=add|start)
+/usr/libexec/ipsec/pluto --config /etc/ipsec.conf --logfile "$state/pluto.log"
+echo ready > "$state/ready"
+exec sleep 2147483647
