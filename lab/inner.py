@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from render.openwrt import dnsmasq_options, fw4_ruleset  # noqa: E402
 
+from lab.probes import ping_many  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 TUNNEL_TIMEOUT = float(os.environ.get("WAN_LAB_TUNNEL_TIMEOUT", "90"))
 KEY_RE = re.compile(r"0x[0-9a-fA-F]{16,}")
@@ -182,12 +184,15 @@ class Lab:
         return nss
 
     def start_routers(self) -> None:
+        """Prepare every router at once (files, firewall, dnsmasq), then start the plutos one by
+        one, responders first, each once the previous one has loaded its connections."""
         nss = self.make_nss_template()
         order = self.plan["start_order"]
-        for k, name in enumerate(order, 1):
+        for name in order:
             s = self.sites[name]
             d = self.state / f"router-{name}"
             d.mkdir()
+            os.mkfifo(d / "go")
             dnsconf = self._router_dnsmasq_conf(s, d)
             fw = self._router_firewall(s, d)
             self.pidfiles += [d / "dnsmasq.pid"]
@@ -196,8 +201,36 @@ class Lab:
                 ["nsenter", f"--net=/run/netns/{s['router_ns']}", "unshare", "--mount", "--propagation", "private",
                  "sh", str(HERE / "router-setup.sh"), name, s["tree"], str(d), str(nss), str(dnsconf), fw],
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            self._wait_loaded(name, d)
+        for k, name in enumerate(order, 1):
+            self._wait_file(name, "prepared")
+            progress("routers prepared", k, len(order), name)
+        for k, name in enumerate(order, 1):
+            with open(self.state / f"router-{name}" / "go", "w") as fifo:
+                fifo.write("go\n")
+            self._wait_loaded(name, self.state / f"router-{name}")
+            self._wait_initiated(name)
             progress("routers", k, len(order), name)
+
+    def _wait_initiated(self, name: str, timeout: float = 30) -> None:
+        """Until this router's own initiations (towards peers already running) are established.
+
+        One router negotiating at a time keeps the lab kernel's single CPU from answering IKE
+        so late that peers retransmit; Libreswan 4.10 was seen to lose a Child SA
+        (TS_UNACCEPTABLE) in such a retransmission storm when all routers started at once."""
+        mine = {c for t in self.plan["tunnels"] if t["initiator"] == name for c in self.sites[name]["conns"][t["name"]]}
+        end = time.monotonic() + timeout
+        while mine and not mine <= self._established_in_log(name) and time.monotonic() < end:
+            time.sleep(0.05)
+
+    def _wait_file(self, name: str, fname: str, timeout: float = 60) -> None:
+        d = self.state / f"router-{name}"
+        end = time.monotonic() + timeout
+        while not (d / fname).exists():
+            if self.holders[name].poll() is not None:
+                raise RuntimeError(f"router {name} failed to start: {(d / 'setup.log').read_text()[-2000:]}")
+            if time.monotonic() > end:
+                raise RuntimeError(f"router {name}: not {fname} within {timeout:.0f} s")
+            time.sleep(0.05)
 
     def _wait_loaded(self, name: str, d: Path, timeout: float = 60) -> None:
         """Until pluto has added every conn of this router (its log says so): then its initiators
@@ -218,7 +251,9 @@ class Lab:
 
     # ---- proving ----------------------------------------------------------------------------
     def traffic(self, name: str) -> dict[str, dict]:
-        r = self.in_router(name, ["ipsec", "whack", "--trafficstatus"], check=False)
+        # pluto's control socket, seen through the holder's root: one process, no nsenter
+        ctl = f"/proc/{self.holders[name].pid}/root/run/pluto/pluto.ctl"
+        r = run(["/usr/libexec/ipsec/whack", "--ctlsocket", ctl, "--trafficstatus"], check=False)
         out = {}
         for line in r.stdout.splitlines():
             m = re.search(r'"([^"]+)".*inBytes=(\d+), outBytes=(\d+)', line)
@@ -226,20 +261,40 @@ class Lab:
                 out[m.group(1)] = {"in": int(m.group(2)), "out": int(m.group(3))}
         return out
 
+    def _established_in_log(self, name: str) -> set[str]:
+        """Conns whose Child SA pluto logged as established (reading a file costs no process;
+        in a lab kernel every process start costs 0.1-0.2 s)."""
+        try:
+            text = (self.state / f"router-{name}" / "pluto.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return set()
+        return set(re.findall(r'"([^"]+)"(?:\[\d+\])? #\d+: (?:initiator|responder) established Child SA', text))
+
     def wait_tunnels(self) -> dict[str, dict]:
+        """Until every Child SA of every tunnel is established on both ends, or the timeout. The
+        logs say when to look; `ipsec whack --trafficstatus` on each router is the proof."""
         tunnels = self.plan["tunnels"]
         end = time.monotonic() + TUNNEL_TIMEOUT
-        up: dict[str, bool] = {}
-        status: dict[str, dict] = {}
+        want = {n: {c for cs in self.sites[n]["conns"].values() for c in cs} for n in self.sites}
+        shown = -1
+        while time.monotonic() < end:
+            logged = {n: self._established_in_log(n) for n in self.sites}
+            n_up = sum(all(set(self.sites[e]["conns"][t["name"]]) <= logged[e] for e in (t["a"], t["b"])) for t in tunnels)
+            if n_up != shown:
+                progress("tunnels (pluto logs)", n_up, len(tunnels))
+                shown = n_up
+            if all(want[n] <= logged[n] for n in self.sites):
+                break
+            time.sleep(0.1)
         while True:
             with ThreadPoolExecutor(max_workers=8) as ex:
                 status = dict(zip(self.sites, ex.map(self.traffic, self.sites)))
-            for t in tunnels:
-                up[t["name"]] = all(set(self.sites[e]["conns"][t["name"]]) <= set(status[e]) for e in (t["a"], t["b"]))
+            up = {t["name"]: all(set(self.sites[e]["conns"][t["name"]]) <= set(status[e]) for e in (t["a"], t["b"]))
+                  for t in tunnels}
             progress("tunnels", sum(up.values()), len(tunnels))
             if all(up.values()) or time.monotonic() > end:
                 break
-            time.sleep(0.3)
+            time.sleep(0.5)
         for t in tunnels:
             ends = {e: {c: status[e].get(c) for c in self.sites[e]["conns"][t["name"]]} for e in (t["a"], t["b"])}
             self.add("tunnel", t["a"], t["b"], up[t["name"]], {"tunnel": t["name"], "established": ends,
@@ -249,10 +304,10 @@ class Lab:
     def add(self, kind: str, src: str, dst: str, ok: bool, evidence: dict) -> None:
         self.checks.append({"kind": kind, "src": src, "dst": dst, "ok": bool(ok), "evidence": evidence})
 
-    def _ping(self, argv_prefix: list[str], target: str) -> tuple[bool, str]:
-        r = run(argv_prefix + ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target], check=False, timeout=30)
-        m = re.search(r"(\d+) received", r.stdout)
-        return bool(m and int(m.group(1)) > 0), (r.stdout.strip().splitlines() or [""])[-2 if r.stdout.count("\n") > 1 else -1]
+    @staticmethod
+    def _ping_line(r: dict) -> str:
+        rtt = f", rtt {min(r['rtt_ms'])} ms" if r["rtt_ms"] else ""
+        return f"{r['sent']} echo requests, {r['received']} replies{rtt}" + (f" ({', '.join(r['errors'])})" if r.get("errors") else "")
 
     def check_pings(self, before: dict[str, dict]) -> None:
         jobs = []
@@ -263,28 +318,19 @@ class Lab:
                         continue
                     for olan in o["lans"]:
                         jobs.append((s, lan, o, olan))
-        done = [0]
-        lock = threading.Lock()
-
-        def one(job):
-            s, lan, o, olan = job
-            ok, line = self._ping(["nsenter", f"--net=/run/netns/{lan['host_ns']}", "--"], olan["host"])
-            with lock:
-                done[0] += 1
-                progress("pings", done[0], len(jobs))
-            return s, lan, o, olan, ok, line
-
         capture = self.start_capture()
-        with ThreadPoolExecutor(max_workers=8) as ex:
-            results = list(ex.map(one, jobs))
+        results = ping_many([(f"/run/netns/{lan['host_ns']}", olan["host"]) for s, lan, o, olan in jobs])
+        progress("pings", len(jobs), len(jobs))
         esp, plain = self.stop_capture(capture)
         after = {name: self.traffic(name) for name in self.sites}
-        for s, lan, o, olan, ok, line in results:
+        for (s, lan, o, olan), r in zip(jobs, results):
             tname = "-".join(sorted((s["name"], o["name"])))
             conns = s["conns"][tname]
             rose = any((after[s["name"]].get(c, {}).get("out", 0) > before[s["name"]].get(c, {}).get("out", 0)) for c in conns)
+            ok = r["received"] > 0
             self.add("ping", s["name"], o["name"], ok and rose, {
-                "from": lan["host"], "to": olan["host"], "ping": line, "sa_out_bytes_rose": rose})
+                "from": lan["host"], "to": olan["host"], "ping": self._ping_line(r), "sa_out_bytes_rose": rose,
+                "why": "" if ok and rose else ("no reply" if not ok else "replies came, but not through the tunnel's SA")})
         self.add("capture", "wan", "wan", esp > 0 and plain == 0,
                  {"esp_packets": esp, "plain_icmp_between_lans": plain,
                   "why": "" if (esp > 0 and plain == 0) else "expected ESP only on the WAN during the pings"})
@@ -315,54 +361,59 @@ class Lab:
         return esp, plain
 
     def check_router_pings(self) -> None:
+        """Each router pings every remote LAN without choosing a source: only leftsourceip makes
+        the kernel pick the router's LAN address, which the tunnel's policy matches."""
         jobs = [(s, o) for s in self.plan["sites"] for o in self.plan["sites"] if o["name"] != s["name"]]
+        results = ping_many([(f"/run/netns/{s['router_ns']}", o["lans"][0]["host"]) for s, o in jobs])
+        progress("router pings", len(jobs), len(jobs))
+        for (s, o), r in zip(jobs, results):
+            ok = r["received"] > 0
+            self.add("router_ping", s["name"], o["name"], ok, {"to": o["lans"][0]["host"], "ping": self._ping_line(r),
+                     "why": "" if ok else "the router's own traffic missed the tunnel (leftsourceip?)"})
 
-        def one(job):
-            s, o = job
-            pid = self.holders[s["name"]].pid
-            ok, line = self._ping(["nsenter", "-t", str(pid), "-n", "--"], o["lans"][0]["host"])
-            return s, o, ok, line
-
-        with ThreadPoolExecutor(max_workers=8) as ex:
-            for k, (s, o, ok, line) in enumerate(ex.map(one, jobs), 1):
-                progress("router pings", k, len(jobs))
-                self.add("router_ping", s["name"], o["name"], ok, {"to": o["lans"][0]["host"], "ping": line,
-                         "why": "" if ok else "the router's own traffic missed the tunnel (leftsourceip?)"})
+    def _dig(self, s: dict, names: list[str]) -> dict[str, list[str]]:
+        """One dig for all the names a LAN host asks its router (one process, several queries)."""
+        lan = s["lans"][0]
+        argv = ["nsenter", f"--net=/run/netns/{lan['host_ns']}", "--", "dig", f"@{lan['router_address']}",
+                "+noall", "+answer", "+time=3", "+tries=2"]
+        for n in names:
+            argv += [n, "A"]
+        r = run(argv, check=False, timeout=60)
+        got: dict[str, list[str]] = {n: [] for n in names}
+        for line in r.stdout.splitlines():
+            f = line.split()
+            if len(f) >= 5 and f[3] == "A" and f[0].rstrip(".") in got:
+                got[f[0].rstrip(".")].append(f[4])
+        return got
 
     def check_dns(self) -> None:
-        jobs = [(s, o) for s in self.plan["sites"] for o in self.plan["sites"] if o["name"] != s["name"]]
+        """A LAN host asks its own router for a name in every other site's domain (through the
+        tunnel to that site's DNS server), for a name outside the WAN (to the ISP, never into a
+        tunnel), and for a name whose answer would rebind to a private address (dropped)."""
+        sites = self.plan["sites"]
+        outside, (rebind, rebind_ip) = self.plan["outside_name"], self.plan["rebind"]
 
-        def dig(s, name):
-            lan = s["lans"][0]
-            r = run(["nsenter", f"--net=/run/netns/{lan['host_ns']}", "--", "dig", f"@{lan['router_address']}",
-                     "+short", "+time=3", "+tries=2", name, "A"], check=False, timeout=30)
-            return [x for x in r.stdout.split() if re.match(r"^\d+\.\d+\.\d+\.\d+$", x)]
-
-        def one(job):
-            s, o = job
-            name, want = o["check_name"]
-            if s["dns_mode"] == "hosts" and not o["records"]:
-                return s, o, None, name, want, []
-            got = dig(s, name)
-            return s, o, want in got and len(got) == 1, name, want, got
+        def one(s):
+            others = [o for o in sites if o["name"] != s["name"]]
+            return s, others, self._dig(s, [o["check_name"][0] for o in others] + [outside, rebind])
 
         with ThreadPoolExecutor(max_workers=8) as ex:
-            for k, (s, o, ok, name, want, got) in enumerate(ex.map(one, jobs), 1):
-                progress("dns", k, len(jobs))
-                if ok is None:
+            answers = list(ex.map(one, sites))
+        for k, (s, others, got) in enumerate(answers, 1):
+            progress("dns", k, len(sites), s["name"])
+            for o in others:
+                name, want = o["check_name"]
+                if s["dns_mode"] == "hosts" and not o["records"]:
                     self.notes.append(f"dns {s['name']}->{o['name']}: hosts mode and {o['name']} has no records: nothing to resolve")
                     continue
-                self.add("dns", s["name"], o["name"], ok, {"name": name, "want": want, "got": got,
+                ok = got[name] == [want]
+                self.add("dns", s["name"], o["name"], ok, {"name": name, "want": want, "got": got[name],
                          "why": "" if ok else "the router did not forward the domain through the tunnel to the right server"})
-        # names outside the WAN go to the ISP, never into a tunnel; rebinding answers are dropped
-        for s in self.plan["sites"]:
-            got = dig(s, self.plan["outside_name"])
-            leaked = [o["name"] for o in self.plan["sites"] if self.plan["outside_name"] in self.dns_log(o)]
-            self.add("dns_outside", s["name"], s["name"], got == [self.plan["isp_answer"]] and not leaked,
-                     {"name": self.plan["outside_name"], "got": got, "asked_wan_dns_servers": leaked})
-            got = dig(s, self.plan["rebind"][0])
-            self.add("dns_rebind", s["name"], s["name"], self.plan["rebind"][1] not in got,
-                     {"name": self.plan["rebind"][0], "got": got, "why": "a private answer from outside the WAN must be dropped"})
+            leaked = [o["name"] for o in sites if outside in self.dns_log(o)]
+            self.add("dns_outside", s["name"], s["name"], got[outside] == [self.plan["isp_answer"]] and not leaked,
+                     {"name": outside, "got": got[outside], "asked_wan_dns_servers": leaked})
+            self.add("dns_rebind", s["name"], s["name"], rebind_ip not in got[rebind],
+                     {"name": rebind, "got": got[rebind], "why": "a private answer from outside the WAN must be dropped"})
 
     def dns_log(self, site: dict) -> str:
         try:
@@ -401,24 +452,32 @@ class Lab:
             (d / "wan-capture.txt").write_text(scrub(r.stdout + r.stderr))
 
     def teardown(self) -> None:
-        for pf in self.pidfiles + [self.state / f"router-{n}" / "pluto.pid" for n in self.holders]:
-            pass
+        """End what the lab started, by PID, and delete its namespaces; cheap, and safe to repeat."""
+        pids = []
         for name, holder in self.holders.items():
+            # pluto's pid file is in the router's own /run/pluto, seen through its holder's root
+            pf = Path(f"/proc/{holder.pid}/root/run/pluto/pluto.pid")
             try:
-                self.in_router(name, ["ipsec", "whack", "--shutdown"], check=False, timeout=20)
-            except Exception:
+                pids.append(int(pf.read_text().strip()))
+            except (OSError, ValueError):
                 pass
         for pf in self.pidfiles:
             try:
-                os.kill(int(pf.read_text().strip()), 15)
+                pids.append(int(pf.read_text().strip()))
             except (OSError, ValueError):
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, 15)
+            except OSError:
                 pass
         for holder in self.holders.values():
             if holder.poll() is None:
                 holder.kill()
-                holder.wait()
-        for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            holder.wait()
+        if self.namespaces:
+            subprocess.run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {ns}\n" for ns in reversed(self.namespaces)),
+                           capture_output=True, text=True)
         shutil.rmtree(self.state, ignore_errors=True)
 
     def run(self) -> dict:

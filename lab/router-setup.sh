@@ -29,6 +29,10 @@ if [ "$firewall" != "-" ]; then
     nft -f "$firewall"
 fi
 dnsmasq --conf-file="$dnsconf"
+# Everything but pluto is ready. The lab starts plutos in order (responders before their
+# initiators) by writing to this FIFO, so no IKE_SA_INIT meets a peer that has not loaded it yet.
+echo prepared > "$state/prepared"
+read go < "$state/go"
 # as ipsec.service / OpenWrt's init script start it; pluto loads every conn itself (auto=add|start)
 /usr/libexec/ipsec/pluto --config /etc/ipsec.conf --logfile "$state/pluto.log"
 echo ready > "$state/ready"
