@@ -5,6 +5,7 @@ Everything here is immutable and already validated; nothing downstream reads raw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
 
 
@@ -74,11 +75,20 @@ class Wan:
     tunnels: tuple[Tunnel, ...]  # sorted by name
     source_dir: str
 
+    @cached_property
+    def _by_name(self) -> dict[str, Site]:
+        return {s.name: s for s in self.sites}
+
+    @cached_property
+    def _tunnels_by_site(self) -> dict[str, tuple[Tunnel, ...]]:
+        out: dict[str, list[Tunnel]] = {s.name: [] for s in self.sites}
+        for t in self.tunnels:
+            out[t.a].append(t)
+            out[t.b].append(t)
+        return {k: tuple(v) for k, v in out.items()}
+
     def site(self, name: str) -> Site:
-        for s in self.sites:
-            if s.name == name:
-                return s
-        raise KeyError(name)
+        return self._by_name[name]
 
     def tunnels_of(self, site: str) -> tuple[Tunnel, ...]:
-        return tuple(t for t in self.tunnels if site in (t.a, t.b))
+        return self._tunnels_by_site[site]

@@ -18,7 +18,7 @@ from render.render import render_wan, write_trees
 from render.secrets import MasterKey
 from render.validate import load_sites
 
-from conftest import REPO
+from support import REPO
 
 BASE = REPO / "tests/errors/overlapping-lans/sites"  # any small WAN; its paris.yaml is replaced below
 SITE = {

@@ -17,7 +17,7 @@ from render.render import render_wan, write_trees
 from render.secrets import MasterKey
 from render.validate import load_sites
 
-from conftest import GOLDEN_KEY, REPO
+from support import GOLDEN_KEY, REPO
 
 GOLDEN = sorted(p.name for p in (REPO / "tests/golden").iterdir() if p.is_dir())
 

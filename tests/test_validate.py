@@ -8,7 +8,7 @@ import pytest
 from render.errors import WanError
 from render.validate import load_sites
 
-from conftest import REPO
+from support import REPO
 
 CASES = sorted(p.name for p in (REPO / "tests/errors").iterdir() if p.is_dir())
 
