@@ -16,7 +16,6 @@ umask 022
 warn() { echo "guest-init: $*"; }
 
 mount -t proc proc /proc
-echo "TS $(cat /proc/uptime)"
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null || warn "no devtmpfs, /dev is the host's"
 [ -d /dev/pts ] || mkdir -p /dev/pts 2>/dev/null
@@ -68,11 +67,9 @@ fi
 # to name the culprit when that fails.
 mods="esp4 esp6 xfrm_user authenc gcm ghash_generic aes_generic sha256_generic sha512_generic
       cbc echainiv seqiv veth"
-echo "T0 $(cat /proc/uptime)"
 if ! /run/wan-lab/bin/modprobe -qa $mods; then
     for m in $mods; do /run/wan-lab/bin/modprobe -q "$m" || warn "modprobe $m failed"; done
 fi
-echo "T1 $(cat /proc/uptime)"
 ip link set lo up
 
 # The share, writable, at the same absolute path as on the host. mkdir for the case where it is

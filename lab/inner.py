@@ -211,7 +211,7 @@ class Lab:
             self._wait_initiated(name)
             progress("routers", k, len(order), name)
 
-    def _wait_initiated(self, name: str, timeout: float = 30) -> None:
+    def _wait_initiated(self, name: str, timeout: float = 15) -> None:
         """Until this router's own initiations (towards peers already running) are established.
 
         One router negotiating at a time keeps the lab kernel's single CPU from answering IKE

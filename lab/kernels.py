@@ -21,6 +21,7 @@ The kernel process is always killed and temporary files removed, whatever happen
 from __future__ import annotations
 
 import fcntl
+import functools
 import gzip
 import hashlib
 import io
@@ -57,11 +58,13 @@ INITRAMFS_MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_p
 # Inside a guest the wrapper that points modprobe at the lab kernel's modules comes first in PATH.
 GUEST_BIN = "/run/wan-lab/bin"
 
-# The probe from the reference: adding an ESP SA fails with "Requested type not found" on a
-# kernel without ESP. The key is a throw-away constant (20 bytes: 16 key + 4 salt), the addresses
+# The probe from the reference: adding an ESP SA fails on a kernel without ESP ("Requested type
+# not found", or "Requested AEAD algorithm not found" where GCM is missing too, as here). The key is a throw-away constant (20 bytes: 16 key + 4 salt), the addresses
 # are from TEST-NET-1 and the namespace is deleted right after.
-ESP_PROBE = ("ip xfrm state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode tunnel "
-             "aead rfc4106(gcm(aes)) 0x" + "0123456789abcdef" * 2 + "01234567 128")
+ESP_PROBE_ARGV = ["ip", "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2",
+                  "proto", "esp", "spi", "0x100", "mode", "tunnel",
+                  "aead", "rfc4106(gcm(aes))", "0x" + "0123456789abcdef" * 2 + "01234567", "128"]
+ESP_PROBE = shlex.join(ESP_PROBE_ARGV)  # the same, quoted for a shell
 
 # A share path goes onto a kernel command line and into mount options: keep it plain.
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+@:/-]*$")
@@ -100,16 +103,23 @@ def _run_quiet(argv: list[str], timeout: float = 20) -> subprocess.CompletedProc
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+class _CannotProbe(Exception):
+    """The probe could not even be tried (not root, no 'ip', no namespaces)."""
+
+
 def _in_throwaway_netns(shell: str) -> tuple[bool, str]:
-    """Run `shell` in a fresh, uniquely named network namespace that is always deleted."""
+    """Run `shell` in a fresh, uniquely named network namespace that is always deleted.
+
+    Returns whether it succeeded and its error text; raises _CannotProbe when it cannot run.
+    """
     if os.geteuid() != 0:
-        return False, "needs root (network namespaces)"
+        raise _CannotProbe("needs root (network namespaces)")
     if shutil.which("ip") is None:
-        return False, "the 'ip' command is missing: apt-get install iproute2"
+        raise _CannotProbe("the 'ip' command is missing: apt-get install iproute2")
     name = f"wanlab-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     made = _run_quiet(["ip", "netns", "add", name])
     if made.returncode != 0:
-        return False, f"cannot create a network namespace: {made.stderr.strip()}"
+        raise _CannotProbe(f"cannot create a network namespace: {made.stderr.strip()}")
     try:
         done = _run_quiet(["ip", "netns", "exec", name, "sh", "-c", shell])
         return done.returncode == 0, (done.stderr or done.stdout).strip()
@@ -123,23 +133,24 @@ def esp_probe_host() -> tuple[bool, str]:
     Adds an ESP state in a throw-away namespace (see ESP_PROBE). The string says why not, or is
     empty when the probe succeeded.
     """
-    ok, why = _in_throwaway_netns(ESP_PROBE)
+    try:
+        ok, why = _in_throwaway_netns(ESP_PROBE)
+    except _CannotProbe as e:
+        return False, str(e)
     if ok:
         return True, ""
-    if why.startswith(("needs root", "the 'ip'", "cannot create")):
-        return False, why
     return False, f"this kernel cannot install an ESP SA ({why or 'no error text'})"
 
 
-_host_inet: bool | None = None
-
-
+@functools.lru_cache(maxsize=1)
 def _host_firewall_capable() -> bool:
-    global _host_inet
-    if _host_inet is None:
-        _host_inet = (shutil.which("nft") is not None
-                      and _in_throwaway_netns("nft add table inet wanlab_probe")[0])
-    return _host_inet
+    # The kernel does not change while we run: probe once per process.
+    if shutil.which("nft") is None:
+        return False
+    try:
+        return _in_throwaway_netns("nft add table inet wanlab_probe")[0]
+    except _CannotProbe:
+        return False
 
 
 def _uml_release() -> str | None:
@@ -414,7 +425,8 @@ def _qemu_argv(kernel: QemuKernel, init_args: list[str], share: Path, mem_mb: in
     accel = "tcg,thread=multi" if accel == "tcg" else accel
     append = " ".join(["console=ttyS0", "quiet", "panic=-1", "--", *init_args])
     return ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-accel", accel,
-            "-cpu", "max", "-m", str(mem_mb), "-smp", "2", "-display", "none",
+            "-cpu", "max", "-m", str(mem_mb), "-smp", os.environ.get("WAN_LAB_QEMU_SMP", "2"),
+            "-display", "none",
             "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nic", "none",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initrd), "-append", append,
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -428,6 +440,15 @@ def _read_lines(stream: io.BufferedReader, lines: queue.Queue[str | None]) -> No
     lines.put(None)
 
 
+def _exited(pid: int) -> bool:
+    """True once our child `pid` has exited; WNOWAIT leaves it unreaped, so its PID stays ours."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None and info.si_pid == pid
+
+
 def _kill_group(pid: int) -> None:
     # The kernel was started in a session of its own, so its process group id is its PID: this
     # reaches UML's helper processes too, and nothing we did not start.
@@ -435,6 +456,18 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _wait_group_gone(pgid: int, limit: float = 10.0) -> None:
+    # UML's helpers are the kernel's children, not ours: after SIGKILL they linger until the
+    # host's init reaps them. Return once none is left, so the caller sees a clean host.
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dict[str, str],
@@ -472,7 +505,7 @@ def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dic
     temp = Path(tempfile.mkdtemp(prefix=f"wan-lab-{kind}-", dir=shm))
     proc: subprocess.Popen[bytes] | None = None
     console: list[str] = []
-    exit_code, timed_out = -1, False
+    timed_out = False
     started = time.monotonic()
     ready_at: float | None = None
     try:
@@ -502,27 +535,36 @@ def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dic
         threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
 
         ready, done = f"@@GUEST-READY {nonce}@@", f"@@GUEST-DONE {nonce} rc="
-        deadline = started + timeout
+        deadline, over_by = started + timeout, None  # over_by: the command is over, stop by then
         while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                timed_out = True
+            now = time.monotonic()
+            end = deadline if over_by is None else min(deadline, over_by)
+            if now >= end:
+                timed_out = over_by is None
                 break
+            try:
+                line = lines.get(timeout=min(0.25, end - now))
+            except queue.Empty:
+                # Something the command left behind may hold the pipe open after the process we
+                # started has exited: do not wait for an EOF that may never come.
+                if over_by is None and _exited(proc.pid):
+                    over_by = time.monotonic() + 2
+                continue
             if line is None:
                 break
             console.append(line)
             if ready_at is None and line.endswith(ready):
                 ready_at = time.monotonic()
-            elif done in line:
+            elif done in line and over_by is None:
                 # The command is over; the power-off should take a moment, not the full timeout.
-                deadline = min(deadline, time.monotonic() + 20)
+                over_by = time.monotonic() + 20
             if on_line is not None:
                 on_line(line)
     finally:
         if proc is not None:
             _kill_group(proc.pid)  # before reaping, so the PID cannot have been reused
             proc.wait()
+            _wait_group_gone(proc.pid)
             if proc.stdout is not None:
                 proc.stdout.close()
         rc_text = _read_text(ctl / "rc")
@@ -531,11 +573,11 @@ def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dic
 
     if kind == "host":
         exit_code = -1 if timed_out else proc.returncode
-    elif rc_text is not None and rc_text.strip().lstrip("-").isdigit():
+    elif rc_text is not None and re.fullmatch(r"\d+\n?", rc_text):
         exit_code = int(rc_text)
-    else:
-        exit_code = next((int(m.group(1)) for m in map(re.compile(
-            re.escape(f"@@GUEST-DONE {nonce} rc=") + r"(\d+)@@").search, console) if m), -1)
+    else:  # the share lost the file (or the write never reached the host): the console has it
+        marks = re.findall(re.escape(f"@@GUEST-DONE {nonce} rc=") + r"(\d+)@@", "\n".join(console))
+        exit_code = int(marks[0]) if marks else -1
     finished = time.monotonic()
     return GuestRun(kind=kind, exit_code=exit_code, console="\n".join(console) + "\n",
                     boot_seconds=round((ready_at or finished) - started, 2),
