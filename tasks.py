@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from invoke import Exit, task
+from invoke import Collection, Exit, task
 
 SITES = "sites"
 OUT = "out"
@@ -56,8 +56,9 @@ def test(c, k=None, quick=False):
 
 
 @task(help={"sites": "the sites directory", "kernel": "host, qemu or uml (default: host where it has ESP, else qemu)",
-            "results": "where result.json, junit.xml and diagnostics go", "timeout": "seconds for the whole run"})
-def lab(c, sites=SITES, kernel=None, results="lab-results", timeout=1500):
+            "results": "where result.json, junit.xml and diagnostics go", "timeout": "seconds for the whole run"},
+      default=True, name="run")
+def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500):
     """Validate, render and prove the WAN in the lab: tunnels, pings through ESP, DNS; print the verdict."""
     from render import cli
     if cli.validate(sites):
@@ -68,3 +69,28 @@ def lab(c, sites=SITES, kernel=None, results="lab-results", timeout=1500):
     outcome = run_lab(sites, kernel, results, float(timeout))
     print(verdict(outcome, names))
     _exit(0 if outcome.ok else 1)
+
+
+@task(help={"sites": "the sites directory", "kernel": "host, qemu or uml", "hours": "stop by itself after this long"})
+def up(c, sites=SITES, kernel=None, hours=4):
+    """Start the lab and keep it running for you to poke around (lab.shell, lab.down)."""
+    from lab.run import up as lab_up
+    _exit(lab_up(sites, kernel, "lab-results", float(hours)))
+
+
+@task(help={"place": "a router (site name), <site>-host0, <site>-dns or internet", "cmd": "one command instead of a prompt"})
+def shell(c, place, cmd=None):
+    """Run commands inside a router (or LAN host, DNS server) of the running lab."""
+    from lab.run import shell as lab_shell
+    _exit(lab_shell(place, cmd))
+
+
+@task
+def down(c):
+    """Stop the lab started by lab.up."""
+    from lab.run import down as lab_down
+    _exit(lab_down())
+
+
+lab = Collection("lab", lab_run, up, shell, down)
+ns = Collection(validate, render, check, graph, test, lab)

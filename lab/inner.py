@@ -509,6 +509,39 @@ class Lab:
                 "notes": self.notes, "ok": all(c["ok"] for c in self.checks)}
 
 
+    def hold(self, control: Path) -> None:
+        """Keep the lab up for a person (lab.up): run the commands that lab.shell drops into
+        `control` (one JSON file each) in the named router or host, until `control/down` appears."""
+        where = {n: ["nsenter", "-t", str(h.pid), "-m", "-n", "--"] for n, h in self.holders.items()}
+        for s in self.plan["sites"]:
+            where[f"{s['name']}-dns"] = ["nsenter", f"--net=/run/netns/{s['dns_ns']}", "--"]
+            for j, lan in enumerate(s["lans"]):
+                where[f"{s['name']}-host{j}"] = ["nsenter", f"--net=/run/netns/{lan['host_ns']}", "--"]
+        where["internet"] = ["nsenter", f"--net=/run/netns/{self.plan['inet_ns']}", "--"]
+        control.mkdir(parents=True, exist_ok=True)
+        (control / "up.json").write_text(json.dumps({"places": sorted(where)}) + "\n")
+        log("up: waiting for lab.shell commands; lab.down ends it")
+        while not (control / "down").exists():
+            for req in sorted(control.glob("*.req")):
+                try:
+                    ask = json.loads(req.read_text())
+                except json.JSONDecodeError:
+                    continue  # still being written
+                req.unlink()
+                if ask.get("place") not in where:
+                    reply = {"rc": 2, "output": f"no such place; choose one of: {', '.join(sorted(where))}\n"}
+                else:
+                    try:
+                        r = run(where[ask["place"]] + ["sh", "-c", ask["cmd"]], check=False, timeout=120)
+                        reply = {"rc": r.returncode, "output": scrub(r.stdout + r.stderr)}
+                    except subprocess.TimeoutExpired:
+                        reply = {"rc": 124, "output": "timed out after 120 s\n"}
+                tmp = req.with_suffix(".tmp")
+                tmp.write_text(json.dumps(reply))
+                tmp.rename(req.with_suffix(".out"))
+            time.sleep(0.1)
+
+
 def main(argv: list[str]) -> int:
     plan = json.loads(Path(argv[0]).read_text())
     results = Path(argv[1])
@@ -517,6 +550,9 @@ def main(argv: list[str]) -> int:
     result: dict = {"ok": False, "checks": [], "error": None}
     try:
         result = lab.run()
+        if plan.get("hold"):
+            (results / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+            lab.hold(Path(plan["hold"]))
     except Exception as e:  # the host side reports it; the kernel must still power off cleanly
         result["error"] = scrub(f"{type(e).__name__}: {e}")
         result["timings"] = lab.timings

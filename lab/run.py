@@ -103,7 +103,7 @@ class Progress:
 
 def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str | Path = "lab-results",
             timeout: float = 1500, tamper: Callable[[Path], None] | None = None,
-            on_line: Callable[[str], None] | None = None) -> LabOutcome:
+            on_line: Callable[[str], None] | None = None, hold: bool = False) -> LabOutcome:
     """Prove the WAN in `sites` in a lab kernel; results (result.json, junit.xml, diagnostics) in `results`.
 
     `tamper(out)` may change the rendered trees before the lab starts (the negative tests do).
@@ -124,6 +124,8 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
         notes.append("User-Mode Linux has no nftables ip/inet family: the firewall was NOT exercised (use --kernel qemu)")
     prefix = "w" + uuid.uuid4().hex[:5]
     plan = lab_plan(wan, out, prefix, firewall, major)
+    if hold:
+        plan["hold"] = str(results / "control")
     (results / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/root"}
@@ -133,7 +135,11 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     inner = results / "inner"
     argv = [sys.executable, "-m", "lab.inner", str(results / "plan.json"), str(inner)]
     t0 = time.monotonic()
-    run = kernels.run_in_guest(kind, argv, results, cwd=REPO, env=env, timeout=timeout, on_line=on_line or Progress())
+    try:
+        run = kernels.run_in_guest(kind, argv, results, cwd=REPO, env=env, timeout=timeout, on_line=on_line or Progress())
+    finally:
+        if kind == "host":
+            cleanup_host(prefix)
     (results / "console.log").write_text(run.console)
     try:
         result = json.loads((inner / "result.json").read_text())
@@ -150,6 +156,23 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     report.junit(result, results / "junit.xml", kind)
     shutil.rmtree(inner, ignore_errors=True)
     return LabOutcome(bool(result.get("ok")), kind, result, results, run.boot_seconds, result["total_seconds"], result["notes"])
+
+
+def cleanup_host(prefix: str) -> None:
+    """After a lab on the host kernel (killed or not): end the processes still running in the
+    lab's own namespaces and delete those namespaces. A lab kernel needs none of this: powering it
+    off ends everything in it."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    ours = [ns for ns in listed if re.fullmatch(rf"{prefix}(inet|r\d+|d\d+|h\d+x\d+)", ns)]
+    for ns in ours:
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except (OSError, ValueError):
+                pass
+    for ns in ours:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def verdict(outcome: LabOutcome, sites: list[str]) -> str:
@@ -170,3 +193,107 @@ def verdict(outcome: LabOutcome, sites: list[str]) -> str:
     word = "PASS" if outcome.ok else "FAIL"
     lines.append(f"{word}: {passed}/{total} checks passed ({fw}); results in {outcome.results_dir}")
     return "\n".join(lines)
+
+
+# ---- lab.up / lab.shell / lab.down: the lab kept running for a person ---------------------------
+
+def up(sites: str, kernel: str | None, results: str | Path = "lab-results", hours: float = 4) -> int:
+    """Start the lab in the background and return once it is up (or failed to come up)."""
+    results = Path(results).resolve()
+    pidfile = results.parent / f".{results.name}.up.pid"
+    if pidfile.exists():
+        print(f"a lab is already up (PID {pidfile.read_text().strip()}); lab.down first", file=sys.stderr)
+        return 1
+    log = results.parent / f".{results.name}.up.log"
+    proc = subprocess.Popen([sys.executable, "-m", "lab.run", "--up", str(sites), kernel or "", str(results), str(hours * 3600)],
+                            cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    pidfile.write_text(f"{proc.pid}\n")
+    control = results / "control"
+    while proc.poll() is None and not (control / "up.json").exists():
+        time.sleep(0.5)
+    if proc.poll() is not None:
+        pidfile.unlink(missing_ok=True)
+        print(log.read_text()[-3000:], file=sys.stderr)
+        print("the lab did not come up", file=sys.stderr)
+        return 1
+    places = json.loads((control / "up.json").read_text())["places"]
+    print(f"lab up (PID {proc.pid}); results so far in {results}/result.json")
+    print(f"  ./run lab.shell <place> [--cmd '...']   places: {', '.join(places)}")
+    print("  ./run lab.down")
+    return 0
+
+
+def shell(place: str, cmd: str | None, results: str | Path = "lab-results") -> int:
+    """Run commands in a router (or LAN host, DNS server, internet) of the running lab."""
+    control = Path(results).resolve() / "control"
+    if not (control / "up.json").exists():
+        print("no lab is up: ./run lab.up first", file=sys.stderr)
+        return 1
+
+    def ask(line: str) -> int:
+        name = uuid.uuid4().hex
+        tmp = control / f"{name}.tmp-req"
+        tmp.write_text(json.dumps({"place": place, "cmd": line}))
+        tmp.rename(control / f"{name}.req")
+        out = control / f"{name}.out"
+        while not out.exists():
+            time.sleep(0.1)
+        reply = json.loads(out.read_text())
+        out.unlink()
+        sys.stdout.write(reply["output"])
+        return reply["rc"]
+
+    if cmd:
+        return ask(cmd)
+    print(f"{place}: each line runs in the lab (ip a, ip xfrm state, ipsec whack --trafficstatus, ...); Ctrl-D ends")
+    while True:
+        try:
+            line = input(f"{place}# ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip():
+            ask(line)
+
+
+def down(results: str | Path = "lab-results") -> int:
+    """Stop the lab started by lab.up: ask it to finish, then end its process by PID if it must."""
+    results = Path(results).resolve()
+    pidfile = results.parent / f".{results.name}.up.pid"
+    if not pidfile.exists():
+        print("no lab is up")
+        return 0
+    pid = int(pidfile.read_text())
+    (results / "control").mkdir(parents=True, exist_ok=True)
+    (results / "control" / "down").write_text("down\n")
+    end = time.monotonic() + 60
+    while time.monotonic() < end and _alive(pid):
+        time.sleep(0.5)
+    if _alive(pid):
+        os.killpg(pid, 15)  # our own background process group (start_new_session)
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it when lab.up ran in this very process (tests)
+    except ChildProcessError:
+        pass
+    pidfile.unlink(missing_ok=True)
+    print("lab down")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of nobody we know is gone for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--up":
+    _, _, _sites, _kernel, _results, _timeout = sys.argv
+    outcome = run_lab(_sites, _kernel or None, _results, float(_timeout), hold=True)
+    print(verdict(outcome, [s["name"] for s in json.loads((Path(_results) / "plan.json").read_text())["sites"]]))

@@ -98,3 +98,19 @@ def test_missing_nat_exemption_fails_on_qemu(tmp_path):
     assert red(outcome, "ping") == {("acme", "home"), ("home", "acme")}
     assert (tmp_path / "results/diagnostics/acme/nft-ruleset.txt").exists()
     assert "masquerade" in (tmp_path / "results/diagnostics/acme/nft-ruleset.txt").read_text()
+
+
+def test_lab_up_shell_and_down_let_a_person_poke_around(tmp_path, capsys):
+    from lab.run import down, shell, up
+    results = tmp_path / "results"
+    assert up(str(WANS / "two"), "uml", results, hours=0.2) == 0
+    pid = int((tmp_path / ".results.up.pid").read_text())
+    try:
+        assert shell("acme", "ipsec whack --trafficstatus", results) == 0
+        assert '"acme-home"' in capsys.readouterr().out
+        assert shell("home-host0", "ping -c 1 -W 3 10.1.2.254", results) == 0
+        assert shell("nowhere", "true", results) == 2
+    finally:
+        assert down(results) == 0
+    assert not (tmp_path / ".results.up.pid").exists()
+    assert not Path(f"/proc/{pid}").exists(), "the background lab process must be gone"
