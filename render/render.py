@@ -19,6 +19,7 @@ from .model import Site, Tunnel, Wan
 from .secrets import MasterKey
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+RECONCILE_SOURCE = Path(__file__).resolve().parent.parent / "router" / "reconcile"
 MANIFEST_FORMAT = 1
 
 
@@ -127,6 +128,15 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str) -> Tree:
         for chain in paths.FW4_SNIPPETS:
             files[paths.fw4_snippet(chain)] = RenderedFile(e.get_template(f"firewall/openwrt-{chain}.j2").render(**ctx).encode(), 0o644)
         files[paths.FIREWALL_UCI_OPENWRT] = RenderedFile(e.get_template("firewall/openwrt.j2").render(**ctx).encode(), 0o644)
+
+    files[paths.RECONCILE] = RenderedFile(RECONCILE_SOURCE.read_bytes(), 0o755)
+    files[paths.ROUTER_ENV] = RenderedFile(
+        f"WAN_ROUTER={site.name}\nWAN_PLATFORM={site.router.platform}\nWAN_LIBRESWAN={site.router.libreswan}\n".encode(), 0o644)
+    files[paths.TUNNELS_LIST] = RenderedFile("".join(
+        f"{name} {t['conf_sha256']} {t['secret_sha256']} {1 if t['initiator'] else 0}\n"
+        for name, t in sorted(tunnels.items())).encode(), 0o644)
+    files[paths.FILES_LIST] = RenderedFile("".join(
+        f"{hashlib.sha256(f.content).hexdigest()} {f.mode:04o} {p}\n" for p, f in sorted(files.items())).encode(), 0o644)
 
     manifest = {
         "format": MANIFEST_FORMAT,
