@@ -44,6 +44,14 @@ def graph(c, sites=SITES, out=None):
     _exit(cli.graph(sites, out))
 
 
+@task(help={"sites": "the sites directory", "base": "git ref to compare with (default: merge base with main)",
+            "format": "text, markdown (pull requests: Mermaid picture, tables) or json"})
+def plan(c, sites=SITES, base=None, format="text"):
+    """What the change does to each router: tunnels added, changed (why), removed; the commands."""
+    from render import cli
+    _exit(cli.plan(sites, base, format))
+
+
 @task(help={"k": "only tests matching this expression", "quick": "skip the lab tests (they boot kernels)"})
 def test(c, k=None, quick=False):
     """The test suite (real tools, real kernels)."""
@@ -93,4 +101,4 @@ def down(c):
 
 
 lab = Collection("lab", lab_run, up, shell, down)
-ns = Collection(validate, render, check, graph, test, lab)
+ns = Collection(validate, render, check, graph, plan, test, lab)

@@ -90,3 +90,19 @@ def graph(sites: str, out: str | None) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def plan(sites: str, base: str | None, fmt: str) -> int:
+    from .plan import as_json, as_markdown, as_text, plan as make_plan
+    if base is None:
+        r = subprocess.run(["git", "merge-base", "HEAD", "main"], capture_output=True, text=True)
+        base = r.stdout.strip() or "HEAD"
+    try:
+        wan, plans = make_plan(base, Path(sites))
+    except WanError as e:
+        return _errors(e)
+    except subprocess.CalledProcessError as e:
+        print(f"cannot read the sites at {base}: {e.stderr.decode(errors='replace').strip() if e.stderr else e}", file=sys.stderr)
+        return 2
+    print({"text": as_text, "json": as_json}.get(fmt, lambda p: as_markdown(wan, p, base))(plans), end="")
+    return 0

@@ -1,0 +1,175 @@
+"""The plan: what a change of the sites does to each router, for reviewers and machines.
+
+Two revisions are rendered with the same throw-away key, so a secret shows as changed only when
+what it is derived from changed (the tunnel's IDs or name), never its value. Secrets are named,
+never shown.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+import io
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import paths
+from .graph import mermaid
+from .model import Wan
+from .render import Tree, render_wan
+from .secrets import lab_key
+from .validate import load_sites
+
+TUNNEL_FILES = ("etc/ipsec.d/",)
+
+
+@dataclass
+class RouterPlan:
+    router: str
+    libreswan: int
+    added: list[str] = field(default_factory=list)
+    changed: dict[str, list[str]] = field(default_factory=dict)  # tunnel -> reasons
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    other_files: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    new_router: bool = False
+    gone_router: bool = False
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.added or self.changed or self.removed or self.other_files or self.new_router or self.gone_router)
+
+
+def _manifest(tree: Tree | None) -> dict:
+    return json.loads(tree[paths.MANIFEST].content) if tree else {"tunnels": {}, "files": {}}
+
+
+def _reasons(old: dict, new: dict, old_conf: bytes, new_conf: bytes) -> list[str]:
+    why = []
+    if old["local_subnets"] != new["local_subnets"] or old["remote_subnets"] != new["remote_subnets"]:
+        why.append("subnets")
+    if old["crypto_profile"] != new["crypto_profile"] or _lines(old_conf, ("ike=", "esp=", "ikelifetime", "salifetime")) != _lines(new_conf, ("ike=", "esp=", "ikelifetime", "salifetime")):
+        why.append("crypto")
+    if old["peer_address"] != new["peer_address"]:
+        why.append("peer address")
+    if old["secret_sha256"] != new["secret_sha256"]:
+        why.append("secret")
+    if old["conf_sha256"] != new["conf_sha256"] and not why:
+        why.append("settings (" + ", ".join(_changed_keys(old_conf, new_conf)) + ")")
+    return why
+
+
+def _lines(conf: bytes, keys: tuple[str, ...]) -> list[str]:
+    return [l.strip() for l in conf.decode().splitlines() if l.strip().startswith(keys)]
+
+
+def _changed_keys(a: bytes, b: bytes) -> list[str]:
+    def kv(t: bytes) -> dict:
+        return dict(l.strip().split("=", 1) for l in t.decode().splitlines() if "=" in l and not l.lstrip().startswith("#"))
+    ka, kb = kv(a), kv(b)
+    return sorted(k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)) or ["comments"]
+
+
+def _commands(p: RouterPlan, initiates: dict[str, bool]) -> list[str]:
+    """The ipsec commands router/reconcile will run for this plan, in its order."""
+    add = (lambda n: f"ipsec add {n}") if p.libreswan == 5 else (lambda n: f"ipsec auto --add {n}")
+    up = lambda n: [f"ipsec whack --initiate --asynchronous --name {n}"] if initiates.get(n) else []  # noqa: E731
+    cmds = []
+    if p.added or p.removed or any("secret" in w for w in p.changed.values()):
+        cmds.append("ipsec whack --rereadsecrets")
+    cmds += [f"ipsec whack --delete --name {n}" for n in p.removed]
+    for n in p.changed:
+        cmds += [f"ipsec whack --delete --name {n}", add(n)] + up(n)
+    for n in p.added:
+        cmds += [add(n)] + up(n)
+    return cmds
+
+
+def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
+    """Per router, what differs between two rendered revisions."""
+    plans = []
+    for router in sorted(set(old) | set(new)):
+        o, n = old.get(router), new.get(router)
+        mo, mn = _manifest(o), _manifest(n)
+        p = RouterPlan(router, mn.get("libreswan", mo.get("libreswan", 4)), new_router=o is None, gone_router=n is None)
+        for t in sorted(set(mn["tunnels"]) | set(mo["tunnels"])):
+            if t not in mo["tunnels"]:
+                p.added.append(t)
+            elif t not in mn["tunnels"]:
+                p.removed.append(t)
+            else:
+                a, b = mo["tunnels"][t], mn["tunnels"][t]
+                if (a["conf_sha256"], a["secret_sha256"]) != (b["conf_sha256"], b["secret_sha256"]):
+                    p.changed[t] = _reasons(a, b, o[paths.tunnel_conf(t)].content, n[paths.tunnel_conf(t)].content)
+                else:
+                    p.unchanged += 1
+        for f in sorted(set(mo["files"]) | set(mn["files"])):
+            if f.startswith(TUNNEL_FILES) or f in (paths.TUNNELS_LIST, paths.FILES_LIST):
+                continue
+            if mo["files"].get(f, {}).get("sha256") != mn["files"].get(f, {}).get("sha256"):
+                p.other_files.append(f)
+        p.commands = _commands(p, {t: v["initiator"] for t, v in mn["tunnels"].items()})
+        if any(f.startswith(("etc/dnsmasq.d/", "etc/wan/dhcp.uci", "etc/wan/hosts")) for f in p.other_files):
+            p.commands.append("reload dnsmasq" + (" (uci batch + /etc/init.d/dnsmasq reload)" if mn.get("platform") == "openwrt" else " (systemctl try-restart dnsmasq)"))
+        if any(f.startswith(("etc/nftables/", "etc/wan/fw4/", "etc/wan/firewall.uci")) for f in p.other_files):
+            p.commands.append("reload the firewall" + (" (uci batch + fw4 reload)" if mn.get("platform") == "openwrt" else " (nft -f /etc/nftables/wan.nft)"))
+        plans.append(p)
+    return plans
+
+
+def sites_at(ref: str, sites: Path, into: Path) -> Path:
+    """The sites directory as it was at git `ref` (git archive: no checkout, the work tree is untouched)."""
+    top = Path(subprocess.run(["git", "-C", str(sites), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip())
+    rel = sites.resolve().relative_to(top)
+    data = subprocess.run(["git", "-C", str(top), "archive", "--format=tar", ref, "--", str(rel)], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="data")
+    return into / rel
+
+
+def plan(base_ref: str, sites: Path) -> tuple[Wan, list[RouterPlan]]:
+    key = lab_key()  # the same throw-away key for both sides: secrets compare structurally
+    with tempfile.TemporaryDirectory(prefix="wan-plan-") as tmp:
+        old_wan = load_sites(sites_at(base_ref, Path(sites), Path(tmp)))
+        old = render_wan(old_wan, key, base_ref)
+    new_wan = load_sites(sites)
+    new = render_wan(new_wan, key, "work tree")
+    return new_wan, plan_trees(old, new)
+
+
+def as_json(plans: list[RouterPlan]) -> str:
+    return json.dumps([{**{k: v for k, v in p.__dict__.items()}, "touched": p.touched} for p in plans], indent=1, sort_keys=True) + "\n"
+
+
+def as_text(plans: list[RouterPlan]) -> str:
+    out = []
+    for p in plans:
+        head = f"{p.router}: " + ("new router, " if p.new_router else "removed router, " if p.gone_router else "")
+        if not p.touched:
+            out.append(f"{p.router}: no change ({p.unchanged} tunnels unchanged)")
+            continue
+        out.append(head + f"+{len(p.added)} ~{len(p.changed)} -{len(p.removed)} tunnels, {p.unchanged} unchanged")
+        out += [f"  + {t}" for t in p.added]
+        out += [f"  ~ {t} ({', '.join(w)})" for t, w in p.changed.items()]
+        out += [f"  - {t}" for t in p.removed]
+        out += [f"  file {f}" for f in p.other_files]
+        out += [f"  $ {c}" for c in p.commands]
+    return "\n".join(out) + "\n"
+
+
+def as_markdown(wan: Wan, plans: list[RouterPlan], base: str) -> str:
+    changed = frozenset(t for p in plans for t in p.added + list(p.changed))
+    touched = [p for p in plans if p.touched]
+    lines = [f"## WAN plan against `{base}`", "",
+             f"{len(touched)} of {len(plans)} routers change; tunnels changed or added are drawn thick.", "",
+             "```mermaid", mermaid(wan, changed).rstrip(), "```", "",
+             "| router | added | changed (why) | removed | unchanged | other files |", "|---|---|---|---|---|---|"]
+    for p in plans:
+        lines.append(f"| {p.router}{' (new)' if p.new_router else ' (removed)' if p.gone_router else ''} | {', '.join(p.added) or '-'} | "
+                     + (", ".join(f"{t} ({'; '.join(w)})" for t, w in p.changed.items()) or "-")
+                     + f" | {', '.join(p.removed) or '-'} | {p.unchanged} | {', '.join(p.other_files) or '-'} |")
+    for p in touched:
+        lines += ["", f"<details><summary>{p.router}: commands</summary>", "", "```sh", *p.commands, "```", "</details>"]
+    return "\n".join(lines) + "\n"
