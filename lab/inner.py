@@ -55,6 +55,7 @@ class Lab:
         self.plan = plan
         self.results = results
         self.state = Path(tempfile.mkdtemp(prefix=f"wanlab-{plan['prefix']}-"))
+        self.change: dict = {}
         self.sites = {s["name"]: s for s in plan["sites"]}
         self.namespaces: list[str] = []
         self.holders: dict[str, subprocess.Popen] = {}
@@ -79,13 +80,14 @@ class Lab:
         p = self.plan
         inet = p["inet_ns"]
         batch = [f"netns add {inet}"]
-        for s in p["sites"]:
+        everyone = p.get("network_sites", p["sites"])
+        for s in everyone:
             batch.append(f"netns add {s['router_ns']}")
             batch.append(f"netns add {s['dns_ns']}")
             for lan in s["lans"]:
                 batch.append(f"netns add {lan['host_ns']}")
         self.namespaces = [line.split()[-1] for line in batch]
-        for s in p["sites"]:
+        for s in everyone:
             batch.append(f"link add wan netns {s['router_ns']} type veth peer name {s['inet_if']} netns {inet}")
             for j, lan in enumerate(s["lans"]):
                 batch.append(f"link add h{j} netns {s['router_ns']} type veth peer name eth0 netns {lan['host_ns']}")
@@ -94,11 +96,11 @@ class Lab:
 
         # the internet: routes to every router's public address, forwarding on
         cmds = ["link set lo up", f"addr add {p['isp_resolver']}/32 dev lo"]
-        for s in p["sites"]:
+        for s in everyone:
             cmds += [f"link set {s['inet_if']} up", f"addr add {p['inet_gw']}/32 dev {s['inet_if']}",
                      f"route add {s['public']}/32 dev {s['inet_if']}"]
         run(["ip", "-n", inet, "-batch", "-"], input="\n".join(cmds) + "\n")
-        for s in p["sites"]:
+        for s in everyone:
             cmds = ["link set lo up", "link set wan up", f"addr add {s['public']}/32 dev wan",
                     f"route add {p['inet_gw']}/32 dev wan", f"route add default via {p['inet_gw']} dev wan"]
             dns_lan = None
@@ -118,7 +120,7 @@ class Lab:
                      f"route add default via {dns_lan['router_address']}"]
             run(["ip", "-n", s["dns_ns"], "-batch", "-"], input="\n".join(dcmds) + "\n")
         # forwarding in the internet and in every router; one shell per namespace
-        for ns in [inet] + [s["router_ns"] for s in p["sites"]]:
+        for ns in [inet] + [s["router_ns"] for s in everyone]:
             self.in_ns(ns, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
 
     def start_isp_resolver(self) -> None:
@@ -134,7 +136,7 @@ class Lab:
         self.pidfiles.append(d / "dnsmasq.pid")
 
     def start_dns_servers(self) -> None:
-        for s in self.plan["sites"]:
+        for s in self.plan.get("network_sites", self.plan["sites"]):
             d = self.state / f"dns-{s['name']}"
             d.mkdir()
             records = dict(s["records"])
@@ -183,11 +185,11 @@ class Lab:
         run(["certutil", "-N", "-d", f"sql:{nss}", "--empty-password"])
         return nss
 
-    def start_routers(self) -> None:
+    def start_routers(self, order: list[str] | None = None) -> None:
         """Prepare every router at once (files, firewall, dnsmasq), then start the plutos one by
         one, responders first, each once the previous one has loaded its connections."""
-        nss = self.make_nss_template()
-        order = self.plan["start_order"]
+        nss = self.state / "nss" if (self.state / "nss").exists() else self.make_nss_template()
+        order = order or self.plan["start_order"]
         for name in order:
             s = self.sites[name]
             d = self.state / f"router-{name}"
@@ -492,6 +494,11 @@ class Lab:
         t = time.monotonic()
         status = self.wait_tunnels()
         self.timings["tunnels"] = round(time.monotonic() - t, 2)
+        if self.plan.get("change"):
+            from lab.change import apply_change
+            t = time.monotonic()
+            status = apply_change(self)
+            self.timings["change"] = round(time.monotonic() - t, 2)
         t = time.monotonic()
         self.check_firewall()
         self.check_pings(status)
@@ -506,7 +513,7 @@ class Lab:
             self.timings["diagnostics"] = round(time.monotonic() - t, 2)
         self.timings["inside_total"] = round(time.monotonic() - t0, 2)
         return {"checks": self.checks, "timings": self.timings, "firewall_exercised": self.plan["firewall"],
-                "notes": self.notes, "ok": all(c["ok"] for c in self.checks)}
+                "notes": self.notes, "ok": all(c["ok"] for c in self.checks), "change": self.change}
 
 
     def hold(self, control: Path) -> None:

@@ -29,10 +29,13 @@ def _free_host(net: IPv4Network, taken: set[IPv4Address]) -> IPv4Address:
     raise ValueError(f"no free address for a lab host in {net}")
 
 
-def lab_plan(wan: Wan, out: Path, prefix: str, firewall: bool, libreswan_major: int) -> dict:
-    """Everything the in-kernel lab needs, as JSON-able data."""
+def lab_plan(wan: Wan, out: Path, prefix: str, firewall: bool, libreswan_major: int,
+             index: dict[str, int] | None = None) -> dict:
+    """Everything the in-kernel lab needs, as JSON-able data. `index` numbers the sites (namespace
+    and interface names) when two revisions of a WAN share one lab."""
     sites = []
-    for i, s in enumerate(wan.sites):
+    for s in wan.sites:
+        i = index[s.name] if index else wan.sites.index(s)
         lans = []
         for j, net in enumerate(s.lans):
             taken = {s.router.lan_address, s.dns.server} | {a for _, a in s.dns.records}
@@ -76,3 +79,37 @@ def lab_plan(wan: Wan, out: Path, prefix: str, firewall: bool, libreswan_major: 
         "sites": sites, "start_order": order,
         "tunnels": [{"name": t.name, "a": t.a, "b": t.b, "initiator": t.initiator} for t in wan.tunnels],
     }
+
+
+def change_plan(before: Wan, out_before: Path, after: Wan, out_after: Path, prefix: str, firewall: bool,
+                libreswan_major: int, mode: str) -> dict:
+    """A lab that starts as `before`, then changes to `after` by `mode` ("reconcile" on every
+    router, or "restart": new files and a pluto restart everywhere, for contrast)."""
+    names = sorted({s.name for s in before.sites} | {s.name for s in after.sites})
+    index = {n: i for i, n in enumerate(names)}
+    pb = lab_plan(before, out_before, prefix, firewall, libreswan_major, index)
+    pa = lab_plan(after, out_after, prefix, firewall, libreswan_major, index)
+    by_name = {s["name"]: s for s in pb["sites"]} | {s["name"]: s for s in pa["sites"]}
+    old = {t["name"]: t for t in pb["tunnels"]}
+    digests = {}
+    for out, wan in ((out_before, before), (out_after, after)):
+        for s in wan.sites:
+            m = json.loads((out / s.name / "MANIFEST.json").read_text())["tunnels"]
+            for t, v in m.items():
+                digests.setdefault(t, []).append((s.name, v["conf_sha256"], v["secret_sha256"]))
+    unchanged = [t["name"] for t in pa["tunnels"] if t["name"] in old
+                 and sorted(digests[t["name"]][:2]) == sorted(digests[t["name"]][2:])]
+    # a ping stream across a tunnel the change does not touch: it must lose nothing
+    stream = None
+    for t in unchanged:
+        a, b = old[t]["a"], old[t]["b"]
+        stream = {"tunnel": t, "from_ns": by_name[a]["lans"][0]["host_ns"], "to": by_name[b]["lans"][0]["host"]}
+        break
+    pb["network_sites"] = [by_name[n] for n in names]
+    pb["change"] = {
+        "mode": mode, "sites": pa["sites"], "tunnels": pa["tunnels"], "start_order": pa["start_order"],
+        "new": sorted(set(s.name for s in after.sites) - set(s.name for s in before.sites)),
+        "gone": sorted(set(s.name for s in before.sites) - set(s.name for s in after.sites)),
+        "unchanged_tunnels": unchanged, "stream": stream,
+    }
+    return pb

@@ -20,7 +20,7 @@ from render.secrets import lab_key
 from render.validate import load_sites
 
 from . import kernels, report
-from .plan import lab_plan
+from .plan import change_plan, lab_plan
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("host", "qemu", "uml")
@@ -103,7 +103,8 @@ class Progress:
 
 def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str | Path = "lab-results",
             timeout: float = 1500, tamper: Callable[[Path], None] | None = None,
-            on_line: Callable[[str], None] | None = None, hold: bool = False) -> LabOutcome:
+            on_line: Callable[[str], None] | None = None, hold: bool = False,
+            change_to: str | Path | None = None, change_mode: str = "reconcile") -> LabOutcome:
     """Prove the WAN in `sites` in a lab kernel; results (result.json, junit.xml, diagnostics) in `results`.
 
     `tamper(out)` may change the rendered trees before the lab starts (the negative tests do).
@@ -123,7 +124,17 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     if not firewall:
         notes.append("User-Mode Linux has no nftables ip/inet family: the firewall was NOT exercised (use --kernel qemu)")
     prefix = "w" + uuid.uuid4().hex[:5]
-    plan = lab_plan(wan, out, prefix, firewall, major)
+    if change_to is not None:
+        # both revisions with one key: a tunnel the change does not touch renders byte-identical
+        wan_after, more = _as_lab_version(load_sites(change_to), major)
+        notes += [n for n in more if n not in notes]
+        key = lab_key()
+        write_trees(render_wan(wan, key, "before"), out)
+        out_after = results / "out-after"
+        write_trees(render_wan(wan_after, key, "after"), out_after)
+        plan = change_plan(wan, out, wan_after, out_after, prefix, firewall, major, change_mode)
+    else:
+        plan = lab_plan(wan, out, prefix, firewall, major)
     if hold:
         plan["hold"] = str(results / "control")
     (results / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
