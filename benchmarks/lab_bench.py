@@ -48,7 +48,7 @@ def main() -> None:
     print(f"{'WAN':>24} {'kern':>5} {'boot':>6} {'setup':>7} {'tunnels':>8} {'checks':>7} {'total':>7}")
     with tempfile.TemporaryDirectory(dir=Path.cwd(), prefix=".bench-") as tmp:
         tmp = Path(tmp)
-        for n in (int(x) for x in args.sizes.split(",")):
+        for n in (int(x) for x in args.sizes.split(",") if x):
             o = run_lab(generate(tmp / f"mesh{n}", n), args.kernel, tmp / f"res{n}", timeout=3600, on_line=lambda l: None)
             print(row(f"mesh of {n} ({n * (n - 1) // 2} tunnels)", o), flush=True)
         if args.change:
