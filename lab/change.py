@@ -13,7 +13,6 @@ import re
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 from lab.probes import ping_many
 

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -425,9 +424,9 @@ class Lab:
 
     def check_firewall(self) -> None:
         """The proof only counts if the firewall was active, with its drop policies, all along."""
+        if not self.plan["firewall"]:
+            return
         for s in self.plan["sites"]:
-            if not self.plan["firewall"]:
-                continue
             r = self.in_router(s["name"], ["nft", "list", "ruleset"], check=False)
             table = "table inet wan" if s["platform"] == "el" else "table inet fw4"
             ok = table in r.stdout and "policy drop" in r.stdout

@@ -117,7 +117,8 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     major = installed_libreswan_major()
     wan, notes = _as_lab_version(load_sites(sites), major)
     out = results / "out"
-    write_trees(render_wan(wan, lab_key(), "lab"), out)
+    key = lab_key()  # one key for both revisions of a change: an untouched tunnel renders byte-identical
+    write_trees(render_wan(wan, key, "before" if change_to is not None else "lab"), out)
     if tamper:
         tamper(out)
     firewall = kind != "uml"
@@ -125,11 +126,8 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
         notes.append("User-Mode Linux has no nftables ip/inet family: the firewall was NOT exercised (use --kernel qemu)")
     prefix = "w" + uuid.uuid4().hex[:5]
     if change_to is not None:
-        # both revisions with one key: a tunnel the change does not touch renders byte-identical
         wan_after, more = _as_lab_version(load_sites(change_to), major)
         notes += [n for n in more if n not in notes]
-        key = lab_key()
-        write_trees(render_wan(wan, key, "before"), out)
         out_after = results / "out-after"
         write_trees(render_wan(wan_after, key, "after"), out_after)
         plan = change_plan(wan, out, wan_after, out_after, prefix, firewall, major, change_mode)

@@ -31,5 +31,5 @@ def show(value: object, limit: int = 60) -> str:
 
     Hostile input (newlines, terminal escapes) must not reach the terminal or a log verbatim.
     """
-    text = repr(value) if not isinstance(value, str) else repr(value)
+    text = repr(value)
     return text if len(text) <= limit else text[: limit - 4] + "...'"

@@ -78,6 +78,16 @@ def _expected(tree: Path) -> dict[str, tuple[bytes, int]]:
             for p in tree.rglob("*") if p.is_file() and p.name != "MANIFEST.json"}
 
 
+def _installed(tmp: Path, shell: list[str], before: list[str], after: list[str], router: str) -> tuple[Router, Path, Path]:
+    """A router with the `before` WAN's tree applied, and the `after` WAN rendered beside it."""
+    b, a = tmp / "before", tmp / "after"
+    _render(_sites(tmp, before), b)
+    _render(_sites(tmp, after), a)
+    r = Router(tmp, shell)
+    assert r.reconcile(b / router).returncode == 0
+    return r, b, a
+
+
 def test_first_run_installs_everything_and_brings_up_only_the_initiated_tunnels(tmp_path, shell):
     out = tmp_path / "out"
     _render(_sites(tmp_path, ["acme", "home", "paris"]), out)
@@ -105,11 +115,7 @@ def test_a_second_run_does_nothing(tmp_path, shell):
 
 
 def test_adding_a_site_adds_only_its_tunnel_and_touches_no_other(tmp_path, shell):
-    before, after = tmp_path / "before", tmp_path / "after"
-    _render(_sites(tmp_path, ["acme", "home", "paris"]), before)
-    _render(_sites(tmp_path, ["acme", "home", "paris", "rome"]), after)
-    r = Router(tmp_path, shell)
-    assert r.reconcile(before / "acme").returncode == 0
+    r, _, after = _installed(tmp_path, shell, ["acme", "home", "paris"], ["acme", "home", "paris", "rome"], "acme")
     res = r.reconcile(after / "acme")
     assert res.returncode == 0, res.stderr
     calls = r.calls()
@@ -120,11 +126,7 @@ def test_adding_a_site_adds_only_its_tunnel_and_touches_no_other(tmp_path, shell
 
 
 def test_removing_a_site_deletes_only_its_tunnel_and_files(tmp_path, shell):
-    before, after = tmp_path / "before", tmp_path / "after"
-    _render(_sites(tmp_path, ["acme", "home", "paris"]), before)
-    _render(_sites(tmp_path, ["acme", "paris"]), after)
-    r = Router(tmp_path, shell)
-    assert r.reconcile(before / "paris").returncode == 0
+    r, _, after = _installed(tmp_path, shell, ["acme", "home", "paris"], ["acme", "paris"], "paris")
     res = r.reconcile(after / "paris")
     assert res.returncode == 0, res.stderr
     assert [c for c in r.calls() if "--delete" in c or "--add" in c] == ["ipsec whack --delete --name home-paris"]
@@ -158,11 +160,7 @@ def test_dry_run_changes_nothing(tmp_path, shell):
 
 
 def test_a_tampered_staged_tree_is_refused_and_nothing_changes(tmp_path, shell):
-    before, after = tmp_path / "before", tmp_path / "after"
-    _render(_sites(tmp_path, ["acme", "home"]), before)
-    _render(_sites(tmp_path, ["acme", "home", "paris"]), after)
-    r = Router(tmp_path, shell)
-    assert r.reconcile(before / "acme").returncode == 0
+    r, _, after = _installed(tmp_path, shell, ["acme", "home"], ["acme", "home", "paris"], "acme")
     installed = r.files()
     conf = after / "acme" / paths.tunnel_conf("acme-paris")
     os.chmod(conf, 0o644)
@@ -173,11 +171,7 @@ def test_a_tampered_staged_tree_is_refused_and_nothing_changes(tmp_path, shell):
 
 
 def test_a_failing_step_exits_nonzero_keeps_the_old_state_and_the_previous_tree(tmp_path, shell):
-    before, after = tmp_path / "before", tmp_path / "after"
-    _render(_sites(tmp_path, ["acme", "home"]), before)
-    _render(_sites(tmp_path, ["acme", "home", "paris"]), after)
-    r = Router(tmp_path, shell)
-    assert r.reconcile(before / "acme").returncode == 0
+    r, _, after = _installed(tmp_path, shell, ["acme", "home"], ["acme", "home", "paris"], "acme")
     old_list = (r.root / paths.TUNNELS_LIST).read_text()
     (tmp_path / "bin/ipsec").write_text(f'#!/bin/sh\necho "ipsec $*" >> {r.log}\ncase "$*" in *--add*) exit 3;; esac\n')
     res = r.reconcile(after / "acme")

@@ -12,7 +12,6 @@ import pytest
 
 from render import cli, paths
 from render.check import check_out
-from render.errors import WanError
 from render.render import render_wan, write_trees
 from render.secrets import MasterKey
 from render.validate import load_sites
