@@ -1,13 +1,13 @@
 #!/bin/sh
 # PID 1 inside a lab kernel (User-Mode Linux or QEMU) whose root is the host's / mounted
 # read-only. Written for lab/kernels.py, which passes, after "--" on the kernel command line:
-#     guest-init.sh KIND SHARE CTL NONCE
+#     guest-init.sh KIND SHARE CTL NONCE CWD
 # KIND is uml or qemu; SHARE is the host directory to mount writable at the same path; CTL is a
 # directory inside SHARE holding cmd.sh (the command to run) and receiving rc (its exit code);
 # NONCE makes the console markers unique to this run, so a command's own output cannot fake them.
 # POSIX sh (runs under dash and BusyBox ash). No "set -e": PID 1 must always reach the power-off.
 set -u
-kind=$1 share=$2 ctl=$3 nonce=$4
+kind=$1 share=$2 ctl=$3 nonce=$4 cwd=${5:-}
 
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
@@ -27,6 +27,11 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm 2>/dev/null
 # directory that does not exist on the host cannot be created (read-only root), so skip it, and
 # skip symlinks (Debian's /var/run -> /run is covered by /run). /root is left alone on purpose:
 # the host's pyenv interpreter lives there.
+# The command's working directory (the checkout) may sit below one of the directories covered
+# next (a clone in /tmp): keep a way back to the host's tree to bind it again afterwards.
+if [ "$kind" = qemu ] && mkdir -p /dev/.hostroot 2>/dev/null; then
+    mount --bind / /dev/.hostroot 2>/dev/null || warn "cannot keep the host root under /dev"
+fi
 for d in /tmp /run /var/run /var/tmp /var/log /var/lib/ipsec /etc/netns; do
     [ -d "$d" ] && [ ! -L "$d" ] || continue
     case $d in
@@ -71,6 +76,16 @@ if ! /run/wan-lab/bin/modprobe -qa $mods; then
     for m in $mods; do /run/wan-lab/bin/modprobe -q "$m" || warn "modprobe $m failed"; done
 fi
 ip link set lo up
+
+# A working directory hidden by the tmpfs mounts above comes back from the host's tree
+# (before the share, which may sit inside it).
+if [ -n "$cwd" ] && [ ! -d "$cwd" ]; then
+    mkdir -p "$cwd"
+    case $kind in
+        uml) mount -t hostfs none "$cwd" -o "$cwd" ;;
+        qemu) mount --bind "/dev/.hostroot$cwd" "$cwd" ;;
+    esac || warn "cannot show the working directory $cwd"
+fi
 
 # The share, writable, at the same absolute path as on the host. mkdir for the case where it is
 # below a directory that was just covered by a tmpfs (a test's /tmp/...).

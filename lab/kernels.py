@@ -494,6 +494,8 @@ def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dic
     share = Path(share).resolve()
     if not share.is_dir():
         raise ValueError(f"share {share} is not a directory")
+    if kind != "host" and not _SAFE_PATH.match(str(Path(cwd).resolve())):
+        raise ValueError(f"working directory {cwd}: only letters, digits and ._+@:/- are allowed in its path")
     if kind != "host" and not _SAFE_PATH.match(str(share)):
         raise ValueError(f"share {share}: only letters, digits and ._+@:/- are allowed in its path")
     kernel = prepare_qemu() if kind == "qemu" else None
@@ -515,7 +517,7 @@ def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dic
         else:
             ctl.mkdir()
             (ctl / "cmd.sh").write_text(_command_script(argv, cwd, env, guest=True))
-            init_args = [str(GUEST_INIT), kind, str(share), str(ctl), nonce]
+            init_args = [str(GUEST_INIT), kind, str(share), str(ctl), nonce, str(Path(cwd).resolve())]
             if kind == "uml":
                 popen_argv = _uml_argv(init_args, mem_mb, f"wanlab-{nonce}", temp)
                 popen_kw = {"env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(temp)}}
