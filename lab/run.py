@@ -1,7 +1,9 @@
 """The lab, host side: render the WAN, boot a kernel with ESP, run the lab inside, give a verdict."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -35,6 +37,30 @@ class LabOutcome:
     boot_seconds: float = 0.0
     total_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def one_lab_at_a_time(say: Callable[[str], None]):
+    """Hold a machine-wide lock while a lab kernel runs. Two labs at once on a small machine starve
+    each other's IKE exchanges (a QEMU lab under contention lost a Child SA), so a second run waits."""
+    path = kernels.cache_dir() / "lab.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            say(f"lab: another lab is running ({f.read().strip() or 'unknown'}); waiting for it to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def installed_libreswan_major() -> int:
@@ -143,9 +169,12 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
             env[k] = os.environ[k]
     inner = results / "inner"
     argv = [sys.executable, "-m", "lab.inner", str(results / "plan.json"), str(inner)]
+    say = on_line or Progress()
     t0 = time.monotonic()
     try:
-        run = kernels.run_in_guest(kind, argv, results, cwd=REPO, env=env, timeout=timeout, on_line=on_line or Progress())
+        with one_lab_at_a_time(say):
+            t0 = time.monotonic()  # the wait for another lab does not count
+            run = kernels.run_in_guest(kind, argv, results, cwd=REPO, env=env, timeout=timeout, on_line=say)
     finally:
         if kind == "host":
             cleanup_host(prefix)
