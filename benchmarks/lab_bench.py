@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Lab wall time for generated mesh WANs, split into boot / setup / tunnels / checks
 (a benchmark, not a test). Also: a seventh site added by reconcile versus a restart of IPsec
-on every router, on the 6-site WAN.
+on every router, on the 6-site WAN; or, with --change-size N, a site N+1 added to a mesh of N.
 
     .venv/bin/python benchmarks/lab_bench.py [--sizes 2,6,12,24] [--kernel uml] [--change]
+        [--change-size N] [--change-modes reconcile,restart] [--keep DIR]
+
+--keep DIR keeps the generated sites and every lab's results (result.json, diagnostics) in DIR.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -44,26 +48,45 @@ def main() -> None:
     ap.add_argument("--sizes", default="2,6,12")
     ap.add_argument("--kernel", default="uml")
     ap.add_argument("--change", action="store_true", help="also reconcile vs restart on the example WAN")
+    ap.add_argument("--change-size", type=int, metavar="N",
+                    help="with --change: a mesh of N sites, then N+1 (instead of the 6-site example + zurich)")
+    ap.add_argument("--change-modes", default="reconcile,restart", help="with --change: which ways to apply it")
+    ap.add_argument("--keep", metavar="DIR", help="keep sites and results in DIR (default: a scratch directory, removed)")
+    ap.add_argument("--progress", action="store_true", help="the labs' progress lines on stderr")
     args = ap.parse_args()
+    quiet = (lambda line: print(line.rstrip(), file=sys.stderr, flush=True)) if args.progress else (lambda line: None)
     print(f"{'WAN':>24} {'kern':>5} {'boot':>6} {'setup':>7} {'tunnels':>8} {'checks':>7} {'total':>7}")
-    with tempfile.TemporaryDirectory(dir=Path.cwd(), prefix=".bench-") as tmp:
+    if args.keep:
+        shutil.rmtree(args.keep, ignore_errors=True)
+        Path(args.keep).mkdir(parents=True)
+        scratch = contextlib.nullcontext(args.keep)
+    else:
+        scratch = tempfile.TemporaryDirectory(dir=Path.cwd(), prefix=".bench-")
+    with scratch as tmp:
         tmp = Path(tmp)
         for n in (int(x) for x in args.sizes.split(",") if x):
-            o = run_lab(generate(tmp / f"mesh{n}", n), args.kernel, tmp / f"res{n}", timeout=3600, on_line=lambda l: None)
+            o = run_lab(generate(tmp / f"mesh{n}", n), args.kernel, tmp / f"res{n}", timeout=3600, on_line=quiet)
             print(row(f"mesh of {n} ({n * (n - 1) // 2} tunnels)", o), flush=True)
         if args.change:
             repo = Path(__file__).resolve().parent.parent
-            seven = tmp / "seven"
-            shutil.copytree(repo / "sites", seven)
-            text = (seven / "rome.yaml").read_text()
-            (seven / "zurich.yaml").write_text(text.replace("name: rome", "name: zurich").replace("203.0.113.60", "203.0.113.70")
-                                               .replace("10.5.0", "10.6.0").replace("rome.acme.it", "zurich.acme.ch"))
-            for mode in ("reconcile", "restart"):
-                o = run_lab(repo / "sites", args.kernel, tmp / f"chg-{mode}", timeout=3600, on_line=lambda l: None,
-                            change_to=seven, change_mode=mode)
+            if args.change_size:
+                n = args.change_size
+                before, after = generate(tmp / f"chg{n}-before", n), generate(tmp / f"chg{n}-after", n + 1)
+                what = f"site {n + 1} to the {n}-site mesh"
+            else:
+                before, after = repo / "sites", tmp / "seven"
+                shutil.copytree(repo / "sites", after)
+                text = (after / "rome.yaml").read_text()
+                (after / "zurich.yaml").write_text(text.replace("name: rome", "name: zurich").replace("203.0.113.60", "203.0.113.70")
+                                                   .replace("10.5.0", "10.6.0").replace("rome.acme.it", "zurich.acme.ch"))
+                what = "a 7th site"
+            for mode in (m for m in args.change_modes.split(",") if m):
+                o = run_lab(before, args.kernel, tmp / f"chg-{mode}", timeout=3600, on_line=quiet,
+                            change_to=after, change_mode=mode)
                 c = o.result.get("change") or {}
                 routers = c.get("routers", {})
-                print(f"add a 7th site by {mode}: change {c.get('seconds')} s; unrelated SAs disturbed "
+                print(row(f"{mode}: lab", o), flush=True)
+                print(f"add {what} by {mode}: change {c.get('seconds')} s; unrelated SAs disturbed "
                       f"{len(c.get('disturbed', []))}/{c.get('unchanged_tunnels')}; stream {c.get('stream')}; per router "
                       + ", ".join(f"{n} {r['seconds']} s (new tunnels up at +{r['until_new_tunnels_up']} s)" for n, r in sorted(routers.items())),
                       flush=True)
