@@ -29,8 +29,8 @@ HERE = Path(__file__).resolve().parent
 def tunnel_timeout(n_tunnels: int) -> float:
     """The bound on the wait for every tunnel: WAN_LAB_TUNNEL_TIMEOUT if set, else 90 s or 1.5 s
     per tunnel, whichever is more. The lab kernel brings Child SAs up at about 1-2 s each (both
-    ends' _updown), and routers stop waiting for their own initiations after 15 s, so a large
-    mesh has a backlog at the end of setup (24 sites: 123 of 276 tunnels, up 140 s later)."""
+    ends' _updown); a fixed 90 s was too short for a 24-site mesh whose routers had overlapped
+    (123 of 276 tunnels still to come at the end of setup, up 140 s later)."""
     if os.environ.get("WAN_LAB_TUNNEL_TIMEOUT"):
         return float(os.environ["WAN_LAB_TUNNEL_TIMEOUT"])
     return max(90.0, 1.5 * n_tunnels)
@@ -222,14 +222,19 @@ class Lab:
             self._wait_initiated(name)
             progress("routers", k, len(order), name)
 
-    def _wait_initiated(self, name: str, timeout: float = 15) -> None:
-        """Until this router's own initiations (towards peers already running) are established.
+    def _wait_initiated(self, name: str) -> None:
+        """Until this router's own initiations (towards peers already running) are established,
+        bounded by 15 s or 3 s per conn it initiates, whichever is more.
 
         One router negotiating at a time keeps the lab kernel's single CPU from answering IKE
         so late that peers retransmit; Libreswan 4.10 was seen to lose a Child SA
-        (TS_UNACCEPTABLE) in such a retransmission storm when all routers started at once."""
+        (TS_UNACCEPTABLE) in such a retransmission storm when all routers started at once.
+        A fixed 15 s bound let a 24-site mesh's later routers (11 to 23 initiations each) start
+        on top of each other: IKE_AUTH replies then came after the kernel's 30 s for an allocated
+        SPI (net.core.xfrm_acq_expires), the initiator's "Add SA" failed with ESRCH and it retried,
+        and the responder kept an orphan Child SA until DPD reaped it 60 s later."""
         mine = {c for t in self.plan["tunnels"] if t["initiator"] == name for c in self.sites[name]["conns"][t["name"]]}
-        end = time.monotonic() + timeout
+        end = time.monotonic() + max(15.0, 3.0 * len(mine))
         while mine and not mine <= self._established_in_log(name) and time.monotonic() < end:
             time.sleep(0.05)
 
