@@ -25,6 +25,13 @@ mount -t tmpfs -o mode=0700 tmpfs /run/pluto
 mount -t tmpfs -o mode=0700 tmpfs /var/lib/ipsec/nss
 cp -a "$nss/." /var/lib/ipsec/nss/
 
+# The SPI pluto allocates for a Child SA it initiates lives 30 s in the kernel until the SA is
+# installed (net.core.xfrm_acq_expires, per network namespace). A lab kernel's one CPU shared by
+# many routers can answer IKE_AUTH later than that (24-site mesh: up to 68 s); the install then
+# fails with ESRCH and the responder keeps an orphan Child SA until DPD. Give it pluto's own
+# patience (retransmits for 60 s) and more.
+echo 120 > /proc/sys/net/core/xfrm_acq_expires
+
 if [ "$firewall" != "-" ]; then
     nft -f "$firewall"
 fi
