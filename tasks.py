@@ -100,5 +100,22 @@ def down(c):
     _exit(lab_down())
 
 
+@task(help={"tag": "the release tag, vMAJOR.MINOR.PATCH (it must grow)", "sites": "the sites directory",
+            "dist": "where dist/<tag>/ goes", "allow_dirty": "release sites with uncommitted changes (a try-out)",
+            "allow_older": "a tag older than one released already"}, default=True, name="build")
+def release_build(c, tag, sites=SITES, dist="dist", allow_dirty=False, allow_older=False):
+    """Signed per-router bundles for a tag: dist/<tag>/<router>.tar.gz, RELEASE, SHA256SUMS(.sig)."""
+    from render import cli
+    _exit(cli.release(sites, tag, dist, allow_dirty, allow_older))
+
+
+@task(help={"force": "replace an existing pair (every router must then be given the new public key)"})
+def keygen(c, force=False):
+    """Make the release signing key pair: release/wan-release.pub (commit) and .wan-release.sec (secret)."""
+    from render import cli
+    _exit(cli.keygen(force))
+
+
 lab = Collection("lab", lab_run, up, shell, down)
-ns = Collection(validate, render, check, graph, plan, test, lab)
+release = Collection("release", release_build, keygen)
+ns = Collection(validate, render, check, graph, plan, test, lab, release)

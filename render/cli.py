@@ -1,6 +1,7 @@
 """The verbs behind tasks.py: each returns an exit code and prints for a person."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -105,4 +106,56 @@ def plan(sites: str, base: str | None, fmt: str) -> int:
         print(f"cannot read the sites at {base}: {e.stderr.decode(errors='replace').strip() if e.stderr else e}", file=sys.stderr)
         return 2
     print({"text": as_text, "json": as_json}.get(fmt, lambda p: as_markdown(wan, p, base))(plans), end="")
+    return 0
+
+
+def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_older: bool = False) -> int:
+    from . import release as rel
+    try:
+        n = rel.serial(tag)
+        wan = load_sites(sites)
+        rev = revision(Path(sites))
+        if rev.endswith("+dirty") and not allow_dirty:
+            print(f"{sites}: uncommitted changes; a release must come from a commit so it can be rebuilt byte for byte "
+                  "(commit them, or --allow-dirty for a try-out)", file=sys.stderr)
+            return 1
+        newer = [t for t in rel.released_tags(REPO) if t != tag and rel.serial(t) > n]
+        if newer and not allow_older:
+            print(f"--tag {tag}: older than {max(newer, key=rel.serial)}, released already; routers refuse a downgrade, "
+                  "so tags must grow (or --allow-older)", file=sys.stderr)
+            return 1
+        trusted = rel.trusted_key(REPO)
+        signing = rel.find_signing_key(REPO)
+        if signing.public != trusted:
+            print(f"the signing key ({signing.keynum.hex()}) is not the one in {rel.PUBLIC_KEY} ({trusted.keynum.hex()}): "
+                  "routers would refuse this release. Use the matching key, or commit its public half.", file=sys.stderr)
+            return 1
+        key = find_master(REPO)
+        r = rel.build(wan, key, signing, tag, Path(dist), rev, rel.commit_time(REPO, rev))
+    except WanError as e:
+        return _errors(e)
+    problems = rel.verify(r.dir, trusted)
+    verifier = shutil.which("signify-openbsd") or shutil.which("signify")
+    if verifier and not problems:
+        v = subprocess.run([verifier, "-V", "-q", "-p", str(REPO / rel.PUBLIC_KEY), "-x", str(r.dir / "SHA256SUMS.sig"),
+                            "-m", str(r.dir / "SHA256SUMS")], capture_output=True, text=True)
+        if v.returncode:
+            problems.append(f"{Path(verifier).name}: {v.stderr.strip()}")
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"released {tag} (serial {n}, revision {rev}): {len(r.routers)} router bundles, {r.bytes:,} bytes, in {r.seconds:.2f} s "
+          f"-> {r.dir}/ (signed by key {signing.keynum.hex()}; verified{' with ' + Path(verifier).name if verifier else ''})")
+    return 0
+
+
+def keygen(force: bool = False) -> int:
+    from . import release as rel
+    try:
+        pub, sec = rel.keygen(REPO, force=force)
+    except WanError as e:
+        return _errors(e)
+    print(f"wrote {pub} (commit it: routers trust this key) and {sec} (secret, git-ignored: put its text into the "
+          f"CI secret store as {rel.SECRET_ENV}, then keep it offline)")
     return 0
