@@ -15,11 +15,12 @@ def _exit(rc: int) -> None:
         raise Exit(code=rc)
 
 
-@task(help={"sites": "the sites directory (default: sites)"})
-def validate(c, sites=SITES):
+@task(help={"sites": "the sites directory (default: sites)",
+            "format": "text, or github (also print each problem as an annotation on its file and line)"})
+def validate(c, sites=SITES, format="text"):
     """Validate the sites against the schemas and the semantic rules; list every problem."""
     from render import cli
-    _exit(cli.validate(sites))
+    _exit(cli.validate(sites, format))
 
 
 @task(help={"sites": "the sites directory", "out": "where the router trees go (replaced atomically)",

@@ -18,9 +18,11 @@ from .validate import load_sites
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _errors(e: WanError) -> int:
+def _errors(e: WanError, fmt: str = "text") -> int:
     for p in e.problems:
         print(p, file=sys.stderr)
+        if fmt == "github":  # annotations go to stdout, where the runner reads workflow commands
+            print(p.github())
     n = len(e.problems)
     print(f"{n} problem{'s' if n != 1 else ''} found; nothing was written.", file=sys.stderr)
     return 1
@@ -39,11 +41,11 @@ def revision(sites: Path) -> str:
         return "unknown"
 
 
-def validate(sites: str) -> int:
+def validate(sites: str, fmt: str = "text") -> int:
     try:
         wan = load_sites(sites)
     except WanError as e:
-        return _errors(e)
+        return _errors(e, fmt)
     print(f"{wan.source_dir}: {len(wan.sites)} sites, {len(wan.tunnels)} tunnels ({wan.topology}): valid")
     return 0
 
@@ -115,10 +117,14 @@ def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_ol
         n = rel.serial(tag)
         wan = load_sites(sites)
         rev = revision(Path(sites))
-        if rev.endswith("+dirty") and not allow_dirty:
-            print(f"{sites}: uncommitted changes; a release must come from a commit so it can be rebuilt byte for byte "
-                  "(commit them, or --allow-dirty for a try-out)", file=sys.stderr)
+        tracked = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True).stdout.strip()
+        if (rev.endswith("+dirty") or tracked) and not allow_dirty:
+            print(f"uncommitted changes ({sites} or the templates and programs): a release must come from a commit "
+                  "so it can be rebuilt byte for byte (commit them, or --allow-dirty for a try-out)", file=sys.stderr)
             return 1
+        if tracked and not rev.endswith("+dirty"):
+            rev += "+dirty"
         newer = [t for t in rel.released_tags(REPO) if t != tag and rel.serial(t) > n]
         if newer and not allow_older:
             print(f"--tag {tag}: older than {max(newer, key=rel.serial)}, released already; routers refuse a downgrade, "

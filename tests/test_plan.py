@@ -51,6 +51,10 @@ def test_changing_a_lan_names_subnets_as_the_reason_and_no_secret_is_shown(tmp_p
     assert plans["acme"].changed == {"acme-berlin": ["subnets"]} and plans["acme"].unchanged == 4
     assert set(plans["berlin"].changed) == {"acme-berlin", "berlin-home", "berlin-oslo", "berlin-paris", "berlin-rome"}
     assert "ipsec whack --rereadsecrets" not in plans["acme"].commands  # the secret did not change
+    # the folded diff shows the configuration lines that change, and never a secret
+    d = plans["acme"].diff
+    assert "-\trightsubnet=10.3.0.0/24\n+\trightsubnet=10.3.0.0/23\n" in d and "+++ b/etc/ipsec.d/acme-berlin.conf" in d
+    assert "+++ b/etc/nftables/wan.nft" in d and "PSK" not in d and ".secrets" not in d
 
 
 def test_a_changed_peer_address_changes_the_secret_and_says_so(tmp_path):
