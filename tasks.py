@@ -65,9 +65,11 @@ def test(c, k=None, quick=False):
 
 
 @task(help={"sites": "the sites directory", "kernel": "host, qemu or uml (default: host where it has ESP, else qemu)",
-            "results": "where result.json, junit.xml and diagnostics go", "timeout": "seconds for the whole run"},
+            "results": "where result.json, junit.xml and diagnostics go", "timeout": "seconds for the whole run",
+            "release": "enrol: routers start empty and fetch a signed release from a server in the lab; "
+                       "full: also tampered, unsigned, misaddressed, older and broken releases and a broken-off download"},
       default=True, name="run")
-def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500):
+def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500, release=None):
     """Validate, render and prove the WAN in the lab: tunnels, pings through ESP, DNS; print the verdict."""
     from render import cli
     if cli.validate(sites):
@@ -75,7 +77,9 @@ def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500):
     from lab.run import run_lab, verdict
     from render.validate import load_sites
     names = [s.name for s in load_sites(sites).sites]
-    outcome = run_lab(sites, kernel, results, float(timeout))
+    if release not in (None, "enrol", "full"):
+        raise Exit("--release must be enrol or full", code=2)
+    outcome = run_lab(sites, kernel, results, float(timeout), release=release)
     print(verdict(outcome, names))
     _exit(0 if outcome.ok else 1)
 
