@@ -266,3 +266,18 @@ def test_bundles_are_reproducible_and_verify_with_signify(tmp_path):
     assert "-rw------- root/root" in next(line for line in t.splitlines() if line.endswith("acme-home.secrets"))
     assert "etc/wan/release.env" in t and "etc/wan/fetch" in t
     assert pack(render_wan(wan, GOOD, "abc")["acme"], 0) != pack(render_wan(wan, OTHER, "abc")["acme"], 0)
+
+
+def test_settings_are_read_not_run(world, tmp_path):
+    canary = tmp_path / "ran"
+    conf = world.root / "etc/wan/fetch.conf"
+    conf.write_text(conf.read_text().replace("WAN_ROUTER=acme", "  WAN_ROUTER='acme'  \n# WAN_ROUTER=evil")
+                    + f'WAN_KEEP="2"\nWAN_DOWNLOADER=$(touch {canary})\n')
+    world.release("v1.0.0")
+    r = world.fetch()
+    assert r.returncode == 2 and "WAN_DOWNLOADER must be uclient-fetch, curl or wget" in r.stderr, r.stderr
+    assert not canary.exists()
+    conf.write_text(conf.read_text().replace(f"WAN_DOWNLOADER=$(touch {canary})", ""))
+    r = world.fetch()
+    assert r.returncode == 0, r.stderr
+    assert world.installed_tag() == "WAN_TAG=v1.0.0"
