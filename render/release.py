@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths, signify
+from . import signify
 from .errors import Problem, WanError
 from .model import Wan
 from .render import Tree, render_wan

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from render import cli, release, signify
 
-from support import REPO
+from support import sites_repo
 
 MASTER = "release-tests-master-key-not-a-real-one"
 
@@ -20,12 +18,7 @@ MASTER = "release-tests-master-key-not-a-real-one"
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
     """A repository of our own: the example sites committed, REPO pointing at it."""
-    r = tmp_path / "repo"
-    shutil.copytree(REPO / "sites", r / "sites")
-    git = ["git", "-C", str(r), "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
-    subprocess.run(git[:3] + ["init", "-q"], check=True)
-    subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-qm", "sites"], check=True)
+    r = sites_repo(tmp_path / "repo")
     monkeypatch.setattr(cli, "REPO", r)
     monkeypatch.setenv("WAN_PSK_MASTER", MASTER)
     monkeypatch.delenv("WAN_RELEASE_KEY", raising=False)
