@@ -15,11 +15,12 @@ def _exit(rc: int) -> None:
         raise Exit(code=rc)
 
 
-@task(help={"sites": "the sites directory (default: sites)"})
-def validate(c, sites=SITES):
+@task(help={"sites": "the sites directory (default: sites)",
+            "format": "text, or github (also print each problem as an annotation on its file and line)"})
+def validate(c, sites=SITES, format="text"):
     """Validate the sites against the schemas and the semantic rules; list every problem."""
     from render import cli
-    _exit(cli.validate(sites))
+    _exit(cli.validate(sites, format))
 
 
 @task(help={"sites": "the sites directory", "out": "where the router trees go (replaced atomically)",
@@ -64,9 +65,11 @@ def test(c, k=None, quick=False):
 
 
 @task(help={"sites": "the sites directory", "kernel": "host, qemu or uml (default: host where it has ESP, else qemu)",
-            "results": "where result.json, junit.xml and diagnostics go", "timeout": "seconds for the whole run"},
+            "results": "where result.json, junit.xml and diagnostics go", "timeout": "seconds for the whole run",
+            "release": "enrol: routers start empty and fetch a signed release from a server in the lab; "
+                       "full: also tampered, unsigned, misaddressed, older and broken releases and a broken-off download"},
       default=True, name="run")
-def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500):
+def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500, release=None):
     """Validate, render and prove the WAN in the lab: tunnels, pings through ESP, DNS; print the verdict."""
     from render import cli
     if cli.validate(sites):
@@ -74,7 +77,9 @@ def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500):
     from lab.run import run_lab, verdict
     from render.validate import load_sites
     names = [s.name for s in load_sites(sites).sites]
-    outcome = run_lab(sites, kernel, results, float(timeout))
+    if release not in (None, "enrol", "full"):
+        raise Exit("--release must be enrol or full", code=2)
+    outcome = run_lab(sites, kernel, results, float(timeout), release=release)
     print(verdict(outcome, names))
     _exit(0 if outcome.ok else 1)
 
@@ -100,5 +105,22 @@ def down(c):
     _exit(lab_down())
 
 
+@task(help={"tag": "the release tag, vMAJOR.MINOR.PATCH (it must grow)", "sites": "the sites directory",
+            "dist": "where dist/<tag>/ goes", "allow_dirty": "release sites with uncommitted changes (a try-out)",
+            "allow_older": "a tag older than one released already"}, default=True, name="build")
+def release_build(c, tag, sites=SITES, dist="dist", allow_dirty=False, allow_older=False):
+    """Signed per-router bundles for a tag: dist/<tag>/<router>.tar.gz, RELEASE, SHA256SUMS(.sig)."""
+    from render import cli
+    _exit(cli.release(sites, tag, dist, allow_dirty, allow_older))
+
+
+@task(help={"force": "replace an existing pair (every router must then be given the new public key)"})
+def keygen(c, force=False):
+    """Make the release signing key pair: release/wan-release.pub (commit) and .wan-release.sec (secret)."""
+    from render import cli
+    _exit(cli.keygen(force))
+
+
 lab = Collection("lab", lab_run, up, shell, down)
-ns = Collection(validate, render, check, graph, plan, test, lab)
+release = Collection("release", release_build, keygen)
+ns = Collection(validate, render, check, graph, plan, test, lab, release)

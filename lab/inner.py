@@ -65,6 +65,7 @@ class Lab:
         self.results = results
         self.state = Path(tempfile.mkdtemp(prefix=f"wanlab-{plan['prefix']}-"))
         self.change: dict = {}
+        self.release: dict = {}
         self.sites = {s["name"]: s for s in plan["sites"]}
         self.namespaces: list[str] = []
         self.holders: dict[str, subprocess.Popen] = {}
@@ -105,6 +106,8 @@ class Lab:
 
         # the internet: routes to every router's public address, forwarding on
         cmds = ["link set lo up", f"addr add {p['isp_resolver']}/32 dev lo"]
+        if p.get("release"):
+            cmds.append(f"addr add {p['release']['server']}/32 dev lo")
         for s in everyone:
             cmds += [f"link set {s['inet_if']} up", f"addr add {p['inet_gw']}/32 dev {s['inet_if']}",
                      f"route add {s['public']}/32 dev {s['inet_if']}"]
@@ -166,9 +169,9 @@ class Lab:
                 f"pid-file={d}/dnsmasq.pid", f"log-facility={d}/dnsmasq.log", "log-queries"]
         if s["platform"] == "el":
             base.append("conf-dir=/etc/dnsmasq.d")
-        else:
-            uci = (Path(s["tree"]) / "etc/wan/dhcp.uci").read_text()
-            base += dnsmasq_options(uci)
+        (d / "dnsmasq.base").write_text("\n".join(base) + "\n")  # lab/dns_reload.py starts from it
+        if s["platform"] == "openwrt" and not self.plan.get("release"):  # enrolled routers have no UCI yet
+            base += dnsmasq_options((Path(s["tree"]) / "etc/wan/dhcp.uci").read_text())
         conf = d / "dnsmasq.conf"
         conf.write_text("\n".join(base) + "\n")
         return conf
@@ -199,6 +202,8 @@ class Lab:
         one, responders first, each once the previous one has loaded its connections."""
         nss = self.state / "nss" if (self.state / "nss").exists() else self.make_nss_template()
         order = order or self.plan["start_order"]
+        # a release lab's routers start with their enrolment only; fetch brings their tunnels
+        enrolled = self.plan["release"]["enrol"] if self.plan.get("release") else {}
         for name in order:
             s = self.sites[name]
             d = self.state / f"router-{name}"
@@ -210,7 +215,7 @@ class Lab:
             logf = open(d / "setup.log", "w")
             self.holders[name] = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{s['router_ns']}", "unshare", "--mount", "--propagation", "private",
-                 "sh", str(HERE / "router-setup.sh"), name, s["tree"], str(d), str(nss), str(dnsconf), fw],
+                 "sh", str(HERE / "router-setup.sh"), name, enrolled.get(name, s["tree"]), str(d), str(nss), str(dnsconf), fw],
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         for k, name in enumerate(order, 1):
             self._wait_file(name, "prepared")
@@ -218,6 +223,9 @@ class Lab:
         for k, name in enumerate(order, 1):
             with open(self.state / f"router-{name}" / "go", "w") as fifo:
                 fifo.write("go\n")
+            if name in enrolled:
+                self._wait_file(name, "ready")
+                continue
             self._wait_loaded(name, self.state / f"router-{name}")
             self._wait_initiated(name)
             progress("routers", k, len(order), name)
@@ -237,6 +245,24 @@ class Lab:
         end = time.monotonic() + max(15.0, 3.0 * len(mine))
         while mine and not mine <= self._established_in_log(name) and time.monotonic() < end:
             time.sleep(0.05)
+
+    def wait_tunnels_of(self, name: str, timeout: float = 60) -> bool:
+        """Until every conn of this router's tunnels is established on this router (whack)."""
+        want = {c for cs in self.sites[name]["conns"].values() for c in cs}
+        end = time.monotonic() + timeout
+        while not want <= set(self.traffic(name)):
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.25)
+        return True
+
+    def busybox_bin(self) -> Path:
+        """A directory whose `wget` is BusyBox's (OpenWrt's downloader, ahead of the host's)."""
+        d = self.state / "busybox-bin"
+        if not d.exists():
+            d.mkdir()
+            (d / "wget").symlink_to(shutil.which("busybox"))
+        return d
 
     def _wait_file(self, name: str, fname: str, timeout: float = 60) -> None:
         d = self.state / f"router-{name}"
@@ -505,6 +531,11 @@ class Lab:
             fn()
             self.timings[label] = round(time.monotonic() - t, 2)
             log(f"{label}: {self.timings[label]} s")
+        if self.plan.get("release"):
+            from lab import release_lab
+            t = time.monotonic()
+            release_lab.run(self)
+            self.timings["release"] = round(time.monotonic() - t, 2)
         t = time.monotonic()
         status = self.wait_tunnels()
         self.timings["tunnels"] = round(time.monotonic() - t, 2)
@@ -527,7 +558,8 @@ class Lab:
             self.timings["diagnostics"] = round(time.monotonic() - t, 2)
         self.timings["inside_total"] = round(time.monotonic() - t0, 2)
         return {"checks": self.checks, "timings": self.timings, "firewall_exercised": self.plan["firewall"],
-                "notes": self.notes, "ok": all(c["ok"] for c in self.checks), "change": self.change}
+                "notes": self.notes, "ok": all(c["ok"] for c in self.checks), "change": self.change,
+                "release": self.release}
 
 
     def hold(self, control: Path) -> None:

@@ -130,10 +130,13 @@ class Progress:
 def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str | Path = "lab-results",
             timeout: float = 1500, tamper: Callable[[Path], None] | None = None,
             on_line: Callable[[str], None] | None = None, hold: bool = False,
-            change_to: str | Path | None = None, change_mode: str = "reconcile") -> LabOutcome:
+            change_to: str | Path | None = None, change_mode: str = "reconcile",
+            release: str | None = None) -> LabOutcome:
     """Prove the WAN in `sites` in a lab kernel; results (result.json, junit.xml, diagnostics) in `results`.
 
     `tamper(out)` may change the rendered trees before the lab starts (the negative tests do).
+    `release`: "enrol" (routers start with their enrolment only and fetch a signed release from a
+    server in the lab) or "full" (then also the refusals and the rollback; lab/release_lab.py).
     """
     results = Path(results).resolve()
     if results.exists():
@@ -147,9 +150,11 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     write_trees(render_wan(wan, key, "before" if change_to is not None else "lab"), out)
     if tamper:
         tamper(out)
-    firewall = kind != "uml"
-    if not firewall:
+    firewall = kind != "uml" and not release
+    if kind == "uml":
         notes.append("User-Mode Linux has no nftables ip/inet family: the firewall was NOT exercised (use --kernel qemu)")
+    elif release:
+        notes.append("the release lab installs no firewall: the firewall was NOT exercised")
     prefix = "w" + uuid.uuid4().hex[:5]
     if change_to is not None:
         wan_after, more = _as_lab_version(load_sites(change_to), major)
@@ -159,6 +164,9 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
         plan = change_plan(wan, out, wan_after, out_after, prefix, firewall, major, change_mode)
     else:
         plan = lab_plan(wan, out, prefix, firewall, major)
+    if release:
+        from . import release_lab
+        plan["release"] = release_lab.scenario(wan, key, out, results, negatives=release == "full")
     if hold:
         plan["hold"] = str(results / "control")
     (results / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
@@ -222,6 +230,13 @@ def verdict(outcome: LabOutcome, sites: list[str]) -> str:
         lines.append(f"FAILED {c['kind']} {c['src']} -> {c['dst']}: {c['evidence'].get('why') or json.dumps(c['evidence'], sort_keys=True)}")
     if r.get("error"):
         lines.append(f"ERROR {r['error']}")
+    rel = r.get("release") or {}
+    for name, e in rel.get("enrol", {}).items():
+        lines.append(f"release: {name} fetched, verified and applied its release in {e['fetch_seconds']} s; "
+                     + (f"a ping crossed its new tunnels {e['until_traffic']} s after the fetch started"
+                        if e.get("until_traffic") is not None else "NO ping crossed its new tunnels"))
+    for st in rel.get("steps", []):
+        lines.append(f"release: {st['step']}: {'handled as it must be' if st['ok'] else 'WRONG'} (fetch exit {st['rc']}, {st['seconds']} s)")
     for n in r.get("notes", []):
         lines.append(f"note: {n}")
     t = r.get("timings", {})

@@ -18,6 +18,16 @@ class Problem:
         return f"{loc}: {self.where}: {self.message}" if self.where else f"{loc}: {self.message}"
 
 
+    def github(self) -> str:
+        """The problem as a GitHub Actions workflow command: an annotation on the file and line."""
+        def esc(v: str, prop: bool = False) -> str:
+            v = v.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+            return v.replace(":", "%3A").replace(",", "%2C") if prop else v
+        loc = f"file={esc(self.file, True)}" + (f",line={self.line}" if self.line else "")
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        return f"::error {loc},title={esc('WAN validation', True)}::{esc(text)}"
+
+
 class WanError(Exception):
     """Raised with every problem found, so the user sees them all at once."""
 

@@ -6,6 +6,7 @@ never shown.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import subprocess
 import tarfile
@@ -36,6 +37,7 @@ class RouterPlan:
     commands: list[str] = field(default_factory=list)
     new_router: bool = False
     gone_router: bool = False
+    diff: str = ""  # unified diff of the configuration files (secrets and programs left out)
 
     @property
     def touched(self) -> bool:
@@ -111,12 +113,25 @@ def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
             if mo["files"].get(f, {}).get("sha256") != mn["files"].get(f, {}).get("sha256"):
                 p.other_files.append(f)
         p.commands = _commands(p, {t: v["initiator"] for t, v in mn["tunnels"].items()})
+        p.diff = _diff(o or {}, n or {})
         if any(f.startswith(("etc/dnsmasq.d/", "etc/wan/dhcp.uci", "etc/wan/hosts")) for f in p.other_files):
             p.commands.append("reload dnsmasq" + (" (uci batch + /etc/init.d/dnsmasq reload)" if mn.get("platform") == "openwrt" else " (systemctl try-restart dnsmasq)"))
         if any(f.startswith(("etc/nftables/", "etc/wan/fw4/", "etc/wan/firewall.uci")) for f in p.other_files):
             p.commands.append("reload the firewall" + (" (uci batch + fw4 reload)" if mn.get("platform") == "openwrt" else " (nft -f /etc/nftables/wan.nft)"))
         plans.append(p)
     return plans
+
+
+def _diff(old: Tree, new: Tree) -> str:
+    out = []
+    for f in sorted(set(old) | set(new)):
+        if f.endswith(".secrets") or f in (paths.MANIFEST, paths.FILES_LIST, paths.TUNNELS_LIST, paths.RECONCILE, paths.FETCH):
+            continue
+        a = old[f].content.decode(errors="replace").splitlines(keepends=True) if f in old else []
+        b = new[f].content.decode(errors="replace").splitlines(keepends=True) if f in new else []
+        if a != b:
+            out += difflib.unified_diff(a, b, f"a/{f}" if f in old else "/dev/null", f"b/{f}" if f in new else "/dev/null")
+    return "".join(x if x.endswith("\n") else x + "\n" for x in out)
 
 
 def sites_at(ref: str, sites: Path, into: Path) -> Path:
@@ -172,4 +187,7 @@ def as_markdown(wan: Wan, plans: list[RouterPlan], base: str) -> str:
                      + f" | {', '.join(p.removed) or '-'} | {p.unchanged} | {', '.join(p.other_files) or '-'} |")
     for p in touched:
         lines += ["", f"<details><summary>{p.router}: commands</summary>", "", "```sh", *p.commands, "```", "</details>"]
+        if p.diff:
+            lines += ["", f"<details><summary>{p.router}: file changes ({p.diff.count('+++ ')} files; secrets not shown)</summary>", "",
+                      "```diff", p.diff.rstrip("\n").replace("```", "` ` `"), "```", "</details>"]
     return "\n".join(lines) + "\n"

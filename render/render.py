@@ -19,7 +19,7 @@ from .model import Site, Tunnel, Wan
 from .secrets import MasterKey
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-RECONCILE_SOURCE = Path(__file__).resolve().parent.parent / "router" / "reconcile"
+ROUTER_PROGRAMS = Path(__file__).resolve().parent.parent / "router"
 MANIFEST_FORMAT = 1
 
 
@@ -78,8 +78,9 @@ def conn_names(t: Tunnel, me: Site, peer: Site) -> list[str]:
     return [t.name]
 
 
-def render_router(wan: Wan, site: Site, key: MasterKey, revision: str) -> Tree:
-    """Every file of one router, keyed by its path relative to the router's / (plus MANIFEST.json)."""
+def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: str | None = None) -> Tree:
+    """Every file of one router, keyed by its path relative to the router's / (plus MANIFEST.json).
+    `release`: the text of etc/wan/release.env when the tree goes into a release bundle."""
     e = env()
     source = wan.source_dir
     files: Tree = {}
@@ -129,7 +130,10 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str) -> Tree:
             files[paths.fw4_snippet(chain)] = RenderedFile(e.get_template(f"firewall/openwrt-{chain}.j2").render(**ctx).encode(), 0o644)
         files[paths.FIREWALL_UCI_OPENWRT] = RenderedFile(e.get_template("firewall/openwrt.j2").render(**ctx).encode(), 0o644)
 
-    files[paths.RECONCILE] = RenderedFile(RECONCILE_SOURCE.read_bytes(), 0o755)
+    files[paths.RECONCILE] = RenderedFile((ROUTER_PROGRAMS / "reconcile").read_bytes(), 0o755)
+    files[paths.FETCH] = RenderedFile((ROUTER_PROGRAMS / "fetch").read_bytes(), 0o755)
+    if release is not None:
+        files[paths.RELEASE_ENV] = RenderedFile(release.encode(), 0o644)
     files[paths.ROUTER_ENV] = RenderedFile(
         f"WAN_ROUTER={site.name}\nWAN_PLATFORM={site.router.platform}\nWAN_LIBRESWAN={site.router.libreswan}\n".encode(), 0o644)
     files[paths.TUNNELS_LIST] = RenderedFile("".join(
@@ -159,9 +163,9 @@ def _ip_key(text: str):
     return tuple(int(x) for x in text.split("."))
 
 
-def render_wan(wan: Wan, key: MasterKey, revision: str = "unknown") -> dict[str, Tree]:
+def render_wan(wan: Wan, key: MasterKey, revision: str = "unknown", release: str | None = None) -> dict[str, Tree]:
     """Every router's tree, keyed by router (site) name."""
-    return {s.name: render_router(wan, s, key, revision) for s in wan.sites}
+    return {s.name: render_router(wan, s, key, revision, release) for s in wan.sites}
 
 
 def write_trees(trees: dict[str, Tree], out: Path) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 from render import cli
@@ -11,7 +10,7 @@ from render.render import render_wan
 from render.secrets import MasterKey
 from render.validate import load_sites
 
-from support import GOLDEN_KEY, REPO
+from support import GOLDEN_KEY, REPO, sites_repo
 
 KEY = MasterKey(GOLDEN_KEY, "lab")
 
@@ -51,6 +50,10 @@ def test_changing_a_lan_names_subnets_as_the_reason_and_no_secret_is_shown(tmp_p
     assert plans["acme"].changed == {"acme-berlin": ["subnets"]} and plans["acme"].unchanged == 4
     assert set(plans["berlin"].changed) == {"acme-berlin", "berlin-home", "berlin-oslo", "berlin-paris", "berlin-rome"}
     assert "ipsec whack --rereadsecrets" not in plans["acme"].commands  # the secret did not change
+    # the folded diff shows the configuration lines that change, and never a secret
+    d = plans["acme"].diff
+    assert "-\trightsubnet=10.3.0.0/24\n+\trightsubnet=10.3.0.0/23\n" in d and "+++ b/etc/ipsec.d/acme-berlin.conf" in d
+    assert "+++ b/etc/nftables/wan.nft" in d and "PSK" not in d and ".secrets" not in d
 
 
 def test_a_changed_peer_address_changes_the_secret_and_says_so(tmp_path):
@@ -62,12 +65,7 @@ def test_a_changed_peer_address_changes_the_secret_and_says_so(tmp_path):
 
 
 def test_plan_task_reads_the_base_from_git(tmp_path, capsys, monkeypatch):
-    repo = tmp_path / "repo"
-    shutil.copytree(REPO / "sites", repo / "sites")
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(git[:3] + ["init", "-q"], check=True)
-    subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-qm", "base"], check=True)
+    repo = sites_repo(tmp_path / "repo")
     _add_zurich(repo / "sites")
     assert cli.plan(str(repo / "sites"), "HEAD", "markdown") == 0
     out = capsys.readouterr().out

@@ -55,7 +55,7 @@ def test_rendering_twice_gives_byte_identical_trees(tmp_path):
 def test_secrets_files_are_0600_programs_0755_and_everything_else_0644(tmp_path):
     _render(Path("sites"), tmp_path / "out")
     for name, (_, mode) in _tree(tmp_path / "out").items():
-        want = 0o600 if name.endswith("secrets") else 0o755 if name.endswith(paths.RECONCILE) else 0o644
+        want = 0o600 if name.endswith("secrets") else 0o755 if name.endswith((paths.RECONCILE, paths.FETCH)) else 0o644
         assert mode == want, name
 
 

@@ -55,3 +55,13 @@ def test_missing_directory_and_missing_wan_yaml(tmp_path):
         load_sites(tmp_path / "nope")
     with pytest.raises(WanError, match="wan.yaml: missing"):
         load_sites(tmp_path)
+
+
+def test_github_format_annotates_the_file_and_line(capsys):
+    from render import cli
+    assert cli.validate("tests/errors/duplicate-key/sites", "github") == 1
+    out, err = capsys.readouterr()
+    expected = (REPO / "tests/errors/duplicate-key/expected.log").read_text().splitlines()
+    assert err.splitlines()[: len(expected)] == expected  # the person-readable lines stay as they are
+    f, line = expected[0].split(":")[:2]
+    assert out.startswith(f"::error file={f},line={line},title=WAN validation::")
