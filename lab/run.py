@@ -39,11 +39,32 @@ class LabOutcome:
     notes: list[str] = field(default_factory=list)
 
 
+_lock_depth = 0
+LOCK_HELD = "WAN_LAB_LOCK_HELD"  # the pid holding the lock, for the processes it starts
+
+
 @contextlib.contextmanager
 def one_lab_at_a_time(say: Callable[[str], None]):
     """Hold a machine-wide lock while a lab kernel runs. Two labs at once on a small machine starve
-    each other's IKE exchanges (a QEMU lab under contention lost a Child SA), so a second run waits."""
+    each other's IKE exchanges (a QEMU lab under contention lost a Child SA), so a second run waits.
+    Re-entrant within a process: a test session may hold it across all its labs."""
+    global _lock_depth
+    if _lock_depth:
+        _lock_depth += 1
+        try:
+            yield
+        finally:
+            _lock_depth -= 1
+        return
     path = kernels.cache_dir() / "lab.lock"
+    held = os.environ.get(LOCK_HELD)
+    try:
+        by_parent = bool(held) and path.read_text().strip() == f"pid {held}" and _alive(int(held))
+    except (OSError, ValueError):
+        by_parent = False
+    if by_parent:  # a process of ours that holds it started this one (lab.up's background lab)
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -56,9 +77,13 @@ def one_lab_at_a_time(say: Callable[[str], None]):
         f.truncate()
         f.write(f"pid {os.getpid()}\n")
         f.flush()
+        _lock_depth = 1
+        os.environ[LOCK_HELD] = str(os.getpid())
         try:
             yield
         finally:
+            _lock_depth = 0
+            os.environ.pop(LOCK_HELD, None)
             f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
 

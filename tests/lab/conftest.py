@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 # The tests import the project's lab package from the checkout, wherever pytest is started.
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -12,3 +14,12 @@ if str(REPO) not in sys.path:
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "lab: boots a real lab kernel (User-Mode Linux or QEMU); slow, needs root")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _the_lab_lock():
+    """Hold the machine's lab lock for the whole session, so another lab run (a benchmark, a
+    second session) cannot slip in between two tests and make them wait."""
+    from lab.run import one_lab_at_a_time
+    with one_lab_at_a_time(lambda line: print(line, file=sys.stderr, flush=True)):
+        yield
