@@ -183,7 +183,7 @@ def run(lab) -> None:
         order = lab.plan["start_order"]
         for k, name in enumerate(order, 1):
             r = _fetch(lab, name)
-            lab._wait_initiated(name, timeout=30)
+            lab._wait_initiated(name)
             traffic = _until_traffic(lab, name, r["t0"]) if r["rc"] == 0 else None
             ok = r["rc"] == 0 and f"{steps[0]['tag']} applied and healthy" in r["output"] and traffic is not None
             lab.release["enrol"][name] = {"fetch_seconds": r["seconds"], "until_traffic": traffic}
