@@ -142,9 +142,7 @@ def snapshot(rootfs: Path, out: Path) -> None:
     engine = start_guest_engine(None)
     try:
         t = time.monotonic()
-        repo, _, tag = docker_image.image_tag().partition(":")
-        with open(rootfs, "rb") as f:
-            engine.client.api.import_image_from_stream(f, repository=repo, tag=tag, changes=docker_image.import_changes())
+        docker_image.import_rootfs(engine.client, rootfs)
         print(f"lab: docker import {time.monotonic() - t:.1f} s", flush=True)
     finally:
         engine.stop()

@@ -148,6 +148,15 @@ def dockerfile(base: str) -> str:
             f"ENTRYPOINT {json.dumps(RECIPE['entrypoint'])}\n")
 
 
+def import_rootfs(client, rootfs: Path) -> None:
+    """``docker import`` of the root file system. The SDK sends a file object unframed under a
+    "chunked" header (the engine answers "invalid byte in chunk length"): a generator is framed."""
+    repo, _, tag = image_tag().partition(":")
+    with open(rootfs, "rb") as f:
+        client.api.import_image_from_stream(iter(lambda: f.read(1 << 20), b""), repository=repo, tag=tag,
+                                            changes=import_changes())
+
+
 def import_changes() -> list[str]:
     return [f"LABEL {LABEL}=image {LABEL}.recipe={recipe_hash()}", f"ENTRYPOINT {json.dumps(RECIPE['entrypoint'])}"]
 
@@ -170,9 +179,7 @@ def ensure_image(client, say: Callable[[str], None] = print, base: str | None = 
     else:
         rootfs = build_rootfs(say)
         say(f"lab: docker import {rootfs} as {tag}")
-        repo, _, version = tag.partition(":")
-        with open(rootfs, "rb") as f:
-            client.api.import_image_from_stream(f, repository=repo, tag=version, changes=import_changes())
+        import_rootfs(client, rootfs)
     say(f"lab: image {tag} ready in {time.monotonic() - t0:.0f} s")
     return tag
 

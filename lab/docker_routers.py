@@ -19,7 +19,9 @@ at the end; nothing else in the engine is touched.
 """
 from __future__ import annotations
 
+import errno
 import io
+import os
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +132,9 @@ class DockerLab(Lab):
         for k, (s, (c, pid)) in enumerate(zip(sites, made), 1):
             self.holders[s["name"]] = ContainerHolder(c, pid)
             progress("containers", k, len(sites), s["name"])
+        self.notes.append(f"routers: {len(sites)} containers of {self.plan['docker']['image']} "
+                          f"({'the host' if self.engine.where == 'host' else 'an engine inside the lab kernel'}), "
+                          f"capabilities {','.join(CAPS)}")
         for s in sites:
             self._wait_file(s["name"], "started")
         # the router's namespace is the container's: give it the name the netns lab uses
@@ -141,17 +146,33 @@ class DockerLab(Lab):
         the plutos start one by one, responders first, as in the netns lab."""
         order = order or self.plan["start_order"]
         for name in order:
-            with open(self.router_dir(name) / "wired", "w") as fifo:
-                fifo.write("wired\n")
+            self._tell(name, "wired")
         for k, name in enumerate(order, 1):
             self._wait_file(name, "prepared")
             progress("routers prepared", k, len(order), name)
         for k, name in enumerate(order, 1):
-            with open(self.router_dir(name) / "go", "w") as fifo:
-                fifo.write("go\n")
+            self._tell(name, "go")
             self._wait_loaded(name, self.router_dir(name))
             self._wait_initiated(name)
             progress("routers", k, len(order), name)
+
+    def _tell(self, name: str, fifo: str, timeout: float = 60) -> None:
+        """Write to one of the router script's FIFOs without hanging on a script that died."""
+        path = self.router_dir(name) / fifo
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:  # ENXIO: nobody reads yet
+                if e.errno != errno.ENXIO or self.holders[name].poll() is not None or time.monotonic() > end \
+                        or (self.router_dir(name) / "failed").exists():
+                    raise RuntimeError(f"router {name}: its setup does not wait for '{fifo}' ({e})") from e
+                time.sleep(0.05)
+        try:
+            os.write(fd, f"{fifo}\n".encode())
+        finally:
+            os.close(fd)
 
     # ---- teardown ---------------------------------------------------------------------------
     def teardown(self) -> None:
