@@ -34,9 +34,11 @@ HERE = Path(__file__).resolve().parent
 INSIDE = Path("/run/wan-lab")  # the lab's files inside a router container
 # pluto (XFRM, routes via _updown), nft and the bridges: NET_ADMIN; IKE on 500/4500 and dnsmasq on
 # 53: NET_BIND_SERVICE; dnsmasq keeps NET_RAW; the NSS database and file ownership: CHOWN, FOWNER,
-# DAC_OVERRIDE; dnsmasq and pluto switch user ids: SETUID, SETGID. Nothing else (and --privileged
-# fails on these hosts anyway).
-CAPS = ["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW", "CHOWN", "FOWNER", "DAC_OVERRIDE", "SETUID", "SETGID"]
+# DAC_OVERRIDE; dnsmasq and pluto switch user ids: SETUID, SETGID; pluto trims its own bounding set
+# and audits IKE (libcap-ng): SETPCAP, AUDIT_WRITE. Nothing else: Docker's default set minus FSETID,
+# MKNOD, SETFCAP, SYS_CHROOT and KILL, plus NET_ADMIN (and --privileged fails on these hosts anyway).
+CAPS = ["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW", "CHOWN", "FOWNER", "DAC_OVERRIDE", "SETUID", "SETGID",
+        "SETPCAP", "AUDIT_WRITE"]
 
 
 class ContainerHolder:
