@@ -67,9 +67,10 @@ def test(c, k=None, quick=False):
 @task(help={"sites": "the sites directory", "kernel": "host, qemu or uml (default: host where it has ESP, else qemu)",
             "results": "where result.json, junit.xml and diagnostics go", "timeout": "seconds for the whole run",
             "release": "enrol: routers start empty and fetch a signed release from a server in the lab; "
-                       "full: also tampered, unsigned, misaddressed, older and broken releases and a broken-off download"},
+                       "full: also tampered, unsigned, misaddressed, older and broken releases and a broken-off download",
+            "routers": "netns (default: a namespace per router) or docker (a container per router; see lab.image)"},
       default=True, name="run")
-def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500, release=None):
+def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500, release=None, routers="netns"):
     """Validate, render and prove the WAN in the lab: tunnels, pings through ESP, DNS; print the verdict."""
     from render import cli
     if cli.validate(sites):
@@ -79,7 +80,7 @@ def lab_run(c, sites=SITES, kernel=None, results="lab-results", timeout=1500, re
     names = [s.name for s in load_sites(sites).sites]
     if release not in (None, "enrol", "full"):
         raise Exit("--release must be enrol or full", code=2)
-    outcome = run_lab(sites, kernel, results, float(timeout), release=release)
+    outcome = run_lab(sites, kernel, results, float(timeout), release=release, routers=routers)
     print(verdict(outcome, names))
     _exit(0 if outcome.ok else 1)
 
@@ -121,6 +122,15 @@ def keygen(c, force=False):
     _exit(cli.keygen(force))
 
 
-lab = Collection("lab", lab_run, up, shell, down)
+@task(help={"base": "build from this registry image with a Dockerfile (e.g. debian:bookworm-slim) instead of debootstrap",
+            "engine": "guest (a saved data-root for the engine inside User-Mode Linux; default where the host kernel "
+                      "has no ESP) or host (import into the host's Docker engine)"})
+def image(c, base=None, engine=None):
+    """Build the Docker lab's router image once (debootstrap + docker import; cached by its recipe)."""
+    from lab.run import build_docker_image
+    _exit(build_docker_image(base, engine))
+
+
+lab = Collection("lab", lab_run, up, shell, down, image)
 release = Collection("release", release_build, keygen)
 ns = Collection(validate, render, check, graph, plan, test, lab, release)

@@ -60,6 +60,8 @@ def scrub(text: str) -> str:
 
 
 class Lab:
+    ROUTER_NS_MADE_HERE = True
+
     def __init__(self, plan: dict, results: Path):
         self.plan = plan
         self.results = results
@@ -73,6 +75,14 @@ class Lab:
         self.checks: list[dict] = []
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
+
+    def router_dir(self, name: str) -> Path:
+        """Where a router's setup writes its state (pluto.log, dnsmasq.log, setup.log, markers)."""
+        return self.state / f"router-{name}"
+
+    def setup_phases(self) -> list:
+        return [("network", self.build_network), ("dns servers", lambda: (self.start_isp_resolver(), self.start_dns_servers())),
+                ("routers", self.start_routers)]
 
     # ---- running things -------------------------------------------------------------------
     def in_router(self, site: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
@@ -92,11 +102,12 @@ class Lab:
         batch = [f"netns add {inet}"]
         everyone = p.get("network_sites", p["sites"])
         for s in everyone:
-            batch.append(f"netns add {s['router_ns']}")
+            if self.ROUTER_NS_MADE_HERE:  # a Docker router's namespace is its container's, attached already
+                batch.append(f"netns add {s['router_ns']}")
             batch.append(f"netns add {s['dns_ns']}")
             for lan in s["lans"]:
                 batch.append(f"netns add {lan['host_ns']}")
-        self.namespaces = [line.split()[-1] for line in batch]
+        self.namespaces += [line.split()[-1] for line in batch]
         for s in everyone:
             batch.append(f"link add wan netns {s['router_ns']} type veth peer name {s['inet_if']} netns {inet}")
             for j, lan in enumerate(s["lans"]):
@@ -161,12 +172,14 @@ class Lab:
             self.in_ns(s["dns_ns"], ["dnsmasq", f"--conf-file={d / 'dnsmasq.conf'}"])
             self.pidfiles.append(d / "dnsmasq.pid")
 
-    def _router_dnsmasq_conf(self, s: dict, d: Path) -> Path:
+    def _router_dnsmasq_conf(self, s: dict, d: Path, inside: Path | None = None) -> Path:
         """The options the platform's dnsmasq would run with: EL reads /etc/dnsmasq.d; OpenWrt's init
-        script turns the UCI lists into options. The ISP resolver stands in for resolv.conf."""
+        script turns the UCI lists into options. The ISP resolver stands in for resolv.conf.
+        `inside`: the state directory as the router itself sees it (default `d`)."""
+        inside = inside or d
         base = [f"listen-address={','.join(l['router_address'] for l in s['lans'])}", "bind-interfaces",
                 "no-resolv", "no-hosts", f"server={self.plan['isp_resolver']}", "user=root",
-                f"pid-file={d}/dnsmasq.pid", f"log-facility={d}/dnsmasq.log", "log-queries"]
+                f"pid-file={inside}/dnsmasq.pid", f"log-facility={inside}/dnsmasq.log", "log-queries"]
         if s["platform"] == "el":
             base.append("conf-dir=/etc/dnsmasq.d")
         (d / "dnsmasq.base").write_text("\n".join(base) + "\n")  # lab/dns_reload.py starts from it
@@ -177,9 +190,16 @@ class Lab:
         return conf
 
     def _router_firewall(self, s: dict, d: Path) -> str:
-        if not self.plan["firewall"]:
+        text = self._router_firewall_text(s)
+        if text is None:
             return "-"
         fw = d / "firewall.nft"
+        fw.write_text(text)
+        return str(fw)
+
+    def _router_firewall_text(self, s: dict) -> str | None:
+        if not self.plan["firewall"]:
+            return None
         if s["platform"] == "el":
             # the router's own masquerade on the WAN side (as firewalld or the admin's table would),
             # then the rendered table, loaded from its real path
@@ -188,8 +208,7 @@ class Lab:
                     '\t\toifname "wan" masquerade\n\t}\n}\ninclude "/etc/nftables/wan.nft"\n')
         else:
             text = fw4_ruleset(Path(s["tree"]), "wan", tuple(l["bridge"] for l in s["lans"]))
-        fw.write_text(text)
-        return str(fw)
+        return text
 
     def make_nss_template(self) -> Path:
         nss = self.state / "nss"
@@ -265,10 +284,10 @@ class Lab:
         return d
 
     def _wait_file(self, name: str, fname: str, timeout: float = 60) -> None:
-        d = self.state / f"router-{name}"
+        d = self.router_dir(name)
         end = time.monotonic() + timeout
         while not (d / fname).exists():
-            if self.holders[name].poll() is not None:
+            if self.holders[name].poll() is not None or (d / "failed").exists():
                 raise RuntimeError(f"router {name} failed to start: {(d / 'setup.log').read_text()[-2000:]}")
             if time.monotonic() > end:
                 raise RuntimeError(f"router {name}: not {fname} within {timeout:.0f} s")
@@ -307,7 +326,7 @@ class Lab:
         """Conns whose Child SA pluto logged as established (reading a file costs no process;
         in a lab kernel every process start costs 0.1-0.2 s)."""
         try:
-            text = (self.state / f"router-{name}" / "pluto.log").read_text(errors="replace")
+            text = (self.router_dir(name) / "pluto.log").read_text(errors="replace")
         except FileNotFoundError:
             return set()
         return set(re.findall(r'"([^"]+)"(?:\[\d+\])? #\d+: (?:initiator|responder) established Child SA', text))
@@ -486,7 +505,7 @@ class Lab:
             for fname, argv in cmds.items():
                 r = self.in_router(name, argv, check=False, timeout=30)
                 (d / f"{fname}.txt").write_text(scrub(r.stdout + r.stderr))
-            rdir = self.state / f"router-{name}"
+            rdir = self.router_dir(name)
             for src, dst in (("pluto.log", "pluto.log"), ("dnsmasq.log", "dnsmasq.log"), ("setup.log", "setup.log")):
                 if (rdir / src).exists():
                     (d / dst).write_text(scrub((rdir / src).read_text(errors="replace")))
@@ -524,9 +543,7 @@ class Lab:
 
     def run(self) -> dict:
         t0 = time.monotonic()
-        phases = [("network", self.build_network), ("dns servers", lambda: (self.start_isp_resolver(), self.start_dns_servers())),
-                  ("routers", self.start_routers)]
-        for label, fn in phases:
+        for label, fn in self.setup_phases():
             t = time.monotonic()
             fn()
             self.timings[label] = round(time.monotonic() - t, 2)
@@ -599,7 +616,11 @@ def main(argv: list[str]) -> int:
     plan = json.loads(Path(argv[0]).read_text())
     results = Path(argv[1])
     results.mkdir(parents=True, exist_ok=True)
-    lab = Lab(plan, results)
+    if plan.get("routers") == "docker":
+        from lab.docker_routers import DockerLab
+        lab: Lab = DockerLab(plan, results)
+    else:
+        lab = Lab(plan, results)
     result: dict = {"ok": False, "checks": [], "error": None}
     try:
         result = lab.run()

@@ -26,6 +26,7 @@ from .plan import change_plan, lab_plan
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("host", "qemu", "uml")
+ROUTERS = ("netns", "docker")
 
 
 @dataclass
@@ -114,6 +115,28 @@ def choose_kernel(wanted: str | None) -> str:
     raise SystemExit("no kernel with ESP can run the lab here:\n" + "\n".join(f"  {k}: {v}" for k, v in avail.items()))
 
 
+def choose_docker_kernel(wanted: str | None) -> str:
+    """Docker routers share their engine's kernel: the host's engine where the host kernel has
+    ESP, else an engine started inside User-Mode Linux (the recipe of reference/lab-substrate.md)."""
+    if wanted not in (None, "host", "uml"):
+        raise SystemExit(f"--routers docker runs on --kernel host or uml, not {wanted}")
+    avail = kernels.available_kernels()
+    if wanted != "uml" and os.geteuid() == 0 and avail["host"] is None:
+        from .docker_engine import host_engine
+        client, why = host_engine()
+        if client is not None:
+            return "host"
+        if wanted == "host":
+            raise SystemExit(f"--kernel host --routers docker: {why}")
+    elif wanted == "host":
+        raise SystemExit(f"--kernel host cannot run here: {avail['host']}")
+    if avail["uml"] is not None:
+        raise SystemExit(f"--routers docker needs a kernel with ESP: {avail['uml']}")
+    if shutil.which("dockerd") is None:
+        raise SystemExit("--routers docker needs the Docker engine: apt-get install docker.io (./run does it)")
+    return "uml"
+
+
 def _as_lab_version(wan: Wan, major: int) -> tuple[Wan, list[str]]:
     """Routers that target another Libreswan major are rendered for the one the lab has."""
     notes, sites = [], []
@@ -155,19 +178,24 @@ class Progress:
 def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str | Path = "lab-results",
             timeout: float = 1500, tamper: Callable[[Path], None] | None = None,
             on_line: Callable[[str], None] | None = None, hold: bool = False,
-            change_to: str | Path | None = None, change_mode: str = "reconcile",
+            change_to: str | Path | None = None, change_mode: str = "reconcile", routers: str = "netns",
             release: str | None = None) -> LabOutcome:
     """Prove the WAN in `sites` in a lab kernel; results (result.json, junit.xml, diagnostics) in `results`.
 
     `tamper(out)` may change the rendered trees before the lab starts (the negative tests do).
+    `routers`: "netns" (a network and mount namespace per router) or "docker" (a container per router).
     `release`: "enrol" (routers start with their enrolment only and fetch a signed release from a
     server in the lab) or "full" (then also the refusals and the rollback; lab/release_lab.py).
     """
+    if routers not in ROUTERS:
+        raise SystemExit(f"--routers {routers}: choose one of {', '.join(ROUTERS)}")
+    if routers == "docker" and (change_to is not None or release):
+        raise SystemExit("the change lab and the release lab run with netns routers only")
     results = Path(results).resolve()
     if results.exists():
         shutil.rmtree(results)
     results.mkdir(parents=True)
-    kind = choose_kernel(kernel)
+    kind = choose_docker_kernel(kernel) if routers == "docker" else choose_kernel(kernel)
     major = installed_libreswan_major()
     wan, notes = _as_lab_version(load_sites(sites), major)
     out = results / "out"
@@ -194,6 +222,10 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
         plan["release"] = release_lab.scenario(wan, key, out, results, negatives=release == "full")
     if hold:
         plan["hold"] = str(results / "control")
+    if routers == "docker":
+        from . import docker_image
+        plan["routers"] = "docker"
+        plan["docker"] = {"engine": "host" if kind == "host" else "guest", "image": docker_image.image_tag()}
     (results / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/root"}
@@ -204,13 +236,27 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     argv = [sys.executable, "-m", "lab.inner", str(results / "plan.json"), str(inner)]
     say = on_line or Progress()
     t0 = time.monotonic()
+    image_seconds = None
     try:
         with one_lab_at_a_time(say):
             t0 = time.monotonic()  # the wait for another lab does not count
-            run = kernels.run_in_guest(kind, argv, results, cwd=REPO, env=env, timeout=timeout, on_line=say)
+            if routers == "docker":
+                # the image (built once per recipe, then cached) before the lab kernel boots
+                from . import docker_image
+                if kind == "host":
+                    docker_image.build_rootfs(say)  # imported into the host's engine by the lab
+                else:
+                    plan["docker"]["data_root"] = str(docker_image.ensure_data_root(say))
+                image_seconds = round(time.monotonic() - t0, 2)
+                (results / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+            run = kernels.run_in_guest(kind, argv, results, cwd=REPO, env=env, timeout=timeout, on_line=say,
+                                       mem_mb=2048 if routers == "docker" else 1024)
     finally:
         if kind == "host":
             cleanup_host(prefix)
+            if routers == "docker":
+                from .docker_routers import cleanup_host_engine
+                cleanup_host_engine(prefix)
     (results / "console.log").write_text(run.console)
     try:
         result = json.loads((inner / "result.json").read_text())
@@ -221,6 +267,9 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
         shutil.move(str(inner / "diagnostics"), str(results / "diagnostics"))
     result["notes"] = notes + result.get("notes", [])
     result["kernel"] = kind
+    result["routers"] = routers
+    if image_seconds is not None:
+        result["timings"] = {"image": image_seconds, **result.get("timings", {})}
     result["boot_seconds"] = round(run.boot_seconds, 2)
     result["total_seconds"] = round(time.monotonic() - t0, 2)
     (results / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -265,7 +314,8 @@ def verdict(outcome: LabOutcome, sites: list[str]) -> str:
     for n in r.get("notes", []):
         lines.append(f"note: {n}")
     t = r.get("timings", {})
-    lines.append(f"kernel {outcome.kernel}: boot {outcome.boot_seconds:.1f} s, " +
+    where = f"kernel {outcome.kernel}" + (", Docker routers" if r.get("routers") == "docker" else "")
+    lines.append(f"{where}: boot {outcome.boot_seconds:.1f} s, " +
                  ", ".join(f"{k} {v} s" for k, v in t.items() if k != "inside_total") + f"; total {outcome.total_seconds:.1f} s")
     fw = "firewall active with drop policies" if r.get("firewall_exercised") else "firewall NOT exercised"
     word = "PASS" if outcome.ok else "FAIL"
@@ -375,3 +425,30 @@ if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--up":
     _, _, _sites, _kernel, _results, _timeout = sys.argv
     outcome = run_lab(_sites, _kernel or None, _results, float(_timeout), hold=True)
     print(verdict(outcome, [s["name"] for s in json.loads((Path(_results) / "plan.json").read_text())["sites"]]))
+
+
+def build_docker_image(base: str | None = None, engine: str | None = None) -> int:
+    """`lab.image`: the router image for the Docker lab, built once per recipe (reused after)."""
+    from . import docker_engine, docker_image
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    if engine is None:
+        engine = "host" if (os.geteuid() == 0 and kernels.esp_probe_host()[0] and docker_engine.host_engine()[0]) else "guest"
+    t0 = time.monotonic()
+    if engine == "host":
+        client, why = docker_engine.host_engine()
+        if client is None:
+            print(why, file=sys.stderr)
+            return 1
+        tag = docker_image.ensure_image(client, say, base)
+    elif engine == "guest":
+        if base:
+            print("--base needs a registry and the host's engine (--engine host)", file=sys.stderr)
+            return 2
+        with one_lab_at_a_time(say):
+            docker_image.ensure_data_root(say)
+        tag = docker_image.image_tag()
+    else:
+        print(f"--engine {engine}: choose host or guest", file=sys.stderr)
+        return 2
+    print(f"image {tag} ready ({engine} engine; cache {docker_image.cache()}) in {time.monotonic() - t0:.1f} s")
+    return 0

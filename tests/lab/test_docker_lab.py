@@ -1,0 +1,69 @@
+"""The lab with Docker routers: a container per site router, real pluto, real ESP.
+
+One lab run proves both sides at once (the Docker engine in User-Mode Linux is slow to start):
+three sites, where berlin's end of acme-berlin gets another PSK. The two good tunnels must pass
+every check (tunnel, pings both ways, router pings, DNS); exactly the acme-berlin cells go red.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lab.run import run_lab
+from render import paths
+
+from support import REPO
+
+pytestmark = pytest.mark.lab
+THREE = REPO / "tests/lab/wans/three"
+PAIR = {("acme", "berlin"), ("berlin", "acme")}
+
+
+def _mismatch_acme_berlin_secret(out: Path) -> None:
+    sec = out / "berlin" / paths.tunnel_secrets("acme-berlin")
+    sec.write_text(re.sub(r'PSK "[^"]+"', 'PSK "not-the-same-key-on-both-ends"', sec.read_text()))
+
+
+def red(outcome, kind: str) -> set[tuple[str, str]]:
+    return {(c["src"], c["dst"]) for c in outcome.result["checks"] if c["kind"] == kind and not c["ok"]}
+
+
+def test_docker_routers_prove_a_three_site_wan_and_a_mismatched_secret_turns_exactly_its_cells_red(tmp_path, monkeypatch):
+    # the good tunnels come up while the routers start; the broken one never will: bound the wait
+    monkeypatch.setenv("WAN_LAB_TUNNEL_TIMEOUT", "30")
+    outcome = run_lab(THREE, None, tmp_path / "results", timeout=1200, tamper=_mismatch_acme_berlin_secret,
+                      routers="docker")
+    r = outcome.result
+    assert r.get("routers") == "docker" and not r.get("error"), r.get("error")
+    checks = r["checks"]
+    assert not outcome.ok
+    # the broken tunnel, and only it
+    assert red(outcome, "tunnel") == {("acme", "berlin")}
+    assert red(outcome, "ping") == PAIR
+    assert red(outcome, "router_ping") == PAIR
+    assert red(outcome, "dns") == PAIR
+    # everything else is proven: two tunnels, pings through ESP both ways, DNS across the WAN
+    good = [c for c in checks if (c["src"], c["dst"]) not in PAIR and c["kind"] != "capture"]
+    assert all(c["ok"] for c in good), [c for c in good if not c["ok"]]
+    kinds = {(c["kind"], c["src"], c["dst"]) for c in good}
+    for a, b in (("acme", "home"), ("berlin", "home")):
+        assert ("tunnel", a, b) in kinds
+        for x, y in ((a, b), (b, a)):
+            assert {("ping", x, y), ("router_ping", x, y), ("dns", x, y)} <= kinds
+    # the good tunnels carried ESP; the broken pair's pings crossed the WAN in plain text (no SA, and
+    # User-Mode Linux has no nftables to drop them), so the capture cell is red too, and says why
+    capture = next(c for c in checks if c["kind"] == "capture")
+    assert not capture["ok"] and capture["evidence"]["esp_packets"] > 0 and capture["evidence"]["plain_icmp_between_lans"] > 0
+    # the diagnostics come from inside the containers and show the cause
+    diag = tmp_path / "results/diagnostics"
+    assert "AUTHENTICATION_FAILED" in (diag / "berlin/pluto.log").read_text() + (diag / "acme/pluto.log").read_text()
+    assert "br-lan" in (diag / "berlin/ip-a.txt").read_text()
+    assert any(n.startswith("routers: 3 containers of wan-lab-router:") for n in outcome.notes), outcome.notes
+    for router in ("acme", "berlin"):
+        assert not re.search(r"0x[0-9a-f]{16,}", (diag / router / "ip-xfrm-state.txt").read_text())
+    assert "PSK" not in json.dumps(r)
+    # the timings name the Docker phases
+    assert {"image", "engine start", "containers", "tunnels", "checks"} <= set(r["timings"])
