@@ -28,5 +28,8 @@ def test_routers_fetch_verify_apply_refuse_and_roll_back_on_uml(tmp_path):
                           "download breaks off", "broken release rolled back"}
     assert [steps[s]["rc"] for s in ("tampered bundle", "bad signature", "bundle for another router", "downgrade")] == [2] * 4
     assert "rolling back to v1.0.0" in steps["broken release rolled back"]["output"]
+    # pluto takes every rendered keyword without a warning (4.10 warned about dpdtimeout= on IKEv2)
+    for router in ("acme", "home"):
+        assert "warning" not in rel[(router, "enrol")]["output"], rel[(router, "enrol")]["output"]
     # after all that the WAN works: tunnel, pings through ESP, DNS
     assert {"tunnel", "ping", "dns", "capture"} <= {c["kind"] for c in checks if c["ok"]}
