@@ -10,8 +10,6 @@ plays the steps; every step becomes a check row of kind "release".
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -25,17 +23,10 @@ HEALTH_TIMEOUT = 20
 
 
 # ---- host side ---------------------------------------------------------------------------------
-def _resign(d: Path, signing) -> None:
-    sums = "".join(f"{hashlib.sha256((d / n).read_bytes()).hexdigest()}  {n}\n"
-                   for n in sorted(os.listdir(d)) if not n.startswith(("SHA256SUMS", ".")))
-    (d / "SHA256SUMS").write_text(sums)
-    (d / "SHA256SUMS.sig").write_text(signing.sign(sums.encode()).text("lab"))
-
-
 def scenario(wan, key, out: Path, results: Path, negatives: bool = True) -> dict:
     """Releases, enrolment trees and the steps. `negatives=False`: only the enrolment fetch."""
     from render import signify
-    from render.release import build, release_env
+    from render.release import build, release_env, resign
     from render.render import render_wan
     from render.secrets import lab_key
 
@@ -54,7 +45,7 @@ def scenario(wan, key, out: Path, results: Path, negatives: bool = True) -> dict
         build(wan, key, signify.generate(), "v1.2.0", dist, "lab")
         d = build(wan, key, signing, "v1.3.0", dist, "lab").dir
         shutil.copy(d / f"{other}.tar.gz", d / f"{victim}.tar.gz")
-        _resign(d, signing)
+        resign(d, signing)
         build(wan, key, signing, "v0.9.0", dist, "lab")
         d = build(wan, key, signing, "v1.4.0", dist, "lab").dir
         (d / ".break-off").write_text(f"{victim}.tar.gz {(d / f'{victim}.tar.gz').stat().st_size // 2}\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from render import signify
-from render.release import build, pack, release_env
+from render.release import build, pack, release_env, resign
 from render.render import render_wan
 from render.secrets import MasterKey
 from render.validate import load_sites
@@ -144,13 +144,6 @@ def world(request, tmp_path):
     w.server.stop()
 
 
-def _resign(d: Path, key: signify.SecretKey) -> None:
-    sums = "".join(f"{hashlib.sha256((d / n).read_bytes()).hexdigest()}  {n}\n"
-                   for n in sorted(os.listdir(d)) if not n.startswith(("SHA256SUMS", ".")))
-    (d / "SHA256SUMS").write_text(sums)
-    (d / "SHA256SUMS.sig").write_text(key.sign(sums.encode()).text("test"))
-
-
 def test_first_fetch_installs_the_release_and_a_second_finds_nothing_to_do(world):
     world.release("v1.0.0")
     r = world.fetch()
@@ -191,7 +184,7 @@ def test_refusals_change_nothing(world):
 
     d = world.release("v1.3.0")  # validly signed, but acme's bundle is home's
     shutil.copy(d / "home.tar.gz", d / "acme.tar.gz")
-    _resign(d, world.key)
+    resign(d, world.key)
     refused(2, "the bundle is for router 'home', this is 'acme'")
 
     world.release("v0.9.0")  # older than the installed v1.0.0
