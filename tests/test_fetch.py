@@ -274,3 +274,16 @@ def test_settings_are_read_not_run(world, tmp_path):
     r = world.fetch()
     assert r.returncode == 0, r.stderr
     assert world.installed_tag() == "WAN_TAG=v1.0.0"
+
+
+def test_health_all_requires_every_tunnel_of_the_release(world):
+    with open(world.root / "etc/wan/fetch.conf", "a") as f:
+        f.write("WAN_HEALTH=all\n")
+    # the stand-in peer holds other secrets than the release: on a first install nothing was up
+    # before, so only WAN_HEALTH=all notices that acme-home never comes up
+    for p in world.peers.iterdir():
+        p.write_text(p.read_text().replace('PSK "', 'PSK "other-'))
+    world.release("v1.0.0")
+    r = world.fetch()
+    assert r.returncode == 3 and "not up after 3 s: acme-home" in r.stderr, r.stderr
+    assert "no previous bundle to go back to" in r.stderr
