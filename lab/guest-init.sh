@@ -55,8 +55,11 @@ case $kind in
     uml) mount --bind "/usr/lib/uml/modules/$rel" "$mr/lib/modules/$rel" ;;
     qemu) mount -t 9p -o trans=virtio,version=9p2000.L,ro kmods "$mr/lib/modules/$rel" ;;
 esac || warn "kernel modules for $rel are not available"
+# The kernel starts it with an environment of its own: carry GLIBC_TUNABLES (set for User-Mode
+# Linux on some CPUs: lab/uml_xstate.py) into it.
 cat > /run/wan-lab/bin/modprobe <<EOF
 #!/bin/sh
+${GLIBC_TUNABLES:+GLIBC_TUNABLES=$GLIBC_TUNABLES; export GLIBC_TUNABLES}
 exec /usr/sbin/modprobe -d $mr "\$@"
 EOF
 chmod 755 /run/wan-lab/bin/modprobe

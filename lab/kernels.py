@@ -42,9 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .uml_xstate import GUEST_GLIBC_TUNABLES
+
 KINDS = ("host", "qemu", "uml")
 
 GUEST_INIT = Path(__file__).resolve().with_name("guest-init.sh")
+UML_XSTATE = Path(__file__).resolve().with_name("uml_xstate.py")
 
 UML_BINARY = "/usr/bin/linux"
 UML_MODULES = Path("/usr/lib/uml/modules")
@@ -404,18 +407,33 @@ def _fetch_kernel(package: str, root: Path, progress: Progress) -> None:
 # Running
 
 
-def _command_script(argv: list[str], cwd: Path, env: dict[str, str], guest: bool) -> str:
+def _command_script(argv: list[str], cwd: Path, env: dict[str, str], guest: bool, uml: bool = False) -> str:
     """The shell script that runs argv with exactly cwd and env (quoted, never interpolated)."""
     env = dict(env)
     if guest:
         env["PATH"] = GUEST_BIN + ":" + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    if uml and uml_needs_xstate_guard():
+        env.setdefault("GLIBC_TUNABLES", GUEST_GLIBC_TUNABLES)
     assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
     return (f"cd {shlex.quote(str(cwd))} || exit 127\n"
             f"exec /usr/bin/env -i {assignments} {shlex.join(argv)}\n")
 
 
+def uml_needs_xstate_guard() -> bool:
+    """True on a host CPU whose XSAVE area is larger than UML 6.1 hands to ptrace (AVX-512, AMX):
+    see lab/uml_xstate.py. /proc/cpuinfo's flags are enough to tell."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512f", "amx_tile"} & set(flags.split()))
+
+
 def _uml_argv(init_args: list[str], mem_mb: int, umid: str, uml_dir: Path) -> list[str]:
-    return [UML_BINARY, f"mem={mem_mb}M", "rootfstype=hostfs", "rootflags=/", "ro",
+    guard = [sys.executable, str(UML_XSTATE)] if uml_needs_xstate_guard() else []
+    # unknown NAME=value parameters reach init's environment: every guest process gets the tunables
+    tunables = [f"GLIBC_TUNABLES={GUEST_GLIBC_TUNABLES}"] if guard else []
+    return [*guard, UML_BINARY, *tunables, f"mem={mem_mb}M", "rootfstype=hostfs", "rootflags=/", "ro",
             f"umid={umid}", f"uml_dir={uml_dir}", "con0=fd:0,fd:1", "con=null", "quiet",
             "init=/bin/sh", "--", *init_args]
 
@@ -516,7 +534,7 @@ def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dic
             firewall = _host_firewall_capable()
         else:
             ctl.mkdir()
-            (ctl / "cmd.sh").write_text(_command_script(argv, cwd, env, guest=True))
+            (ctl / "cmd.sh").write_text(_command_script(argv, cwd, env, guest=True, uml=kind == "uml"))
             init_args = [str(GUEST_INIT), kind, str(share), str(ctl), nonce, str(Path(cwd).resolve())]
             if kind == "uml":
                 popen_argv = _uml_argv(init_args, mem_mb, f"wanlab-{nonce}", temp)

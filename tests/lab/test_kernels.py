@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import shlex
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -197,3 +199,23 @@ def test_available_kernels_names_every_kind():
     kernels = available_kernels()
     assert set(kernels) == {"host", "qemu", "uml"}
     assert all(v is None or (isinstance(v, str) and v) for v in kernels.values())
+
+
+def test_uml_xstate_launcher_refuses_exactly_the_xstate_regset(tmp_path):
+    """lab/uml_xstate.py makes ptrace(GETREGSET/SETREGSET, NT_X86_XSTATE) fail with EIO and
+    leaves every other ptrace request alone (without the filter, asking about a process we do not
+    trace gives ESRCH)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong]\n"
+        "for req, addr in ((0x4204, 0x202), (0x4205, 0x202), (0x4204, 0x1), (0x3, 0)):\n"
+        "    libc.ptrace(req, os.getppid(), addr, 0)\n"
+        "    print(hex(req), hex(addr), ctypes.get_errno())\n")
+    plain = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, check=True).stdout.split("\n")
+    guarded = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "lab/uml_xstate.py"), sys.executable, str(probe)],
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+    eio, esrch = str(errno.EIO), str(errno.ESRCH)
+    assert [line.split()[-1] for line in plain if line] == [esrch] * 4
+    assert [line.split()[-1] for line in guarded if line] == [eio, eio, esrch, esrch]
