@@ -48,8 +48,8 @@ WEAK_INTEG = {n: "sha1" for n in ("sha", "sha1", "sha1_96", "hmac_sha1", "hmac_s
 WEAK_INTEG |= {n: "md5" for n in ("md5", "hmac_md5", "hmac_md5_96")}
 WEAK_DH = {"modp1536": "modp1536", "dh5": "modp1536"}
 INSECURE = ("3des", "md5", "modp1536", "null", "sha1")  # what `insecure:` may name
-WHY = {"null": "no encryption, no integrity or no key exchange", "3des": "a 64-bit block cipher (Sweet32)",
-       "md5": "broken hash", "sha1": "deprecated by RFC 8247", "modp1536": "a group below 2048 bits (RFC 8247)"}
+WHY = {"null": "no encryption, no integrity or no key exchange", "3des": "a 64-bit block cipher, open to Sweet32",
+       "md5": "a broken hash", "sha1": "deprecated by RFC 8247", "modp1536": "a group below 2048 bits, RFC 8247"}
 NOT_BUILT = {"modp768", "dh1", "modp1024", "dh2", "dh22", "dh23", "dh24"}
 NONE = {"none", "null"}
 

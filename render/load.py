@@ -58,7 +58,8 @@ def where(path: tuple | list) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            part = printable(str(part))  # a key may hold anything: escape it like a value
+            out += f".{part}" if out else part
     return out
 
 
@@ -276,7 +277,7 @@ def load_yaml(path: Path, display: str | None = None) -> Document:
     try:
         doc.data = builder.build(node, ())
     except _TooBig:
-        raise WanError([Problem(name, 1, "", f"the document expands to more than {MAX_NODES} values (an alias bomb?); "
+        raise WanError([Problem(name, 1, "", f"the document expands to more than {MAX_NODES} values (an alias or merge-key bomb?); "
                                              "write it out plainly")]) from None
     except _Bad as e:
         raise WanError(builder.problems + [Problem(name, e.line, e.path, e.message)]) from None
