@@ -39,7 +39,8 @@ class WanError(Exception):
 def show(value: object, limit: int = 60) -> str:
     """A value as it may appear in an error: quoted, control characters escaped, cut short.
 
-    Hostile input (newlines, terminal escapes) must not reach the terminal or a log verbatim.
+    Hostile input (newlines, terminal escapes) must not reach the terminal or a log verbatim, and a
+    look-alike letter (Cyrillic 'а' in 'pаris') must not pass for the ASCII one: both are escaped.
     """
-    text = repr(value)
+    text = ascii(value)
     return text if len(text) <= limit else text[: limit - 4] + "...'"

@@ -16,6 +16,7 @@ class CryptoProfile:
     esp: tuple[str, ...]
     ikelifetime: int = 28800
     salifetime: int = 3600
+    insecure: tuple[str, ...] = ()  # weak algorithms allowed on purpose (wan.yaml `insecure:`); the plan shows them
 
 
 @dataclass(frozen=True)

@@ -174,11 +174,19 @@ def as_text(plans: list[RouterPlan]) -> str:
     return "\n".join(out) + "\n"
 
 
+def insecure_crypto(wan: Wan) -> list[str]:
+    """A warning line per crypto profile that allows weak algorithms on purpose (wan.yaml `insecure:`)."""
+    profiles = {t.crypto.name: t.crypto for t in wan.tunnels if t.crypto.insecure}
+    return [f"**Weak crypto on purpose:** profile `{n}` allows {', '.join(p.insecure)} (tunnels: "
+            f"{', '.join(t.name for t in wan.tunnels if t.crypto.name == n)}).\n" for n, p in sorted(profiles.items())]
+
+
 def as_markdown(wan: Wan, plans: list[RouterPlan], base: str) -> str:
     changed = frozenset(t for p in plans for t in p.added + list(p.changed))
     touched = [p for p in plans if p.touched]
     lines = [f"## WAN plan against `{base}`", "",
              f"{len(touched)} of {len(plans)} routers change; tunnels changed or added are drawn thick.", "",
+             *insecure_crypto(wan),
              "```mermaid", mermaid(wan, changed).rstrip(), "```", "",
              "| router | added | changed (why) | removed | unchanged | other files |", "|---|---|---|---|---|---|"]
     for p in plans:

@@ -5,20 +5,82 @@ Every problem is collected (not just the first) and reported with file, line and
 from __future__ import annotations
 
 import json
+import os
+import re
 from functools import lru_cache
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from pathlib import Path
 
 import jsonschema
 from referencing import Registry, Resource
 
+from . import crypto
 from .errors import Problem, WanError, show
-from .load import Document, load_yaml, where
+from .load import Document, load_yaml, printable, where
 from .model import CryptoProfile, Dns, Dpd, Router, Site, Wan
 from .topology import plan_tunnels
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 DEFAULT_DPD = {"delay": 10, "timeout": 60}
+NAME = re.compile(r"[a-z][a-z0-9_]{0,23}\Z")  # schema/defs.schema.json#/$defs/name, anchored for Python
+
+# Addresses that are never a router's, a LAN's or a host's (RFC 6890 special-purpose registry).
+# 100.64.0.0/10 (CGNAT, RFC 6598) is deliberately absent: a site behind CGNAT has such an address.
+RESERVED = (
+    (IPv4Network("0.0.0.0/8"), "'this network' (0.0.0.0/8)"),
+    (IPv4Network("127.0.0.0/8"), "loopback (127.0.0.0/8)"),
+    (IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16)"),
+    (IPv4Network("224.0.0.0/4"), "multicast (224.0.0.0/4)"),
+    (IPv4Network("255.255.255.255/32"), "the limited broadcast address"),
+    (IPv4Network("240.0.0.0/4"), "reserved class E space (240.0.0.0/4)"),
+)
+
+
+def reserved(x: IPv4Address | IPv4Network) -> str | None:
+    """What reserved range `x` (an address, or a subnet overlapping one) falls in, or None."""
+    for net, what in RESERVED:
+        if (x in net) if isinstance(x, IPv4Address) else x.overlaps(net):
+            return what
+    return None
+
+
+def _ecma_pattern(pattern: str) -> re.Pattern:
+    r"""A JSON Schema (ECMA 262) pattern for Python's `re.search`: `$` there matches only at the very
+    end, in Python also before a final newline ("name\n" would pass `^[a-z]+$`); so each unescaped
+    `$` outside a character class becomes `\Z`."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "[":
+            in_class = True
+        elif c == "]":
+            in_class = False
+        out.append("\\Z" if c == "$" and not in_class else c)
+        i += 1
+    return re.compile("".join(out))
+
+
+def _pattern(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not _compiled(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+@lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern:
+    return _ecma_pattern(pattern)
+
+
+# bool is an int in Python, and jsonschema counts 5.0 as an integer: neither is one here.
+_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many({
+    "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+    "number": lambda _, x: isinstance(x, (int, float)) and not isinstance(x, bool),
+})
+StrictValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern},
+                                                type_checker=_TYPES)
 
 
 @lru_cache(maxsize=None)
@@ -30,7 +92,7 @@ def _validators() -> dict[str, jsonschema.protocols.Validator]:
         schemas[path.name] = schema
         resources.append((schema["$id"], Resource.from_contents(schema)))
     registry = Registry().with_resources(resources)
-    cls = jsonschema.Draft202012Validator
+    cls = StrictValidator
     return {
         "wan": cls(schemas["wan.schema.json"], registry=registry),
         "site": cls(schemas["site.schema.json"], registry=registry),
@@ -45,9 +107,14 @@ def _fix(schema: dict) -> str:
 def schema_problems(doc: Document, kind: str) -> list[Problem]:
     """Validate a loaded document against its schema; one Problem per error, at the value's line."""
     problems = []
-    for err in _validators()[kind].iter_errors(doc.data):
+    errors = list(_validators()[kind].iter_errors(doc.data))
+    # a value of the wrong type also fails its enum or pattern: say only what is wrong first
+    mistyped = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
+    for err in errors:
         path = tuple(err.absolute_path)
         v = err.validator
+        if path in mistyped and v != "type":
+            continue
         if v == "required":
             missing = [k for k in err.validator_value if not isinstance(err.instance, dict) or k not in err.instance]
             for key in missing:
@@ -64,7 +131,15 @@ def schema_problems(doc: Document, kind: str) -> list[Problem]:
                                         f"unknown key {show(key)}; remove it or fix its spelling{hint}"))
             continue
         schema = err.schema
-        if v in ("pattern", "maxLength", "minLength") and isinstance(err.instance, str):
+        if not path and v == "type":
+            # the file is not a mapping: say so without showing it (it may be a key file linked in by mistake)
+            problems.append(Problem(doc.file, doc.line(path), "", f"is not a {kind} file: its top level is not a "
+                                    "mapping of keys; see sites/ for an example (its content is not shown)"))
+            continue
+        if v in ("pattern", "maxLength", "minLength") and isinstance(err.instance, str) and "x-ipv6" in schema \
+                and _is_ipv6(err.instance):
+            problems.append(Problem(doc.file, doc.line(path), where(path), f"{show(err.instance)}: {schema['x-ipv6']}"))
+        elif v in ("pattern", "maxLength", "minLength") and isinstance(err.instance, str):
             # propertyNames errors point at the mapping; name the key itself
             key_path = path + (err.instance,) if _is_name_error(err) else path
             problems.append(Problem(doc.file, doc.line(key_path), where(key_path),
@@ -87,6 +162,13 @@ def schema_problems(doc: Document, kind: str) -> list[Problem]:
         else:
             problems.append(Problem(doc.file, doc.line(path), where(path), f"{err.message}{_fix(schema)}"))
     return problems
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return (ip_network(text, strict=False) if "/" in text else ip_address(text)).version == 6
+    except ValueError:
+        return False
 
 
 def _is_name_error(err) -> bool:
@@ -119,20 +201,30 @@ def load_sites(sites_dir: Path | str) -> Wan:
         raise WanError([Problem(shown, 0, "", "is not a directory; pass --sites DIR with wan.yaml and one <site>.yaml per site")])
     problems: list[Problem] = []
     wan_path = sites_dir / "wan.yaml"
-    if not wan_path.exists():
+    if not wan_path.exists() and not wan_path.is_symlink():
         raise WanError([Problem(f"{shown}/wan.yaml", 0, "", "missing; every sites directory needs wan.yaml (see sites/wan.yaml)")])
     for odd in sorted(sites_dir.glob("*.yml")):
-        problems.append(Problem(f"{shown}/{odd.name}", 0, "", "ignored extension .yml; rename it to .yaml"))
+        problems.append(Problem(f"{shown}/{printable(odd.name)}", 0, "", "ignored extension .yml; rename it to .yaml"))
 
     docs: list[Document] = []
     wan_doc = None
+    inside = sites_dir.resolve()
     for path in [wan_path] + sorted(p for p in sites_dir.glob("*.yaml") if p.name != "wan.yaml"):
+        display = f"{shown}/{printable(path.name)}"
+        kind = "wan" if path.name == "wan.yaml" else "site"
+        if kind == "site" and not NAME.match(path.name[:-len(".yaml")]):
+            problems.append(Problem(display, 0, "", "is not named <site>.yaml with a valid site name (1-24 lower-case "
+                                    "letters, digits and '_', starting with a letter); rename it (it was not read)"))
+            continue
+        if path.is_symlink() and not _within(path, inside):
+            problems.append(Problem(display, 0, "", "is a symbolic link to a file outside the sites directory; it was not "
+                                    "read; copy the site file into the directory instead"))
+            continue
         try:
-            doc = load_yaml(path, f"{shown}/{path.name}")
+            doc = load_yaml(path, display)
         except WanError as e:
             problems.extend(e.problems)
             continue
-        kind = "wan" if path.name == "wan.yaml" else "site"
         found = schema_problems(doc, kind)
         problems.extend(found)
         if found:
@@ -152,11 +244,39 @@ def load_sites(sites_dir: Path | str) -> Wan:
     return wan_model
 
 
+def _within(path: Path, directory: Path) -> bool:
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(directory)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
 def _display_dir(d: Path) -> str:
     try:
-        return str(d.resolve().relative_to(Path.cwd().resolve()))
+        return printable(str(d.resolve().relative_to(Path.cwd().resolve())))
     except ValueError:
-        return str(d)
+        return printable(str(d))
+
+
+@lru_cache(maxsize=1)
+def _public_suffixes():
+    # The Public Suffix List as shipped inside the pinned `publicsuffixlist` wheel (requirements.txt):
+    # the same list on every machine, so validation and rendering stay deterministic; it is updated
+    # by bumping the pin, never fetched at run time.
+    from publicsuffixlist import PublicSuffixList
+    return PublicSuffixList()
+
+
+def public_suffix(domain: str) -> bool:
+    """True for a domain under which anyone may register names: `com`, `co.uk`, `github.io`, and any
+    single label (the list's implicit `*` rule: an unknown top-level domain is a suffix too)."""
+    return "." not in domain or bool(_public_suffixes().is_public(domain))
+
+
+def _address_problems(P, doc: Document, path: tuple, addr: IPv4Address, what: str) -> None:
+    why = reserved(addr)
+    if why:
+        P(doc, path, f"{addr} is {why}, never {what}; use a unicast address")
 
 
 def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan | None, list[Problem]]:
@@ -164,10 +284,27 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
     w = wan_doc.data
     P = lambda doc, path, msg: problems.append(Problem(doc.file, doc.line(path), where(path), msg))  # noqa: E731
 
-    profiles = {
-        name: CryptoProfile(name, tuple(p["ike"]), tuple(p["esp"]), p.get("ikelifetime", 28800), p.get("salifetime", 3600))
-        for name, p in w["crypto_profiles"].items()
-    }
+    profiles = {}
+    for name, p in w["crypto_profiles"].items():
+        insecure = frozenset(p.get("insecure", ()))
+        used: set[str] = set()
+        for kind in ("ike", "esp"):
+            for i, proposal in enumerate(p[kind]):
+                found, weak = crypto.check_proposal(proposal, kind, insecure)
+                used |= weak
+                for msg in found:
+                    P(wan_doc, ("crypto_profiles", name, kind, i), f"{show(proposal)}: {msg}")
+                for alg in sorted(weak - insecure):
+                    P(wan_doc, ("crypto_profiles", name, kind, i),
+                      f"{show(proposal)} uses {alg} ({crypto.WHY[alg]}); use a strong proposal such as "
+                      f"{'aes256-sha2_256;dh19' if kind == 'ike' else 'aes_gcm256'}, or, on purpose, list {alg} under "
+                      f"crypto_profiles.{name}.insecure")
+        for i, alg in enumerate(p.get("insecure", ())):
+            if alg not in used:
+                P(wan_doc, ("crypto_profiles", name, "insecure", i),
+                  f"{alg} is allowed here but no proposal of this profile uses it; remove it from insecure")
+        profiles[name] = CryptoProfile(name, tuple(p["ike"]), tuple(p["esp"]), p.get("ikelifetime", 28800),
+                                       p.get("salifetime", 3600), tuple(sorted(insecure)))
     defaults = w["defaults"]
     if defaults["crypto_profile"] not in profiles:
         P(wan_doc, ("defaults", "crypto_profile"),
@@ -175,8 +312,10 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
 
     seen_names: dict[str, Document] = {}
     seen_public: dict[IPv4Address, Document] = {}
+    seen_ids: dict[str, tuple[Document, str]] = {}
     seen_domains: dict[str, Document] = {}
     all_lans: list[tuple[IPv4Network, Document, int]] = []
+    records: list[tuple[str, Document, tuple]] = []  # (fully qualified name, doc, path)
     sites: list[Site] = []
     for doc in docs:
         d = doc.data
@@ -189,7 +328,12 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
         seen_names.setdefault(name, doc)
 
         r = d["router"]
+        if r["platform"] == "openwrt" and r["libreswan"] != 4:
+            # field-facts.md W8/W9: openwrt/packages net/libreswan is 4.12 on 23.05, 24.10 and master
+            P(doc, ("router", "libreswan"), f"OpenWrt ships Libreswan 4 (4.12 in its package feed), not {r['libreswan']}; "
+              "use libreswan: 4 for an OpenWrt router")
         public = IPv4Address(r["public_address"])
+        _address_problems(P, doc, ("router", "public_address"), public, "a router's public address")
         if public in seen_public:
             P(doc, ("router", "public_address"), f"{public} is already the public address of {seen_public[public].file}; each router needs its own")
         seen_public.setdefault(public, doc)
@@ -199,30 +343,56 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
             net = ip_network(text, strict=False)
             if str(net) != text:
                 P(doc, ("lans", i), f"{text} has host bits set; write the network address {net}")
+            why = reserved(net)
+            if why:
+                P(doc, ("lans", i), f"{net} overlaps {why}, which is never a LAN; use a private range such as 10.x.y.0/24")
             lans.append(net)
             all_lans.append((net, doc, i))
 
         lan_address = IPv4Address(r["lan_address"])
+        _address_problems(P, doc, ("router", "lan_address"), lan_address, "a router's LAN address")
         if not any(lan_address in n for n in lans):
             P(doc, ("router", "lan_address"), f"{lan_address} is outside the site's LANs ({', '.join(map(str, lans))}); use the router's address in one of them")
-        elif any(lan_address in (n.network_address, n.broadcast_address) for n in lans if n.prefixlen < 31):
-            P(doc, ("router", "lan_address"), f"{lan_address} is a network or broadcast address; use a host address")
+        elif _edge(lan_address, lans):
+            P(doc, ("router", "lan_address"), f"{lan_address} is the network or broadcast address of {_edge(lan_address, lans)}; use a host address")
         dns = d["dns"]
         server = IPv4Address(dns["server"])
+        _address_problems(P, doc, ("dns", "server"), server, "a DNS server's address")
         if not any(server in n for n in lans):
             P(doc, ("dns", "server"), f"{server} is outside the site's LANs ({', '.join(map(str, lans))}); the DNS server must sit in one of them so the tunnels reach it")
+        elif _edge(server, lans):
+            P(doc, ("dns", "server"), f"{server} is the network or broadcast address of {_edge(server, lans)}; name the DNS server host's own address")
         if server == lan_address:
             P(doc, ("dns", "server"), f"{server} is the router's own LAN address; name the site's DNS server host (the router forwards to it)")
         domain = dns["domain"]
+        if public_suffix(domain):
+            P(doc, ("dns", "domain"), f"{domain} is a public suffix (a top-level domain or a name on the Public Suffix "
+              f"List): every router would send all names under it to this site; use a domain of the site's own under "
+              f"it, such as {name.replace('_', '-')}.{domain if '.' in domain else 'example.com'}")
         if domain in seen_domains:
             P(doc, ("dns", "domain"), f"domain {domain} is already served by {seen_domains[domain].file}; each site serves its own domain")
         seen_domains.setdefault(domain, doc)
+        for rname, raddr in dns.get("records", {}).items():
+            rpath = ("dns", "records", rname)
+            _address_problems(P, doc, rpath, IPv4Address(raddr), "a host's address")
+            fqdn = f"{rname}.{domain}"
+            if len(fqdn) > 253:
+                P(doc, rpath, f"{printable(rname)}.{domain} is longer than the 253 characters a DNS name may have; shorten it")
+            records.append((fqdn, doc, rpath))
 
         ov = d.get("overrides", {})
         if "crypto_profile" in ov and ov["crypto_profile"] not in profiles:
             P(doc, ("overrides", "crypto_profile"),
               f"crypto profile {show(ov['crypto_profile'])} is not defined in wan.yaml; use one of: {', '.join(sorted(profiles))}")
         ike_id = r.get("ike_id", str(public))
+        if "ike_id" in r and not ike_id.startswith("@"):
+            _address_problems(P, doc, ("router", "ike_id"), IPv4Address(ike_id), "a router's IKE id")
+        if ike_id in seen_ids and not ("ike_id" not in r and seen_ids[ike_id][1].endswith("(its public address)")):
+            other, how = seen_ids[ike_id]
+            P(doc, ("router", "ike_id") if "ike_id" in r else ("router", "public_address"),
+              f"IKE id {ike_id} is already {how} of {other.file}; each router needs its own IKE id "
+              "(its peers pick the tunnel and the key by it): set a distinct router.ike_id")
+        seen_ids.setdefault(ike_id, (doc, "the ike_id" if "ike_id" in r else "the IKE id (its public address)"))
         sites.append(Site(
             name=name, file=doc.file,
             router=Router(r["platform"], r["libreswan"], public, lan_address, ike_id),
@@ -232,6 +402,21 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
             dpd=Dpd(**ov.get("dpd", defaults.get("dpd", DEFAULT_DPD))),
             dns_mode=ov.get("dns_mode", defaults.get("dns_mode", "forward")),
         ))
+
+    # A public address used as another site's ike_id: the default id of that site is its address.
+    for public, pdoc in seen_public.items():
+        other = seen_ids.get(str(public))
+        if other and other[0] is not pdoc and other[1] == "the ike_id":
+            P(other[0], ("router", "ike_id"), f"IKE id {public} is the public address (and so the IKE id) of {pdoc.file}; "
+              "use this router's own address or an @name")
+
+    # A record inside another site's domain: the other routers send that name to the other site.
+    for fqdn, doc, rpath in records:
+        for domain, ddoc in seen_domains.items():
+            if ddoc is not doc and (fqdn == domain or fqdn.endswith("." + domain)) \
+                    and len(domain) > len(doc.data["dns"]["domain"]):
+                P(doc, rpath, f"{printable(fqdn)} lies inside {domain}, the domain of {ddoc.file}: the other routers "
+                  f"ask that site's DNS server for it; move the record there")
 
     # LANs must not overlap each other (within or across sites) nor contain a public address
     all_lans.sort(key=lambda x: (x[1].file, x[2]))
@@ -264,3 +449,11 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
                                       {s.name: doc for s, doc in zip(sites, sorted(docs, key=lambda d: d.data["name"]))})
     problems.extend(tproblems)
     return Wan(w["name"], w["topology"], hubs, tuple(sites), tunnels, shown), problems
+
+
+def _edge(addr: IPv4Address, lans: list[IPv4Network]) -> IPv4Network | None:
+    """The LAN of which `addr` is the network or broadcast address (a /31 or /32 has neither)."""
+    for n in lans:
+        if n.prefixlen < 31 and addr in (n.network_address, n.broadcast_address):
+            return n
+    return None
