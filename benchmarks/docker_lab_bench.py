@@ -15,12 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lab_bench import generate  # noqa: E402
+from lab_bench import generate
 
-from lab.run import run_lab  # noqa: E402
+from lab.run import run_lab
 
 COLS = ("image", "engine restore", "engine start", "containers", "setup", "tunnels", "checks")
 

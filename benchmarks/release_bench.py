@@ -14,13 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.render_bench import generate  # noqa: E402
-from render import signify  # noqa: E402
-from render.release import build  # noqa: E402
-from render.secrets import MasterKey  # noqa: E402
-from render.validate import load_sites  # noqa: E402
+from render_bench import generate
+from render import signify
+from render.release import build
+from render.secrets import MasterKey
+from render.validate import load_sites
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,11 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from render.render import render_wan, write_trees  # noqa: E402
-from render.secrets import MasterKey  # noqa: E402
-from render.validate import load_sites  # noqa: E402
+from render.render import render_wan, write_trees
+from render.secrets import MasterKey
+from render.validate import load_sites
 
 
 def generate(d: Path, n: int) -> None:

@@ -14,8 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from render.openwrt import dnsmasq_options  # noqa: E402
+from render.openwrt import dnsmasq_options
 
 
 def main(state: Path, platform: str) -> int:
