@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 from render_bench import generate
-from render import signify
-from render.release import build
+from release import signify
+from release.bundle import build
 from render.secrets import MasterKey
 from render.validate import load_sites
 

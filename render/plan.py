@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import subprocess
-import tarfile
-import io
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,21 +130,12 @@ def _diff(old: Tree, new: Tree) -> str:
     return "".join(x if x.endswith("\n") else x + "\n" for x in out)
 
 
-def sites_at(ref: str, sites: Path, into: Path) -> Path:
-    """The sites directory as it was at git `ref` (git archive: no checkout, the work tree is untouched)."""
-    top = Path(subprocess.run(["git", "-C", str(sites), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip())
-    rel = sites.resolve().relative_to(top)
-    data = subprocess.run(["git", "-C", str(top), "archive", "--format=tar", ref, "--", str(rel)], capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(into, filter="data")
-    return into / rel
-
-
-def plan(base_ref: str, sites: Path) -> tuple[Wan, list[RouterPlan]]:
+def plan(base_sites: Path, sites: Path, base: str = "base") -> tuple[Wan, list[RouterPlan]]:
+    """Per router, what the sites in `sites` change against the sites in `base_sites` (the same
+    sites at revision `base`)."""
     key = lab_key()  # the same throw-away key for both sides: secrets compare structurally
-    with tempfile.TemporaryDirectory(prefix="wan-plan-") as tmp:
-        old_wan = load_sites(sites_at(base_ref, Path(sites), Path(tmp)))
-        old = render_wan(old_wan, key, base_ref)
+    old_wan = load_sites(base_sites)
+    old = render_wan(old_wan, key, base)
     new_wan = load_sites(sites)
     new = render_wan(new_wan, key, "work tree")
     return new_wan, plan_trees(old, new)

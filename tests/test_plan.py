@@ -4,6 +4,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
+from release import git
 from render import cli
 from render.plan import plan_trees
 from render.render import render_wan
@@ -67,9 +70,18 @@ def test_a_changed_peer_address_changes_the_secret_and_says_so(tmp_path):
 def test_plan_task_reads_the_base_from_git(tmp_path, capsys, monkeypatch):
     repo = sites_repo(tmp_path / "repo")
     _add_zurich(repo / "sites")
-    assert cli.plan(str(repo / "sites"), "HEAD", "markdown") == 0
-    out = capsys.readouterr().out
-    assert "```mermaid" in out and "==>|acme-zurich|" in out and "| zurich (new) |" in out
-    assert "PSK" not in out
-    assert cli.plan(str(repo / "sites"), "HEAD", "json") == 0
-    assert '"added"' in capsys.readouterr().out
+    with git.sites_at("HEAD", repo / "sites") as base:
+        assert (base / "rome.yaml").exists() and not (base / "zurich.yaml").exists()
+        assert cli.plan(str(repo / "sites"), base, "HEAD", "markdown") == 0
+        out = capsys.readouterr().out
+        assert "```mermaid" in out and "==>|acme-zurich|" in out and "| zurich (new) |" in out
+        assert "PSK" not in out
+        assert cli.plan(str(repo / "sites"), base, "HEAD", "json") == 0
+        assert '"added"' in capsys.readouterr().out
+
+
+def test_plan_against_an_unknown_revision_says_so(tmp_path):
+    repo = sites_repo(tmp_path / "repo")
+    with pytest.raises(git.GitError, match="cannot read the sites at no-such-ref"):
+        with git.sites_at("no-such-ref", repo / "sites"):
+            pass
