@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import paths
 from .graph import mermaid
+from .manifest import Manifest, TunnelEntry
 from .model import Wan
 from .render import Tree, render_wan
 from .secrets import lab_key
@@ -40,21 +41,21 @@ class RouterPlan:
         return bool(self.added or self.changed or self.removed or self.other_files or self.new_router or self.gone_router)
 
 
-def _manifest(tree: Tree | None) -> dict:
-    return json.loads(tree[paths.MANIFEST].content) if tree else {"tunnels": {}, "files": {}}
+def _manifest(tree: Tree | None) -> Manifest | None:
+    return Manifest.from_json(tree[paths.MANIFEST].content) if tree else None
 
 
-def _reasons(old: dict, new: dict, old_conf: bytes, new_conf: bytes) -> list[str]:
+def _reasons(old: TunnelEntry, new: TunnelEntry, old_conf: bytes, new_conf: bytes) -> list[str]:
     why = []
-    if old["local_subnets"] != new["local_subnets"] or old["remote_subnets"] != new["remote_subnets"]:
+    if old.local_subnets != new.local_subnets or old.remote_subnets != new.remote_subnets:
         why.append("subnets")
-    if old["crypto_profile"] != new["crypto_profile"] or _lines(old_conf, ("ike=", "esp=", "ikelifetime", "salifetime")) != _lines(new_conf, ("ike=", "esp=", "ikelifetime", "salifetime")):
+    if old.crypto_profile != new.crypto_profile or _lines(old_conf, ("ike=", "esp=", "ikelifetime", "salifetime")) != _lines(new_conf, ("ike=", "esp=", "ikelifetime", "salifetime")):
         why.append("crypto")
-    if old["peer_address"] != new["peer_address"]:
+    if old.peer_address != new.peer_address:
         why.append("peer address")
-    if old["secret_sha256"] != new["secret_sha256"]:
+    if old.secret_sha256 != new.secret_sha256:
         why.append("secret")
-    if old["conf_sha256"] != new["conf_sha256"] and not why:
+    if old.conf_sha256 != new.conf_sha256 and not why:
         why.append("settings (" + ", ".join(_changed_keys(old_conf, new_conf)) + ")")
     return why
 
@@ -91,29 +92,33 @@ def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
     for router in sorted(set(old) | set(new)):
         o, n = old.get(router), new.get(router)
         mo, mn = _manifest(o), _manifest(n)
-        p = RouterPlan(router, mn.get("libreswan", mo.get("libreswan", 4)), new_router=o is None, gone_router=n is None)
-        for t in sorted(set(mn["tunnels"]) | set(mo["tunnels"])):
-            if t not in mo["tunnels"]:
+        current = mn or mo
+        assert current is not None  # the router is on at least one side
+        to, tn = (mo.tunnels if mo else {}), (mn.tunnels if mn else {})
+        fo, fn = (mo.files if mo else {}), (mn.files if mn else {})
+        p = RouterPlan(router, current.libreswan, new_router=o is None, gone_router=n is None)
+        for t in sorted(set(tn) | set(to)):
+            if t not in to:
                 p.added.append(t)
-            elif t not in mn["tunnels"]:
+            elif t not in tn:
                 p.removed.append(t)
             else:
-                a, b = mo["tunnels"][t], mn["tunnels"][t]
-                if (a["conf_sha256"], a["secret_sha256"]) != (b["conf_sha256"], b["secret_sha256"]):
+                a, b = to[t], tn[t]
+                if (a.conf_sha256, a.secret_sha256) != (b.conf_sha256, b.secret_sha256):
                     p.changed[t] = _reasons(a, b, o[paths.tunnel_conf(t)].content, n[paths.tunnel_conf(t)].content)
                 else:
                     p.unchanged += 1
-        for f in sorted(set(mo["files"]) | set(mn["files"])):
+        for f in sorted(set(fo) | set(fn)):
             if f.startswith(TUNNEL_FILES) or f in (paths.TUNNELS_LIST, paths.FILES_LIST):
                 continue
-            if mo["files"].get(f, {}).get("sha256") != mn["files"].get(f, {}).get("sha256"):
+            if (fo[f].sha256 if f in fo else None) != (fn[f].sha256 if f in fn else None):
                 p.other_files.append(f)
-        p.commands = _commands(p, {t: v["initiator"] for t, v in mn["tunnels"].items()})
+        p.commands = _commands(p, {t: v.initiator for t, v in tn.items()})
         p.diff = _diff(o or {}, n or {})
         if any(f.startswith(("etc/dnsmasq.d/", "etc/wan/dhcp.uci", "etc/wan/hosts")) for f in p.other_files):
-            p.commands.append("reload dnsmasq" + (" (uci batch + /etc/init.d/dnsmasq reload)" if mn.get("platform") == "openwrt" else " (systemctl try-restart dnsmasq)"))
+            p.commands.append("reload dnsmasq" + (" (uci batch + /etc/init.d/dnsmasq reload)" if current.platform == "openwrt" else " (systemctl try-restart dnsmasq)"))
         if any(f.startswith(("etc/nftables/", "etc/wan/fw4/", "etc/wan/firewall.uci")) for f in p.other_files):
-            p.commands.append("reload the firewall" + (" (uci batch + fw4 reload)" if mn.get("platform") == "openwrt" else " (nft -f /etc/nftables/wan.nft)"))
+            p.commands.append("reload the firewall" + (" (uci batch + fw4 reload)" if current.platform == "openwrt" else " (nft -f /etc/nftables/wan.nft)"))
         plans.append(p)
     return plans
 

@@ -1,6 +1,7 @@
 """Rendering: golden trees, determinism, atomic writes, secrets handling, real-tool checks."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -12,6 +13,7 @@ import pytest
 
 from render import cli, paths
 from render.check import check_out
+from render.manifest import Manifest, ManifestError
 from render.render import render_wan, write_trees
 from render.secrets import MasterKey
 from render.validate import load_sites
@@ -111,8 +113,7 @@ def test_missing_master_key_is_a_clear_error(tmp_path, monkeypatch, capsys):
 def test_master_key_from_environment_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv("WAN_PSK_MASTER", "m" * 40)
     assert cli.render("sites", str(tmp_path / "out")) == 0
-    manifest = (tmp_path / "out/acme/MANIFEST.json").read_text()
-    assert '"secrets": "master"' in manifest
+    assert Manifest.read(tmp_path / "out/acme" / paths.MANIFEST).secrets == "master"
     expected = MasterKey(b"m" * 40, "env").psk("acme-paris")
     assert expected in (tmp_path / "out/acme/etc/ipsec.d/acme-paris.secrets").read_text()
 
@@ -129,16 +130,32 @@ def test_a_failed_render_leaves_the_previous_out_untouched(tmp_path):
 
 def test_manifest_lists_every_file_with_its_digest_and_mode(tmp_path):
     import hashlib
-    import json
     _render(Path("sites"), tmp_path / "out")
     root = tmp_path / "out/paris"
-    m = json.loads((root / "MANIFEST.json").read_text())
-    on_disk = {k for k in _tree(root) if k != "MANIFEST.json"}
-    assert set(m["files"]) == on_disk
-    for name, entry in m["files"].items():
-        assert entry["sha256"] == hashlib.sha256((root / name).read_bytes()).hexdigest()
-    assert m["tunnels"]["acme-paris"]["conns"] == ["acme-paris/1x0", "acme-paris/2x0"]
-    assert m["source_revision"] == "golden"
+    m = Manifest.read(root / paths.MANIFEST)
+    on_disk = {k for k in _tree(root) if k != paths.MANIFEST}
+    assert set(m.files) == on_disk
+    for name, entry in m.files.items():
+        assert entry.sha256 == hashlib.sha256((root / name).read_bytes()).hexdigest()
+        assert entry.mode == f"{stat.S_IMODE((root / name).stat().st_mode):04o}"
+    assert m.tunnels["acme-paris"].conns == ("acme-paris/1x0", "acme-paris/2x0")
+    assert m.source_revision == "golden"
+
+
+def test_manifest_reads_back_what_it_wrote_and_refuses_anything_else(tmp_path):
+    _render(Path("sites"), tmp_path / "out")
+    path = tmp_path / "out/home" / paths.MANIFEST
+    text = path.read_text()
+    m = Manifest.from_json(text)
+    assert m.to_json() == text and m.platform == "openwrt" and m.tunnels["home-paris"].initiator
+    path.write_text(dataclasses.replace(m, format=2).to_json())
+    with pytest.raises(ManifestError, match=r"MANIFEST.json: format 2, this code reads format 1"):
+        Manifest.read(path)
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(ManifestError, match="MANIFEST.json: not a MANIFEST.json this code wrote"):
+        Manifest.read(path)
+    with pytest.raises(ManifestError, match="not a MANIFEST.json this code wrote"):
+        Manifest.from_json("[]")
 
 
 @pytest.mark.parametrize("case", GOLDEN)
