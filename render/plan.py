@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,11 +17,11 @@ from . import paths
 from .graph import mermaid
 from .manifest import Manifest, TunnelEntry
 from .model import Wan
-from .render import Tree, render_wan
+from .render import RenderedFile, Tree, render_wan, write_trees
 from .secrets import lab_key
 from .validate import load_sites
 
-TUNNEL_FILES = ("etc/ipsec.d/",)
+TUNNEL_FILES = (paths.IPSEC_D + "/",)
 
 
 @dataclass
@@ -71,19 +73,25 @@ def _changed_keys(a: bytes, b: bytes) -> list[str]:
     return sorted(k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)) or ["comments"]
 
 
-def _commands(p: RouterPlan, initiates: dict[str, bool]) -> list[str]:
-    """The ipsec commands router/reconcile will run for this plan, in its order."""
-    add = (lambda n: f"ipsec add {n}") if p.libreswan == 5 else (lambda n: f"ipsec auto --add {n}")
-    up = lambda n: [f"ipsec whack --initiate --asynchronous --name {n}"] if initiates.get(n) else []  # noqa: E731
-    cmds = []
-    if p.added or p.removed or any("secret" in w for w in p.changed.values()):
-        cmds.append("ipsec whack --rereadsecrets")
-    cmds += [f"ipsec whack --delete --name {n}" for n in p.removed]
-    for n in p.changed:
-        cmds += [f"ipsec whack --delete --name {n}", add(n)] + up(n)
-    for n in p.added:
-        cmds += [add(n)] + up(n)
-    return cmds
+def reconcile_commands(old: Tree | None, new: Tree) -> list[str]:
+    """The commands the router's own `reconcile` would run to go from `old` (None: a router with
+    nothing installed) to `new`, in its order: its dry run (`reconcile --dry-run --root ROOT TREE`,
+    router/reconcile) on the two rendered trees, `old` installed under a throw-away ROOT. Each
+    `would run: CMD` line of its output is one command, with ROOT taken out of the paths."""
+    with tempfile.TemporaryDirectory(prefix="wan-plan-") as tmp:
+        work = Path(tmp)
+        write_trees({"root": old or {paths.FILES_LIST: _EMPTY, paths.TUNNELS_LIST: _EMPTY}, "staged": new}, work / "trees")
+        root, staged = work / "trees/root", work / "trees/staged"
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": tmp, "LC_ALL": "C"}
+        r = subprocess.run(["sh", str(staged / paths.RECONCILE), "--dry-run", "--root", str(root), str(staged)],
+                           capture_output=True, text=True, env=env, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"reconcile --dry-run exited {r.returncode}: {r.stderr.strip()}")
+        return [line[len(_WOULD_RUN):].replace(f"{root}/", "/") for line in r.stdout.splitlines() if line.startswith(_WOULD_RUN)]
+
+
+_WOULD_RUN = "would run: "
+_EMPTY = RenderedFile(b"", 0o644)
 
 
 def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
@@ -113,12 +121,9 @@ def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
                 continue
             if (fo[f].sha256 if f in fo else None) != (fn[f].sha256 if f in fn else None):
                 p.other_files.append(f)
-        p.commands = _commands(p, {t: v.initiator for t, v in tn.items()})
+        # a router that leaves the WAN gets no new tree: nothing runs on it (its peers drop their ends)
+        p.commands = reconcile_commands(o, n) if n is not None else []
         p.diff = _diff(o or {}, n or {})
-        if any(f.startswith(("etc/dnsmasq.d/", "etc/wan/dhcp.uci", "etc/wan/hosts")) for f in p.other_files):
-            p.commands.append("reload dnsmasq" + (" (uci batch + /etc/init.d/dnsmasq reload)" if current.platform == "openwrt" else " (systemctl try-restart dnsmasq)"))
-        if any(f.startswith(("etc/nftables/", "etc/wan/fw4/", "etc/wan/firewall.uci")) for f in p.other_files):
-            p.commands.append("reload the firewall" + (" (uci batch + fw4 reload)" if current.platform == "openwrt" else " (nft -f /etc/nftables/wan.nft)"))
         plans.append(p)
     return plans
 
