@@ -129,8 +129,8 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: 
             files[paths.fw4_snippet(chain)] = RenderedFile(e.get_template(f"firewall/openwrt-{chain}.j2").render(**ctx).encode(), 0o644)
         files[paths.FIREWALL_UCI_OPENWRT] = RenderedFile(e.get_template("firewall/openwrt.j2").render(**ctx).encode(), 0o644)
 
-    files[paths.RECONCILE] = RenderedFile((ROUTER_PROGRAMS / "reconcile").read_bytes(), 0o755)
-    files[paths.FETCH] = RenderedFile((ROUTER_PROGRAMS / "fetch").read_bytes(), 0o755)
+    for path, program in paths.PROGRAMS.items():
+        files[path] = RenderedFile((ROUTER_PROGRAMS / program).read_bytes(), 0o755)
     if release is not None:
         files[paths.RELEASE_ENV] = RenderedFile(release.encode(), 0o644)
     files[paths.ROUTER_ENV] = RenderedFile(

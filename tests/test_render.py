@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import stat
@@ -32,20 +33,59 @@ def _tree(root: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _scrubbed(tree: dict[str, tuple[bytes, int]]) -> dict[str, bytes]:
+    """Rendered trees (router/path -> file) as the goldens hold them: without the router programs
+    (router/ is their one copy, checked below), their digests in MANIFEST.json and files.list
+    replaced by a name, and so the digest of files.list in MANIFEST.json: a change to a program
+    touches no golden. files.list itself is compared (scrubbed) like any file."""
+    digests = {hashlib.sha256((REPO / "router" / name).read_bytes()).hexdigest().encode(): f"<sha256 of router/{name}>".encode()
+               for name in paths.PROGRAMS.values()}
+    digests |= {hashlib.sha256(content).hexdigest().encode(): f"<sha256 of {paths.FILES_LIST}>".encode()
+                for name, (content, _) in tree.items() if name.split("/", 1)[1] == paths.FILES_LIST}
+    out = {}
+    for name, (content, _) in tree.items():
+        if name.split("/", 1)[1] in paths.PROGRAMS:
+            continue
+        for digest, label in digests.items():
+            content = content.replace(digest, label)
+        out[name] = content
+    return out
+
+
 @pytest.mark.parametrize("case", GOLDEN)
 def test_rendered_tree_matches_golden(case, tmp_path, update_goldens):
     case_dir = REPO / "tests/golden" / case
     out = tmp_path / "out"
     _render(Path("tests/golden") / case / "sites", out)
     expected = case_dir / "expected"
+    got = _scrubbed(_tree(out))
     if update_goldens:
         shutil.rmtree(expected, ignore_errors=True)
-        shutil.copytree(out, expected)
-    got = {k: v[0] for k, v in _tree(out).items()}
+        for name, content in got.items():
+            (expected / name).parent.mkdir(parents=True, exist_ok=True)
+            (expected / name).write_bytes(content)
     want = {k: v[0] for k, v in _tree(expected).items()}
     assert sorted(got) == sorted(want), "the set of rendered files changed (pytest --update-goldens if intended)"
     for name in got:
         assert got[name] == want[name], f"{name} differs from the golden (pytest --update-goldens if intended)"
+
+
+@pytest.mark.parametrize("case", ["sites"] + [f"tests/golden/{c}/sites" for c in GOLDEN])
+def test_every_tree_carries_the_router_programs_byte_for_byte(case, tmp_path):
+    _render(Path(case), tmp_path / "out")
+    routers = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert routers
+    for router in routers:
+        root = tmp_path / "out" / router
+        m = Manifest.read(root / paths.MANIFEST)
+        listed = {line.split()[2]: line.split()[:2] for line in (root / paths.FILES_LIST).read_text().splitlines()}
+        for path, name in paths.PROGRAMS.items():
+            program = (REPO / "router" / name).read_bytes()
+            digest = hashlib.sha256(program).hexdigest()
+            assert (root / path).read_bytes() == program, f"{router}: {path} is not router/{name}"
+            assert stat.S_IMODE((root / path).stat().st_mode) == 0o755
+            assert m.files[path].sha256 == digest and m.files[path].mode == "0755", f"{router}: MANIFEST entry of {path}"
+            assert listed[path] == [digest, "0755"], f"{router}: files.list entry of {path}"
 
 
 def test_rendering_twice_gives_byte_identical_trees(tmp_path):
@@ -129,7 +169,6 @@ def test_a_failed_render_leaves_the_previous_out_untouched(tmp_path):
 
 
 def test_manifest_lists_every_file_with_its_digest_and_mode(tmp_path):
-    import hashlib
     _render(Path("sites"), tmp_path / "out")
     root = tmp_path / "out/paris"
     m = Manifest.read(root / paths.MANIFEST)
