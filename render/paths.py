@@ -39,3 +39,10 @@ RELEASE_ENV = "etc/wan/release.env"  # only in release bundles: WAN_TAG, WAN_SER
 ROUTER_ENV = "etc/wan/router.env"
 TUNNELS_LIST = "etc/wan/tunnels.list"  # name conf_sha256 secret_sha256 initiator(1|0)
 FILES_LIST = "etc/wan/files.list"  # sha256 mode path, every installed file but itself
+
+# fetch's enrolment and state (router/fetch: LIB=$ROOT/etc/wan, CONF=$LIB/fetch.conf,
+# PUBKEY=$LIB/release.pub, STATE=$LIB/releases); reconcile keeps the files it replaced in PREVIOUS
+RELEASE_PUB = "etc/wan/release.pub"
+FETCH_CONF = "etc/wan/fetch.conf"
+RELEASES = "etc/wan/releases"
+PREVIOUS = "etc/wan/previous"

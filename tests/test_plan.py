@@ -53,8 +53,8 @@ def test_removing_a_site_deletes_its_tunnels_and_rereads_the_secrets_after_their
     assert plans["acme"].commands[:3] == ["ipsec whack --rereadsecrets", "ipsec whack --delete --name acme-oslo",
                                           "ipsec whack --rereadsecrets"]
     # OpenWrt: the UCI batch, then the platform's own reloads
-    assert plans["home"].commands[3:] == ["sh -c uci batch < '/etc/wan/dhcp.uci'", "/etc/init.d/dnsmasq reload",
-                                          "sh -c uci batch < '/etc/wan/firewall.uci'", "fw4 reload"]
+    assert plans["home"].commands[3:] == [f"sh -c uci batch < '/{paths.DHCP_UCI_OPENWRT}'", "/etc/init.d/dnsmasq reload",
+                                          f"sh -c uci batch < '/{paths.FIREWALL_UCI_OPENWRT}'", "fw4 reload"]
     # a router that leaves gets no new tree, so nothing runs on it
     assert plans["oslo"].gone_router and plans["oslo"].removed and plans["oslo"].commands == []
 
@@ -81,8 +81,8 @@ def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
         (bin_ / tool).chmod(0o755)
     # OpenWrt reloads through /etc/init.d and fw4, absent here: reconcile's stand-in hooks record them
     openwrt = {"WAN_RELOAD_DNS": f"echo reload-dns >> {log}", "WAN_RELOAD_FIREWALL": f"echo reload-firewall >> {log}"}
-    as_recorded = {"sh -c uci batch < '/etc/wan/dhcp.uci'": "reload-dns", "/etc/init.d/dnsmasq reload": None,
-                   "sh -c uci batch < '/etc/wan/firewall.uci'": "reload-firewall", "fw4 reload": None}
+    as_recorded = {f"sh -c uci batch < '/{paths.DHCP_UCI_OPENWRT}'": "reload-dns", "/etc/init.d/dnsmasq reload": None,
+                   f"sh -c uci batch < '/{paths.FIREWALL_UCI_OPENWRT}'": "reload-firewall", "fw4 reload": None}
     checked = 0
     for p in plan_trees(old, new):
         if p.gone_router:
@@ -118,8 +118,8 @@ def test_changing_a_lan_names_subnets_as_the_reason_and_no_secret_is_shown(tmp_p
     assert "ipsec whack --rereadsecrets" not in plans["acme"].commands  # the secret did not change
     # the folded diff shows the configuration lines that change, and never a secret
     d = plans["acme"].diff
-    assert "-\trightsubnet=10.3.0.0/24\n+\trightsubnet=10.3.0.0/23\n" in d and "+++ b/etc/ipsec.d/acme-berlin.conf" in d
-    assert "+++ b/etc/nftables/wan.nft" in d and "PSK" not in d and ".secrets" not in d
+    assert "-\trightsubnet=10.3.0.0/24\n+\trightsubnet=10.3.0.0/23\n" in d and f"+++ b/{paths.tunnel_conf('acme-berlin')}" in d
+    assert f"+++ b/{paths.NFT_EL}" in d and "PSK" not in d and ".secrets" not in d
 
 
 def test_a_changed_peer_address_changes_the_secret_and_says_so(tmp_path):

@@ -103,9 +103,9 @@ def test_secrets_files_are_0600_programs_0755_and_everything_else_0644(tmp_path)
 
 def test_both_ends_of_a_tunnel_share_its_psk_and_tunnels_differ(tmp_path):
     _render(Path("sites"), tmp_path / "out")
-    a = (tmp_path / "out/acme/etc/ipsec.d/acme-paris.secrets").read_text().split('PSK "')[1]
-    b = (tmp_path / "out/paris/etc/ipsec.d/acme-paris.secrets").read_text().split('PSK "')[1]
-    c = (tmp_path / "out/acme/etc/ipsec.d/acme-home.secrets").read_text().split('PSK "')[1]
+    a = (tmp_path / "out/acme" / paths.tunnel_secrets("acme-paris")).read_text().split('PSK "')[1]
+    b = (tmp_path / "out/paris" / paths.tunnel_secrets("acme-paris")).read_text().split('PSK "')[1]
+    c = (tmp_path / "out/acme" / paths.tunnel_secrets("acme-home")).read_text().split('PSK "')[1]
     assert a == b and a != c
 
 
@@ -155,7 +155,7 @@ def test_master_key_from_environment_is_used(tmp_path, monkeypatch):
     assert cli.render("sites", str(tmp_path / "out")) == 0
     assert Manifest.read(tmp_path / "out/acme" / paths.MANIFEST).secrets == "master"
     expected = MasterKey(b"m" * 40, "env").psk("acme-paris")
-    assert expected in (tmp_path / "out/acme/etc/ipsec.d/acme-paris.secrets").read_text()
+    assert expected in (tmp_path / "out/acme" / paths.tunnel_secrets("acme-paris")).read_text()
 
 
 def test_a_failed_render_leaves_the_previous_out_untouched(tmp_path):

@@ -49,7 +49,7 @@ def _break_three_things(out: Path) -> None:
     sec = out / "berlin" / paths.tunnel_secrets("acme-berlin")
     sec.write_text(re.sub(r'PSK "[^"]+"', 'PSK "not-the-same-key-on-both-ends"', sec.read_text()))
     # 2. oslo's router loses leftsourceip on every tunnel
-    for conf in (out / "oslo/etc/ipsec.d").glob("*.conf"):
+    for conf in (out / "oslo" / paths.IPSEC_D).glob("*.conf"):
         conf.write_text(re.sub(r"^\tleftsourceip=.*\n", "", conf.read_text(), flags=re.M))
     # 3. home (OpenWrt) forwards acme.inc to a wrong server (a host that runs no DNS)
     uci = out / "home" / paths.DHCP_UCI_OPENWRT
