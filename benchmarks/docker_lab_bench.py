@@ -11,14 +11,12 @@ it is there. The lab runs one at a time (the lab lock), so the runs follow each 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
+from lab.run import run_lab
 
 from lab_bench import generate
-
-from lab.run import run_lab
 
 COLS = ("image", "engine restore", "engine start", "containers", "setup", "tunnels", "checks")
 

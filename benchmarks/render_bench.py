@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 from render.render import render_wan, write_trees
 from render.secrets import MasterKey
@@ -42,7 +40,7 @@ def measure(n: int, repeat: int) -> dict:
         generate(sites, n)
         key = MasterKey(b"bench" * 8, "lab")
         runs = []
-        for r in range(repeat):
+        for _ in range(repeat):
             t0 = time.perf_counter()
             wan = load_sites(sites)
             t1 = time.perf_counter()

@@ -52,7 +52,8 @@ def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_ol
         print(p, file=sys.stderr)
     if problems:
         return 1
-    print(f"released {tag} (serial {n}, revision {rev}): {len(r.routers)} router bundles, {r.bytes:,} bytes, in {r.seconds:.2f} s "
+    print(f"released {tag} (serial {n}, revision {rev}): {len(r.routers)} router bundles, {r.bytes:,} bytes, "
+          f"in {r.seconds:.2f} s "
           f"-> {r.dir}/ (signed by key {signing.keynum.hex()}; verified{' with ' + Path(verifier).name if verifier else ''})")
     return 0
 

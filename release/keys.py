@@ -39,8 +39,8 @@ def trusted_key(repo: Path) -> signify.PublicKey:
     try:
         return signify.read_public(path.read_text())
     except FileNotFoundError:
-        raise WanError([Problem(PUBLIC_KEY, 0, "", "no trusted release key in the repository; `./run release.keygen` makes a pair "
-                                                   "and writes the public half here (commit it)")]) from None
+        raise WanError([Problem(PUBLIC_KEY, 0, "", "no trusted release key in the repository; `./run release.keygen` makes "
+                                                   "a pair and writes the public half here (commit it)")]) from None
     except signify.SignifyError as e:
         raise WanError([Problem(PUBLIC_KEY, 1, "", f"{e}; restore it from git or make a new pair with release.keygen")]) from None
 

@@ -20,7 +20,8 @@ def serial(tag: str) -> int:
     """The integer a router compares: v1.4.2 -> 1004002. A bad tag is a WanError naming --tag."""
     m = TAG.match(tag)
     if not m:
-        raise WanError([Problem("--tag", 0, "", f"{tag!r} is not a release tag; use vMAJOR.MINOR.PATCH, each part 0-999, e.g. v1.4.0")])
+        raise WanError([Problem("--tag", 0, "", f"{tag!r} is not a release tag; use vMAJOR.MINOR.PATCH, "
+                                                "each part 0-999, e.g. v1.4.0")])
     major, minor, patch = (int(x) for x in m.groups())
     return major * 1_000_000 + minor * 1_000 + patch
 

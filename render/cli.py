@@ -57,7 +57,8 @@ def render(sites: str, out: str, lab_secrets: bool = False, key: MasterKey | Non
 def check(sites: str, out: str, revision: str = "unknown") -> int:
     missing = missing_tools()
     if missing:
-        print(f"check needs {', '.join(missing)}: run ./run check (it installs them) or apt-get install libreswan dnsmasq-base nftables util-linux", file=sys.stderr)
+        print(f"check needs {', '.join(missing)}: run ./run check (it installs them) or "
+              "apt-get install libreswan dnsmasq-base nftables util-linux", file=sys.stderr)
         return 2
     rc = render(sites, out, lab_secrets=True, revision=revision)
     if rc:
@@ -66,7 +67,8 @@ def check(sites: str, out: str, revision: str = "unknown") -> int:
     for r in check_out(Path(out)):
         print(r)
         failed += not r.ok
-    print(f"{failed} check(s) failed" if failed else "every router's files pass ipsec addconn --checkconfig, algparse, dnsmasq --test and nft -c")
+    print(f"{failed} check(s) failed" if failed
+          else "every router's files pass ipsec addconn --checkconfig, algparse, dnsmasq --test and nft -c")
     return 1 if failed else 0
 
 

@@ -51,7 +51,8 @@ def _reasons(old: TunnelEntry, new: TunnelEntry, old_conf: bytes, new_conf: byte
     why = []
     if old.local_subnets != new.local_subnets or old.remote_subnets != new.remote_subnets:
         why.append("subnets")
-    if old.crypto_profile != new.crypto_profile or _lines(old_conf, ("ike=", "esp=", "ikelifetime", "salifetime")) != _lines(new_conf, ("ike=", "esp=", "ikelifetime", "salifetime")):
+    crypto = ("ike=", "esp=", "ikelifetime", "salifetime")
+    if old.crypto_profile != new.crypto_profile or _lines(old_conf, crypto) != _lines(new_conf, crypto):
         why.append("crypto")
     if old.peer_address != new.peer_address:
         why.append("peer address")
@@ -63,12 +64,13 @@ def _reasons(old: TunnelEntry, new: TunnelEntry, old_conf: bytes, new_conf: byte
 
 
 def _lines(conf: bytes, keys: tuple[str, ...]) -> list[str]:
-    return [l.strip() for l in conf.decode().splitlines() if l.strip().startswith(keys)]
+    return [line.strip() for line in conf.decode().splitlines() if line.strip().startswith(keys)]
 
 
 def _changed_keys(a: bytes, b: bytes) -> list[str]:
     def kv(t: bytes) -> dict:
-        return dict(l.strip().split("=", 1) for l in t.decode().splitlines() if "=" in l and not l.lstrip().startswith("#"))
+        return dict(line.strip().split("=", 1) for line in t.decode().splitlines()
+                    if "=" in line and not line.lstrip().startswith("#"))
     ka, kb = kv(a), kv(b)
     return sorted(k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)) or ["comments"]
 
@@ -152,7 +154,7 @@ def plan(base_sites: Path, sites: Path, base: str = "base") -> tuple[Wan, list[R
 
 
 def as_json(plans: list[RouterPlan]) -> str:
-    return json.dumps([{**{k: v for k, v in p.__dict__.items()}, "touched": p.touched} for p in plans], indent=1, sort_keys=True) + "\n"
+    return json.dumps([{**p.__dict__, "touched": p.touched} for p in plans], indent=1, sort_keys=True) + "\n"
 
 
 def as_text(plans: list[RouterPlan]) -> str:
@@ -179,12 +181,14 @@ def as_markdown(wan: Wan, plans: list[RouterPlan], base: str) -> str:
              "```mermaid", mermaid(wan, changed).rstrip(), "```", "",
              "| router | added | changed (why) | removed | unchanged | other files |", "|---|---|---|---|---|---|"]
     for p in plans:
-        lines.append(f"| {p.router}{' (new)' if p.new_router else ' (removed)' if p.gone_router else ''} | {', '.join(p.added) or '-'} | "
+        status = " (new)" if p.new_router else " (removed)" if p.gone_router else ""
+        lines.append(f"| {p.router}{status} | {', '.join(p.added) or '-'} | "
                      + (", ".join(f"{t} ({'; '.join(w)})" for t, w in p.changed.items()) or "-")
                      + f" | {', '.join(p.removed) or '-'} | {p.unchanged} | {', '.join(p.other_files) or '-'} |")
     for p in touched:
         lines += ["", f"<details><summary>{p.router}: commands</summary>", "", "```sh", *p.commands, "```", "</details>"]
         if p.diff:
-            lines += ["", f"<details><summary>{p.router}: file changes ({p.diff.count('+++ ')} files; secrets not shown)</summary>", "",
+            summary = f"{p.router}: file changes ({p.diff.count('+++ ')} files; secrets not shown)"
+            lines += ["", f"<details><summary>{summary}</summary>", "",
                       "```diff", p.diff.rstrip("\n").replace("```", "` ` `"), "```", "</details>"]
     return "\n".join(lines) + "\n"

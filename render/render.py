@@ -126,7 +126,8 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: 
         if site.dns_mode == "hosts":
             files[paths.HOSTS_OPENWRT] = RenderedFile(e.get_template("dns/hosts.j2").render(**ctx).encode(), 0o644)
         for chain in paths.FW4_SNIPPETS:
-            files[paths.fw4_snippet(chain)] = RenderedFile(e.get_template(f"firewall/openwrt-{chain}.j2").render(**ctx).encode(), 0o644)
+            snippet = e.get_template(f"firewall/openwrt-{chain}.j2").render(**ctx)
+            files[paths.fw4_snippet(chain)] = RenderedFile(snippet.encode(), 0o644)
         files[paths.FIREWALL_UCI_OPENWRT] = RenderedFile(e.get_template("firewall/openwrt.j2").render(**ctx).encode(), 0o644)
 
     for path, program in paths.PROGRAMS.items():

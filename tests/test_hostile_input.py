@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from render.check import check_ipsec, check_dnsmasq
+from render.check import check_dnsmasq, check_ipsec
 from render.errors import WanError
 from render.render import render_wan, write_trees
 from render.secrets import MasterKey

@@ -113,7 +113,8 @@ def test_exactly_one_end_of_each_tunnel_initiates(tmp_path):
     wan = load_sites("sites")
     _render(Path("sites"), tmp_path / "out")
     for t in wan.tunnels:
-        autos = sorted((tmp_path / "out" / s / paths.tunnel_conf(t.name)).read_text().split("auto=")[1].strip() for s in (t.a, t.b))
+        autos = sorted((tmp_path / "out" / s / paths.tunnel_conf(t.name)).read_text().split("auto=")[1].strip()
+                       for s in (t.a, t.b))
         assert autos == ["add", "start"], t.name
 
 
