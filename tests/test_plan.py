@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,18 @@ def test_plan_against_an_unknown_revision_says_so(tmp_path):
     with pytest.raises(git.GitError, match="cannot read the sites at no-such-ref"):
         with git.sites_at("no-such-ref", repo / "sites"):
             pass
+
+
+def test_plan_task_refuses_an_unknown_base_in_one_sentence():
+    r = subprocess.run([sys.executable, "-m", "invoke", "plan", "--base", "no-such-ref"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "cannot read the sites at no-such-ref" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_render_task_stamps_the_sites_revision_into_every_manifest(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "invoke", "render", "--lab-secrets", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    for tree in (tmp_path / "out").iterdir():
+        assert Manifest.read(tree / paths.MANIFEST).source_revision in (head, head + "+dirty")
