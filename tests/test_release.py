@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +76,11 @@ def test_release_refuses_with_a_reason_and_writes_nothing(repo, capsys, monkeypa
     assert cli.release("sites", tag, "dist") == 1
     assert words in capsys.readouterr().err
     assert not (repo / "dist").exists() or not any((repo / "dist").iterdir())
+
+
+def test_release_task_explains_itself_and_wants_a_tag():
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "invoke", "release", "--help"], capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0 and "--tag" in r.stdout and "not a release tag" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "invoke", "release"], capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 2 and "--tag vMAJOR.MINOR.PATCH is required" in r.stderr and "Traceback" not in r.stderr
