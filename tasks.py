@@ -1,8 +1,10 @@
-"""Tasks: thin; each calls one function of render/ or lab/. `./run --list` shows them."""
+"""Tasks: thin; each calls one function of render/, release/ or lab/ (and asks release/git.py for
+the revisions render/ stamps or compares). `./run --list` shows them."""
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from invoke import Collection, Exit, task
 
@@ -27,15 +29,17 @@ def validate(c, sites=SITES, format="text"):
             "lab_secrets": "use a throw-away PSK master key (for the lab and for reviews)"})
 def render(c, sites=SITES, out=OUT, lab_secrets=False):
     """Render every router's files into out/<router>/."""
+    from release import git
     from render import cli
-    _exit(cli.render(sites, out, lab_secrets=lab_secrets))
+    _exit(cli.render(sites, out, lab_secrets=lab_secrets, revision=git.revision(Path(sites))))
 
 
 @task(help={"sites": "the sites directory", "out": "where the router trees go"})
 def check(c, sites=SITES, out=OUT):
     """Render with throw-away secrets and check every file with the real tools."""
+    from release import git
     from render import cli
-    _exit(cli.check(sites, out))
+    _exit(cli.check(sites, out, revision=git.revision(Path(sites))))
 
 
 @task(help={"sites": "the sites directory", "out": "write the Mermaid text here instead of printing it"})
@@ -49,8 +53,15 @@ def graph(c, sites=SITES, out=None):
             "format": "text, markdown (pull requests: Mermaid picture, tables) or json"})
 def plan(c, sites=SITES, base=None, format="text"):
     """What the change does to each router: tunnels added, changed (why), removed; the commands."""
+    from release import git
     from render import cli
-    _exit(cli.plan(sites, base, format))
+    base = base or git.merge_base("main")
+    try:
+        with git.sites_at(base, Path(sites)) as base_sites:
+            rc = cli.plan(sites, base_sites, base, format)
+    except git.GitError as e:
+        raise Exit(str(e), code=2) from None
+    _exit(rc)
 
 
 @task(help={"k": "only tests matching this expression", "quick": "skip the lab tests (they boot kernels)"})
@@ -108,17 +119,20 @@ def down(c):
 
 @task(help={"tag": "the release tag, vMAJOR.MINOR.PATCH (it must grow)", "sites": "the sites directory",
             "dist": "where dist/<tag>/ goes", "allow_dirty": "release sites with uncommitted changes (a try-out)",
-            "allow_older": "a tag older than one released already"}, default=True, name="build")
-def release_build(c, tag, sites=SITES, dist="dist", allow_dirty=False, allow_older=False):
+            "allow_older": "a tag older than one released already"}, default=True, name="build", positional=[])
+def release_build(c, tag=None, sites=SITES, dist="dist", allow_dirty=False, allow_older=False):
     """Signed per-router bundles for a tag: dist/<tag>/<router>.tar.gz, RELEASE, SHA256SUMS(.sig)."""
-    from render import cli
+    # --tag is a flag, not a positional: a positional would swallow --help as the tag
+    if not tag:
+        raise Exit("release: --tag vMAJOR.MINOR.PATCH is required (see ./run release --help)", code=2)
+    from release import cli
     _exit(cli.release(sites, tag, dist, allow_dirty, allow_older))
 
 
 @task(help={"force": "replace an existing pair (every router must then be given the new public key)"})
 def keygen(c, force=False):
     """Make the release signing key pair: release/wan-release.pub (commit) and .wan-release.sec (secret)."""
-    from render import cli
+    from release import cli
     _exit(cli.keygen(force))
 
 

@@ -11,16 +11,12 @@ it is there. The lab runs one at a time (the lab lock), so the runs follow each 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab.run import run_lab
 
-from lab_bench import generate  # noqa: E402
-
-from lab.run import run_lab  # noqa: E402
+from lab_bench import generate
 
 COLS = ("image", "engine restore", "engine start", "containers", "setup", "tunnels", "checks")
 

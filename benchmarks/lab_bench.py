@@ -17,9 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lab.run import run_lab  # noqa: E402
+from lab.run import run_lab
 
 
 def generate(d: Path, n: int) -> Path:
@@ -77,7 +75,8 @@ def main() -> None:
                 before, after = repo / "sites", tmp / "seven"
                 shutil.copytree(repo / "sites", after)
                 text = (after / "rome.yaml").read_text()
-                (after / "zurich.yaml").write_text(text.replace("name: rome", "name: zurich").replace("203.0.113.60", "203.0.113.70")
+                (after / "zurich.yaml").write_text(text.replace("name: rome", "name: zurich")
+                                                   .replace("203.0.113.60", "203.0.113.70")
                                                    .replace("10.5.0", "10.6.0").replace("rome.acme.it", "zurich.acme.ch"))
                 what = "a 7th site"
             for mode in (m for m in args.change_modes.split(",") if m):
@@ -88,7 +87,8 @@ def main() -> None:
                 print(row(f"{mode}: lab", o), flush=True)
                 print(f"add {what} by {mode}: change {c.get('seconds')} s; unrelated SAs disturbed "
                       f"{len(c.get('disturbed', []))}/{c.get('unchanged_tunnels')}; stream {c.get('stream')}; per router "
-                      + ", ".join(f"{n} {r['seconds']} s (new tunnels up at +{r['until_new_tunnels_up']} s)" for n, r in sorted(routers.items())),
+                      + ", ".join(f"{n} {r['seconds']} s (new tunnels up at +{r['until_new_tunnels_up']} s)"
+                                  for n, r in sorted(routers.items())),
                       flush=True)
 
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from release import signify
+from release.bundle import build
+from render.secrets import MasterKey
+from render.validate import load_sites
 
-from benchmarks.render_bench import generate  # noqa: E402
-from render import signify  # noqa: E402
-from render.release import build  # noqa: E402
-from render.secrets import MasterKey  # noqa: E402
-from render.validate import load_sites  # noqa: E402
+from render_bench import generate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +36,8 @@ def measure(sites: Path, repeat: int) -> tuple[float, float, int, int, int]:
         pub.write_text(signing.public.text("bench"))
         one = r.dir / f"{r.routers[0]}.tar.gz"
         t = time.perf_counter()
-        subprocess.run(["signify-openbsd", "-V", "-q", "-p", str(pub), "-x", str(r.dir / "SHA256SUMS.sig"), "-m", str(r.dir / "SHA256SUMS")], check=True)
+        subprocess.run(["signify-openbsd", "-V", "-q", "-p", str(pub), "-x", str(r.dir / "SHA256SUMS.sig"),
+                        "-m", str(r.dir / "SHA256SUMS")], check=True)
         subprocess.run(["sha256sum", str(one)], check=True, capture_output=True)
         verify = time.perf_counter() - t
         return best, verify, len(r.routers), len(wan.tunnels), r.bytes

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lab.run import run_lab  # noqa: E402
+from lab.run import run_lab
 
 
 def main() -> None:

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from render.render import render_wan, write_trees  # noqa: E402
-from render.secrets import MasterKey  # noqa: E402
-from render.validate import load_sites  # noqa: E402
+from render.render import render_wan, write_trees
+from render.secrets import MasterKey
+from render.validate import load_sites
 
 
 def generate(d: Path, n: int) -> None:
@@ -43,7 +40,7 @@ def measure(n: int, repeat: int) -> dict:
         generate(sites, n)
         key = MasterKey(b"bench" * 8, "lab")
         runs = []
-        for r in range(repeat):
+        for _ in range(repeat):
             t0 = time.perf_counter()
             wan = load_sites(sites)
             t1 = time.perf_counter()

@@ -14,13 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from render.openwrt import dnsmasq_options  # noqa: E402
+from render import paths
+from render.openwrt import dnsmasq_options
 
 
 def main(state: Path, platform: str) -> int:
     lines = (state / "dnsmasq.base").read_text().splitlines()
-    uci = Path("/etc/wan/dhcp.uci")
+    uci = Path("/") / paths.DHCP_UCI_OPENWRT
     if platform == "openwrt" and uci.exists():
         lines += dnsmasq_options(uci.read_text())
     (state / "dnsmasq.conf").write_text("\n".join(lines) + "\n")

@@ -155,5 +155,4 @@ def snapshot(rootfs: Path, out: Path) -> None:
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "snapshot":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     snapshot(Path(sys.argv[2]), Path(sys.argv[3]))

@@ -18,10 +18,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from render.openwrt import dnsmasq_options, fw4_ruleset  # noqa: E402
+from render.openwrt import dnsmasq_options, fw4_ruleset
 
-from lab.probes import ping_many  # noqa: E402
+from lab.probes import ping_many
 
 HERE = Path(__file__).resolve().parent
 

@@ -7,10 +7,11 @@ holds it) the site's DNS server host.
 """
 from __future__ import annotations
 
-import json
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from render import paths
+from render.manifest import Manifest
 from render.model import Wan
 
 INET_GW = "100.64.0.1"
@@ -34,6 +35,7 @@ def lab_plan(wan: Wan, out: Path, prefix: str, firewall: bool, libreswan_major: 
     """Everything the in-kernel lab needs, as JSON-able data. `index` numbers the sites (namespace
     and interface names) when two revisions of a WAN share one lab."""
     sites = []
+    manifests = {s.name: Manifest.read(out / s.name / paths.MANIFEST) for s in wan.sites}
     for s in wan.sites:
         i = index[s.name] if index else wan.sites.index(s)
         lans = []
@@ -56,8 +58,7 @@ def lab_plan(wan: Wan, out: Path, prefix: str, firewall: bool, libreswan_major: 
             # the name a remote LAN host asks for: a real record where the router can know it
             "check_name": (sorted(records.items())[0] if records else (probe, lans[0]["host"])),
             "tree": str((out / s.name).resolve()),
-            "conns": {t.name: json.loads((out / s.name / "MANIFEST.json").read_text())["tunnels"][t.name]["conns"]
-                      for t in wan.tunnels_of(s.name)},
+            "conns": {t.name: list(manifests[s.name].tunnels[t.name].conns) for t in wan.tunnels_of(s.name)},
         })
     # responders start before their initiators, so no first IKE_SA_INIT meets an unloaded peer
     order, started = [], set()
@@ -94,9 +95,8 @@ def change_plan(before: Wan, out_before: Path, after: Wan, out_after: Path, pref
     digests = {}
     for out, wan in ((out_before, before), (out_after, after)):
         for s in wan.sites:
-            m = json.loads((out / s.name / "MANIFEST.json").read_text())["tunnels"]
-            for t, v in m.items():
-                digests.setdefault(t, []).append((s.name, v["conf_sha256"], v["secret_sha256"]))
+            for t, v in Manifest.read(out / s.name / paths.MANIFEST).tunnels.items():
+                digests.setdefault(t, []).append((s.name, v.conf_sha256, v.secret_sha256))
     unchanged = [t["name"] for t in pa["tunnels"] if t["name"] in old
                  and sorted(digests[t["name"]][:2]) == sorted(digests[t["name"]][2:])]
     # a ping stream across a tunnel the change does not touch: it must lose nothing

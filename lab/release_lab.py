@@ -25,8 +25,8 @@ HEALTH_TIMEOUT = 20
 # ---- host side ---------------------------------------------------------------------------------
 def scenario(wan, key, out: Path, results: Path, negatives: bool = True) -> dict:
     """Releases, enrolment trees and the steps. `negatives=False`: only the enrolment fetch."""
-    from render import signify
-    from render.release import build, release_env, resign
+    from release import signify
+    from release.bundle import build, release_env, resign
     from render.render import render_wan
     from render.secrets import lab_key
 
@@ -94,7 +94,7 @@ class _Server:
     def start(self) -> None:
         r = self.lab.plan["release"]
         self.proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.lab.plan['inet_ns']}", "--", sys.executable, "-m", "lab.release_server",
+            ["nsenter", f"--net=/run/netns/{self.lab.plan['inet_ns']}", "--", sys.executable, "-m", "release.server",
              r["dist"], r["server"], "80", str(self.lab.state / "release-server.port")],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "a"), cwd=str(Path(__file__).resolve().parent.parent))
         end = time.monotonic() + 30

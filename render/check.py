@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
+from .manifest import Manifest
 from .openwrt import dnsmasq_options, fw4_ruleset
 
 
@@ -47,7 +48,7 @@ def _as_checkable_by_4(conf: str) -> str:
 
 
 def check_ipsec(router: str, tree: Path) -> list[CheckResult]:
-    manifest_v5 = '"libreswan": 5' in (tree / paths.MANIFEST).read_text()
+    manifest_v5 = Manifest.read(tree / paths.MANIFEST).libreswan == 5
     with tempfile.TemporaryDirectory(prefix="wan-check-") as tmp:
         wrapper = Path(tmp) / "ipsec.conf"
         confdir = tree / paths.IPSEC_D

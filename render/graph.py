@@ -12,7 +12,7 @@ def mermaid(wan: Wan, highlight: frozenset[str] = frozenset()) -> str:
         lans = "<br/>".join(str(n) for n in s.lans)
         lines.append(f'  {s.name}["<b>{s.name}</b>{role}<br/>{s.router.platform}, Libreswan {s.router.libreswan}'
                      f'<br/>{s.router.public_address}<br/>{lans}<br/>{s.dns.domain}"]')
-    for i, t in enumerate(wan.tunnels):
+    for t in wan.tunnels:
         arrow = "==>" if t.name in highlight else "-->"
         lines.append(f"  {t.initiator} {arrow}|{t.name}| {t.peer_of(t.initiator)}")
     return "\n".join(lines) + "\n"

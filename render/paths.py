@@ -34,7 +34,15 @@ FIREWALL_UCI_OPENWRT = "etc/wan/firewall.uci"
 # the router-side program and the plain-text state it compares (POSIX sh reads these, not JSON)
 RECONCILE = "etc/wan/reconcile"
 FETCH = "etc/wan/fetch"  # fetches, verifies and applies signed releases (router/fetch)
+PROGRAMS = {RECONCILE: "reconcile", FETCH: "fetch"}  # path in every tree -> the program's file in router/
 RELEASE_ENV = "etc/wan/release.env"  # only in release bundles: WAN_TAG, WAN_SERIAL, WAN_REVISION
 ROUTER_ENV = "etc/wan/router.env"
 TUNNELS_LIST = "etc/wan/tunnels.list"  # name conf_sha256 secret_sha256 initiator(1|0)
 FILES_LIST = "etc/wan/files.list"  # sha256 mode path, every installed file but itself
+
+# fetch's enrolment and state (router/fetch: LIB=$ROOT/etc/wan, CONF=$LIB/fetch.conf,
+# PUBKEY=$LIB/release.pub, STATE=$LIB/releases); reconcile keeps the files it replaced in PREVIOUS
+RELEASE_PUB = "etc/wan/release.pub"
+FETCH_CONF = "etc/wan/fetch.conf"
+RELEASES = "etc/wan/releases"
+PREVIOUS = "etc/wan/previous"

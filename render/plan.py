@@ -9,20 +9,19 @@ from __future__ import annotations
 import difflib
 import json
 import subprocess
-import tarfile
-import io
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import paths
 from .graph import mermaid
+from .manifest import Manifest, TunnelEntry
 from .model import Wan
-from .render import Tree, render_wan
+from .render import RenderedFile, Tree, render_wan, write_trees
 from .secrets import lab_key
 from .validate import load_sites
 
-TUNNEL_FILES = ("etc/ipsec.d/",)
+TUNNEL_FILES = (paths.IPSEC_D + "/",)
 
 
 @dataclass
@@ -44,49 +43,57 @@ class RouterPlan:
         return bool(self.added or self.changed or self.removed or self.other_files or self.new_router or self.gone_router)
 
 
-def _manifest(tree: Tree | None) -> dict:
-    return json.loads(tree[paths.MANIFEST].content) if tree else {"tunnels": {}, "files": {}}
+def _manifest(tree: Tree | None) -> Manifest | None:
+    return Manifest.from_json(tree[paths.MANIFEST].content) if tree else None
 
 
-def _reasons(old: dict, new: dict, old_conf: bytes, new_conf: bytes) -> list[str]:
+def _reasons(old: TunnelEntry, new: TunnelEntry, old_conf: bytes, new_conf: bytes) -> list[str]:
     why = []
-    if old["local_subnets"] != new["local_subnets"] or old["remote_subnets"] != new["remote_subnets"]:
+    if old.local_subnets != new.local_subnets or old.remote_subnets != new.remote_subnets:
         why.append("subnets")
-    if old["crypto_profile"] != new["crypto_profile"] or _lines(old_conf, ("ike=", "esp=", "ikelifetime", "salifetime")) != _lines(new_conf, ("ike=", "esp=", "ikelifetime", "salifetime")):
+    crypto = ("ike=", "esp=", "ikelifetime", "salifetime")
+    if old.crypto_profile != new.crypto_profile or _lines(old_conf, crypto) != _lines(new_conf, crypto):
         why.append("crypto")
-    if old["peer_address"] != new["peer_address"]:
+    if old.peer_address != new.peer_address:
         why.append("peer address")
-    if old["secret_sha256"] != new["secret_sha256"]:
+    if old.secret_sha256 != new.secret_sha256:
         why.append("secret")
-    if old["conf_sha256"] != new["conf_sha256"] and not why:
+    if old.conf_sha256 != new.conf_sha256 and not why:
         why.append("settings (" + ", ".join(_changed_keys(old_conf, new_conf)) + ")")
     return why
 
 
 def _lines(conf: bytes, keys: tuple[str, ...]) -> list[str]:
-    return [l.strip() for l in conf.decode().splitlines() if l.strip().startswith(keys)]
+    return [line.strip() for line in conf.decode().splitlines() if line.strip().startswith(keys)]
 
 
 def _changed_keys(a: bytes, b: bytes) -> list[str]:
     def kv(t: bytes) -> dict:
-        return dict(l.strip().split("=", 1) for l in t.decode().splitlines() if "=" in l and not l.lstrip().startswith("#"))
+        return dict(line.strip().split("=", 1) for line in t.decode().splitlines()
+                    if "=" in line and not line.lstrip().startswith("#"))
     ka, kb = kv(a), kv(b)
     return sorted(k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)) or ["comments"]
 
 
-def _commands(p: RouterPlan, initiates: dict[str, bool]) -> list[str]:
-    """The ipsec commands router/reconcile will run for this plan, in its order."""
-    add = (lambda n: f"ipsec add {n}") if p.libreswan == 5 else (lambda n: f"ipsec auto --add {n}")
-    up = lambda n: [f"ipsec whack --initiate --asynchronous --name {n}"] if initiates.get(n) else []  # noqa: E731
-    cmds = []
-    if p.added or p.removed or any("secret" in w for w in p.changed.values()):
-        cmds.append("ipsec whack --rereadsecrets")
-    cmds += [f"ipsec whack --delete --name {n}" for n in p.removed]
-    for n in p.changed:
-        cmds += [f"ipsec whack --delete --name {n}", add(n)] + up(n)
-    for n in p.added:
-        cmds += [add(n)] + up(n)
-    return cmds
+def reconcile_commands(old: Tree | None, new: Tree) -> list[str]:
+    """The commands the router's own `reconcile` would run to go from `old` (None: a router with
+    nothing installed) to `new`, in its order: its dry run (`reconcile --dry-run --root ROOT TREE`,
+    router/reconcile) on the two rendered trees, `old` installed under a throw-away ROOT. Each
+    `would run: CMD` line of its output is one command, with ROOT taken out of the paths."""
+    with tempfile.TemporaryDirectory(prefix="wan-plan-") as tmp:
+        work = Path(tmp)
+        write_trees({"root": old or {paths.FILES_LIST: _EMPTY, paths.TUNNELS_LIST: _EMPTY}, "staged": new}, work / "trees")
+        root, staged = work / "trees/root", work / "trees/staged"
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": tmp, "LC_ALL": "C"}
+        r = subprocess.run(["sh", str(staged / paths.RECONCILE), "--dry-run", "--root", str(root), str(staged)],
+                           capture_output=True, text=True, env=env, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"reconcile --dry-run exited {r.returncode}: {r.stderr.strip()}")
+        return [line[len(_WOULD_RUN):].replace(f"{root}/", "/") for line in r.stdout.splitlines() if line.startswith(_WOULD_RUN)]
+
+
+_WOULD_RUN = "would run: "
+_EMPTY = RenderedFile(b"", 0o644)
 
 
 def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
@@ -95,29 +102,30 @@ def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
     for router in sorted(set(old) | set(new)):
         o, n = old.get(router), new.get(router)
         mo, mn = _manifest(o), _manifest(n)
-        p = RouterPlan(router, mn.get("libreswan", mo.get("libreswan", 4)), new_router=o is None, gone_router=n is None)
-        for t in sorted(set(mn["tunnels"]) | set(mo["tunnels"])):
-            if t not in mo["tunnels"]:
+        current = mn or mo
+        assert current is not None  # the router is on at least one side
+        to, tn = (mo.tunnels if mo else {}), (mn.tunnels if mn else {})
+        fo, fn = (mo.files if mo else {}), (mn.files if mn else {})
+        p = RouterPlan(router, current.libreswan, new_router=o is None, gone_router=n is None)
+        for t in sorted(set(tn) | set(to)):
+            if t not in to:
                 p.added.append(t)
-            elif t not in mn["tunnels"]:
+            elif t not in tn:
                 p.removed.append(t)
             else:
-                a, b = mo["tunnels"][t], mn["tunnels"][t]
-                if (a["conf_sha256"], a["secret_sha256"]) != (b["conf_sha256"], b["secret_sha256"]):
+                a, b = to[t], tn[t]
+                if (a.conf_sha256, a.secret_sha256) != (b.conf_sha256, b.secret_sha256):
                     p.changed[t] = _reasons(a, b, o[paths.tunnel_conf(t)].content, n[paths.tunnel_conf(t)].content)
                 else:
                     p.unchanged += 1
-        for f in sorted(set(mo["files"]) | set(mn["files"])):
+        for f in sorted(set(fo) | set(fn)):
             if f.startswith(TUNNEL_FILES) or f in (paths.TUNNELS_LIST, paths.FILES_LIST):
                 continue
-            if mo["files"].get(f, {}).get("sha256") != mn["files"].get(f, {}).get("sha256"):
+            if (fo[f].sha256 if f in fo else None) != (fn[f].sha256 if f in fn else None):
                 p.other_files.append(f)
-        p.commands = _commands(p, {t: v["initiator"] for t, v in mn["tunnels"].items()})
+        # a router that leaves the WAN gets no new tree: nothing runs on it (its peers drop their ends)
+        p.commands = reconcile_commands(o, n) if n is not None else []
         p.diff = _diff(o or {}, n or {})
-        if any(f.startswith(("etc/dnsmasq.d/", "etc/wan/dhcp.uci", "etc/wan/hosts")) for f in p.other_files):
-            p.commands.append("reload dnsmasq" + (" (uci batch + /etc/init.d/dnsmasq reload)" if mn.get("platform") == "openwrt" else " (systemctl try-restart dnsmasq)"))
-        if any(f.startswith(("etc/nftables/", "etc/wan/fw4/", "etc/wan/firewall.uci")) for f in p.other_files):
-            p.commands.append("reload the firewall" + (" (uci batch + fw4 reload)" if mn.get("platform") == "openwrt" else " (nft -f /etc/nftables/wan.nft)"))
         plans.append(p)
     return plans
 
@@ -134,28 +142,19 @@ def _diff(old: Tree, new: Tree) -> str:
     return "".join(x if x.endswith("\n") else x + "\n" for x in out)
 
 
-def sites_at(ref: str, sites: Path, into: Path) -> Path:
-    """The sites directory as it was at git `ref` (git archive: no checkout, the work tree is untouched)."""
-    top = Path(subprocess.run(["git", "-C", str(sites), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip())
-    rel = sites.resolve().relative_to(top)
-    data = subprocess.run(["git", "-C", str(top), "archive", "--format=tar", ref, "--", str(rel)], capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(into, filter="data")
-    return into / rel
-
-
-def plan(base_ref: str, sites: Path) -> tuple[Wan, list[RouterPlan]]:
+def plan(base_sites: Path, sites: Path, base: str = "base") -> tuple[Wan, list[RouterPlan]]:
+    """Per router, what the sites in `sites` change against the sites in `base_sites` (the same
+    sites at revision `base`)."""
     key = lab_key()  # the same throw-away key for both sides: secrets compare structurally
-    with tempfile.TemporaryDirectory(prefix="wan-plan-") as tmp:
-        old_wan = load_sites(sites_at(base_ref, Path(sites), Path(tmp)))
-        old = render_wan(old_wan, key, base_ref)
+    old_wan = load_sites(base_sites)
+    old = render_wan(old_wan, key, base)
     new_wan = load_sites(sites)
     new = render_wan(new_wan, key, "work tree")
     return new_wan, plan_trees(old, new)
 
 
 def as_json(plans: list[RouterPlan]) -> str:
-    return json.dumps([{**{k: v for k, v in p.__dict__.items()}, "touched": p.touched} for p in plans], indent=1, sort_keys=True) + "\n"
+    return json.dumps([{**p.__dict__, "touched": p.touched} for p in plans], indent=1, sort_keys=True) + "\n"
 
 
 def as_text(plans: list[RouterPlan]) -> str:
@@ -190,12 +189,14 @@ def as_markdown(wan: Wan, plans: list[RouterPlan], base: str) -> str:
              "```mermaid", mermaid(wan, changed).rstrip(), "```", "",
              "| router | added | changed (why) | removed | unchanged | other files |", "|---|---|---|---|---|---|"]
     for p in plans:
-        lines.append(f"| {p.router}{' (new)' if p.new_router else ' (removed)' if p.gone_router else ''} | {', '.join(p.added) or '-'} | "
+        status = " (new)" if p.new_router else " (removed)" if p.gone_router else ""
+        lines.append(f"| {p.router}{status} | {', '.join(p.added) or '-'} | "
                      + (", ".join(f"{t} ({'; '.join(w)})" for t, w in p.changed.items()) or "-")
                      + f" | {', '.join(p.removed) or '-'} | {p.unchanged} | {', '.join(p.other_files) or '-'} |")
     for p in touched:
         lines += ["", f"<details><summary>{p.router}: commands</summary>", "", "```sh", *p.commands, "```", "</details>"]
         if p.diff:
-            lines += ["", f"<details><summary>{p.router}: file changes ({p.diff.count('+++ ')} files; secrets not shown)</summary>", "",
+            summary = f"{p.router}: file changes ({p.diff.count('+++ ')} files; secrets not shown)"
+            lines += ["", f"<details><summary>{summary}</summary>", "",
                       "```diff", p.diff.rstrip("\n").replace("```", "` ` `"), "```", "</details>"]
     return "\n".join(lines) + "\n"

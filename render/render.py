@@ -5,7 +5,6 @@ Pure and deterministic: the same model, key and revision give byte-identical tre
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -15,12 +14,12 @@ from pathlib import Path
 import jinja2
 
 from . import paths
+from .manifest import FileEntry, Manifest, TunnelEntry
 from .model import Site, Tunnel, Wan
 from .secrets import MasterKey
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 ROUTER_PROGRAMS = Path(__file__).resolve().parent.parent / "router"
-MANIFEST_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: 
     e = env()
     source = wan.source_dir
     files: Tree = {}
-    tunnels = {}
+    tunnels: dict[str, TunnelEntry] = {}
 
     files[paths.IPSEC_CONF] = RenderedFile(e.get_template("ipsec/ipsec.conf.j2").render().encode(), 0o644)
     files[paths.IPSEC_SECRETS] = RenderedFile(e.get_template("ipsec/ipsec.secrets.j2").render().encode(), 0o600)
@@ -99,17 +98,17 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: 
         conf_b, secret_b = conf.encode(), secret.encode()
         files[paths.tunnel_conf(t.name)] = RenderedFile(conf_b, 0o644)
         files[paths.tunnel_secrets(t.name)] = RenderedFile(secret_b, 0o600)
-        tunnels[t.name] = {
-            "peer": peer.name,
-            "initiator": initiator,
-            "conns": conn_names(t, site, peer),
-            "conf_sha256": hashlib.sha256(conf_b).hexdigest(),
-            "secret_sha256": hashlib.sha256(secret_b).hexdigest(),
-            "peer_address": str(peer.router.public_address),
-            "local_subnets": [str(n) for n in site.lans],
-            "remote_subnets": [str(n) for n in peer.lans],
-            "crypto_profile": t.crypto.name,
-        }
+        tunnels[t.name] = TunnelEntry(
+            peer=peer.name,
+            initiator=initiator,
+            conns=tuple(conn_names(t, site, peer)),
+            conf_sha256=hashlib.sha256(conf_b).hexdigest(),
+            secret_sha256=hashlib.sha256(secret_b).hexdigest(),
+            peer_address=str(peer.router.public_address),
+            local_subnets=tuple(str(n) for n in site.lans),
+            remote_subnets=tuple(str(n) for n in peer.lans),
+            crypto_profile=t.crypto.name,
+        )
 
     remote = [wan.site(t.peer_of(site.name)) for t in my_tunnels]
     remote.sort(key=lambda s: s.name)
@@ -127,35 +126,35 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: 
         if site.dns_mode == "hosts":
             files[paths.HOSTS_OPENWRT] = RenderedFile(e.get_template("dns/hosts.j2").render(**ctx).encode(), 0o644)
         for chain in paths.FW4_SNIPPETS:
-            files[paths.fw4_snippet(chain)] = RenderedFile(e.get_template(f"firewall/openwrt-{chain}.j2").render(**ctx).encode(), 0o644)
+            snippet = e.get_template(f"firewall/openwrt-{chain}.j2").render(**ctx)
+            files[paths.fw4_snippet(chain)] = RenderedFile(snippet.encode(), 0o644)
         files[paths.FIREWALL_UCI_OPENWRT] = RenderedFile(e.get_template("firewall/openwrt.j2").render(**ctx).encode(), 0o644)
 
-    files[paths.RECONCILE] = RenderedFile((ROUTER_PROGRAMS / "reconcile").read_bytes(), 0o755)
-    files[paths.FETCH] = RenderedFile((ROUTER_PROGRAMS / "fetch").read_bytes(), 0o755)
+    for path, program in paths.PROGRAMS.items():
+        files[path] = RenderedFile((ROUTER_PROGRAMS / program).read_bytes(), 0o755)
     if release is not None:
         files[paths.RELEASE_ENV] = RenderedFile(release.encode(), 0o644)
     files[paths.ROUTER_ENV] = RenderedFile(
         f"WAN_ROUTER={site.name}\nWAN_PLATFORM={site.router.platform}\nWAN_LIBRESWAN={site.router.libreswan}\n".encode(), 0o644)
     files[paths.TUNNELS_LIST] = RenderedFile("".join(
-        f"{name} {t['conf_sha256']} {t['secret_sha256']} {1 if t['initiator'] else 0}\n"
+        f"{name} {t.conf_sha256} {t.secret_sha256} {1 if t.initiator else 0}\n"
         for name, t in sorted(tunnels.items())).encode(), 0o644)
     files[paths.FILES_LIST] = RenderedFile("".join(
         f"{hashlib.sha256(f.content).hexdigest()} {f.mode:04o} {p}\n" for p, f in sorted(files.items())).encode(), 0o644)
 
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "wan": wan.name,
-        "router": site.name,
-        "platform": site.router.platform,
-        "libreswan": site.router.libreswan,
-        "source_revision": revision,
-        "secrets": key.origin if key.origin == "lab" else "master",
-        "lan_address": str(site.router.lan_address),
-        "public_address": str(site.router.public_address),
-        "files": {p: {"sha256": hashlib.sha256(f.content).hexdigest(), "mode": f"{f.mode:04o}"} for p, f in sorted(files.items())},
-        "tunnels": tunnels,
-    }
-    files[paths.MANIFEST] = RenderedFile((json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), 0o644)
+    manifest = Manifest(
+        wan=wan.name,
+        router=site.name,
+        platform=site.router.platform,
+        libreswan=site.router.libreswan,
+        source_revision=revision,
+        secrets=key.origin if key.origin == "lab" else "master",
+        lan_address=str(site.router.lan_address),
+        public_address=str(site.router.public_address),
+        files={p: FileEntry(hashlib.sha256(f.content).hexdigest(), f"{f.mode:04o}") for p, f in sorted(files.items())},
+        tunnels=tunnels,
+    )
+    files[paths.MANIFEST] = RenderedFile(manifest.to_json().encode(), 0o644)
     return files
 
 

@@ -51,9 +51,11 @@ def find_master(repo_root: Path, file: Path | None = None) -> MasterKey:
             origin = "file"
         except FileNotFoundError:
             raise WanError([Problem(ENV, 0, "", f"no PSK master key: set {ENV} (CI secret store) or write one line to {path} "
-                                                "(git-ignored), e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > "
-                                                f"{LOCAL_FILE}`; for the lab use --lab-secrets")]) from None
+                                                "(git-ignored), e.g. `python3 -c 'import secrets; "
+                                                f"print(secrets.token_urlsafe(32))' > {LOCAL_FILE}`; "
+                                                "for the lab use --lab-secrets")]) from None
     key = value.encode()
     if len(key) < MIN_BYTES:
-        raise WanError([Problem(ENV, 0, "", f"the PSK master key is shorter than {MIN_BYTES} characters; make a longer random one")])
+        raise WanError([Problem(ENV, 0, "", f"the PSK master key is shorter than {MIN_BYTES} characters; "
+                                            "make a longer random one")])
     return MasterKey(key, origin)

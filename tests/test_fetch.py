@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from render import signify
-from render.release import build, pack, release_env, resign
+from release import signify
+from release.bundle import build, pack, release_env, resign
 from render.render import render_wan
 from render.secrets import MasterKey
 from render.validate import load_sites
@@ -55,7 +55,7 @@ exit 0
 
 
 class Server:
-    """lab/release_server.py on 127.0.0.1 (a free port); restartable (a test makes it die)."""
+    """release/server.py on 127.0.0.1 (a free port); restartable (a test makes it die)."""
 
     def __init__(self, root: Path, log: Path):
         self.root, self.log, self.proc = root, log, None
@@ -64,7 +64,7 @@ class Server:
     def start(self) -> None:
         portfile = self.root.parent / "port"
         portfile.unlink(missing_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "lab.release_server", str(self.root), "127.0.0.1", "0", str(portfile)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "release.server", str(self.root), "127.0.0.1", "0", str(portfile)],
                                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
         end = time.monotonic() + 20
         while not portfile.exists():

@@ -75,7 +75,7 @@ class Router:
 
 def _expected(tree: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(tree)): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
-            for p in tree.rglob("*") if p.is_file() and p.name != "MANIFEST.json"}
+            for p in tree.rglob("*") if p.is_file() and p.name != paths.MANIFEST}
 
 
 def _installed(tmp: Path, shell: list[str], before: list[str], after: list[str], router: str) -> tuple[Router, Path, Path]:

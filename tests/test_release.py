@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from render import cli, release, signify
+from release import cli, keys, signify
+from release.bundle import verify
 
 from support import sites_repo
 
@@ -28,7 +31,7 @@ def repo(tmp_path, monkeypatch):
 
 def test_keygen_writes_a_pair_and_refuses_to_replace_it(repo, capsys):
     assert cli.keygen() == 0
-    pub, sec = repo / release.PUBLIC_KEY, repo / release.SECRET_FILE
+    pub, sec = repo / keys.PUBLIC_KEY, repo / keys.SECRET_FILE
     assert stat.S_IMODE(sec.stat().st_mode) == 0o600
     key = signify.read_secret(sec.read_text())
     assert signify.read_public(pub.read_text()) == key.public
@@ -44,9 +47,9 @@ def test_release_builds_signed_bundles_and_prints_no_secret(repo, capsys):
     out, err = capsys.readouterr()
     assert "released v1.2.3 (serial 1002003" in out and "verified with signify-openbsd" in out
     d = repo / "dist/v1.2.3"
-    assert release.verify(d, signify.read_public((repo / release.PUBLIC_KEY).read_text())) == []
+    assert verify(d, signify.read_public((repo / keys.PUBLIC_KEY).read_text())) == []
     assert "WAN_REVISION=" in (d / "RELEASE").read_text() and "+dirty" not in (d / "RELEASE").read_text()
-    secret_line = (repo / release.SECRET_FILE).read_text().splitlines()[1]
+    secret_line = (repo / keys.SECRET_FILE).read_text().splitlines()[1]
     assert MASTER not in out + err and secret_line not in out + err
 
 
@@ -63,7 +66,7 @@ def test_release_refuses_with_a_reason_and_writes_nothing(repo, capsys, monkeypa
     if case == "bad tag":
         tag = "1.2"
     elif case == "no signing key":
-        os.unlink(repo / release.SECRET_FILE)
+        os.unlink(repo / keys.SECRET_FILE)
     elif case == "other signing key":
         monkeypatch.setenv("WAN_RELEASE_KEY", signify.generate().text("another key"))
     elif case == "dirty":
@@ -73,3 +76,11 @@ def test_release_refuses_with_a_reason_and_writes_nothing(repo, capsys, monkeypa
     assert cli.release("sites", tag, "dist") == 1
     assert words in capsys.readouterr().err
     assert not (repo / "dist").exists() or not any((repo / "dist").iterdir())
+
+
+def test_release_task_explains_itself_and_wants_a_tag():
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "invoke", "release", "--help"], capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0 and "--tag" in r.stdout and "not a release tag" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "invoke", "release"], capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 2 and "--tag vMAJOR.MINOR.PATCH is required" in r.stderr and "Traceback" not in r.stderr

@@ -1,6 +1,8 @@
 """Rendering: golden trees, determinism, atomic writes, secrets handling, real-tool checks."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import shutil
 import stat
@@ -12,6 +14,7 @@ import pytest
 
 from render import cli, paths
 from render.check import check_out
+from render.manifest import Manifest, ManifestError
 from render.render import render_wan, write_trees
 from render.secrets import MasterKey
 from render.validate import load_sites
@@ -30,20 +33,59 @@ def _tree(root: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _scrubbed(tree: dict[str, tuple[bytes, int]]) -> dict[str, bytes]:
+    """Rendered trees (router/path -> file) as the goldens hold them: without the router programs
+    (router/ is their one copy, checked below), their digests in MANIFEST.json and files.list
+    replaced by a name, and so the digest of files.list in MANIFEST.json: a change to a program
+    touches no golden. files.list itself is compared (scrubbed) like any file."""
+    digests = {hashlib.sha256((REPO / "router" / name).read_bytes()).hexdigest().encode(): f"<sha256 of router/{name}>".encode()
+               for name in paths.PROGRAMS.values()}
+    digests |= {hashlib.sha256(content).hexdigest().encode(): f"<sha256 of {paths.FILES_LIST}>".encode()
+                for name, (content, _) in tree.items() if name.split("/", 1)[1] == paths.FILES_LIST}
+    out = {}
+    for name, (content, _) in tree.items():
+        if name.split("/", 1)[1] in paths.PROGRAMS:
+            continue
+        for digest, label in digests.items():
+            content = content.replace(digest, label)
+        out[name] = content
+    return out
+
+
 @pytest.mark.parametrize("case", GOLDEN)
 def test_rendered_tree_matches_golden(case, tmp_path, update_goldens):
     case_dir = REPO / "tests/golden" / case
     out = tmp_path / "out"
     _render(Path("tests/golden") / case / "sites", out)
     expected = case_dir / "expected"
+    got = _scrubbed(_tree(out))
     if update_goldens:
         shutil.rmtree(expected, ignore_errors=True)
-        shutil.copytree(out, expected)
-    got = {k: v[0] for k, v in _tree(out).items()}
+        for name, content in got.items():
+            (expected / name).parent.mkdir(parents=True, exist_ok=True)
+            (expected / name).write_bytes(content)
     want = {k: v[0] for k, v in _tree(expected).items()}
     assert sorted(got) == sorted(want), "the set of rendered files changed (pytest --update-goldens if intended)"
     for name in got:
         assert got[name] == want[name], f"{name} differs from the golden (pytest --update-goldens if intended)"
+
+
+@pytest.mark.parametrize("case", ["sites"] + [f"tests/golden/{c}/sites" for c in GOLDEN])
+def test_every_tree_carries_the_router_programs_byte_for_byte(case, tmp_path):
+    _render(Path(case), tmp_path / "out")
+    routers = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert routers
+    for router in routers:
+        root = tmp_path / "out" / router
+        m = Manifest.read(root / paths.MANIFEST)
+        listed = {line.split()[2]: line.split()[:2] for line in (root / paths.FILES_LIST).read_text().splitlines()}
+        for path, name in paths.PROGRAMS.items():
+            program = (REPO / "router" / name).read_bytes()
+            digest = hashlib.sha256(program).hexdigest()
+            assert (root / path).read_bytes() == program, f"{router}: {path} is not router/{name}"
+            assert stat.S_IMODE((root / path).stat().st_mode) == 0o755
+            assert m.files[path].sha256 == digest and m.files[path].mode == "0755", f"{router}: MANIFEST entry of {path}"
+            assert listed[path] == [digest, "0755"], f"{router}: files.list entry of {path}"
 
 
 def test_rendering_twice_gives_byte_identical_trees(tmp_path):
@@ -61,9 +103,9 @@ def test_secrets_files_are_0600_programs_0755_and_everything_else_0644(tmp_path)
 
 def test_both_ends_of_a_tunnel_share_its_psk_and_tunnels_differ(tmp_path):
     _render(Path("sites"), tmp_path / "out")
-    a = (tmp_path / "out/acme/etc/ipsec.d/acme-paris.secrets").read_text().split('PSK "')[1]
-    b = (tmp_path / "out/paris/etc/ipsec.d/acme-paris.secrets").read_text().split('PSK "')[1]
-    c = (tmp_path / "out/acme/etc/ipsec.d/acme-home.secrets").read_text().split('PSK "')[1]
+    a = (tmp_path / "out/acme" / paths.tunnel_secrets("acme-paris")).read_text().split('PSK "')[1]
+    b = (tmp_path / "out/paris" / paths.tunnel_secrets("acme-paris")).read_text().split('PSK "')[1]
+    c = (tmp_path / "out/acme" / paths.tunnel_secrets("acme-home")).read_text().split('PSK "')[1]
     assert a == b and a != c
 
 
@@ -71,7 +113,8 @@ def test_exactly_one_end_of_each_tunnel_initiates(tmp_path):
     wan = load_sites("sites")
     _render(Path("sites"), tmp_path / "out")
     for t in wan.tunnels:
-        autos = sorted((tmp_path / "out" / s / paths.tunnel_conf(t.name)).read_text().split("auto=")[1].strip() for s in (t.a, t.b))
+        autos = sorted((tmp_path / "out" / s / paths.tunnel_conf(t.name)).read_text().split("auto=")[1].strip()
+                       for s in (t.a, t.b))
         assert autos == ["add", "start"], t.name
 
 
@@ -111,10 +154,9 @@ def test_missing_master_key_is_a_clear_error(tmp_path, monkeypatch, capsys):
 def test_master_key_from_environment_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv("WAN_PSK_MASTER", "m" * 40)
     assert cli.render("sites", str(tmp_path / "out")) == 0
-    manifest = (tmp_path / "out/acme/MANIFEST.json").read_text()
-    assert '"secrets": "master"' in manifest
+    assert Manifest.read(tmp_path / "out/acme" / paths.MANIFEST).secrets == "master"
     expected = MasterKey(b"m" * 40, "env").psk("acme-paris")
-    assert expected in (tmp_path / "out/acme/etc/ipsec.d/acme-paris.secrets").read_text()
+    assert expected in (tmp_path / "out/acme" / paths.tunnel_secrets("acme-paris")).read_text()
 
 
 def test_a_failed_render_leaves_the_previous_out_untouched(tmp_path):
@@ -128,17 +170,32 @@ def test_a_failed_render_leaves_the_previous_out_untouched(tmp_path):
 
 
 def test_manifest_lists_every_file_with_its_digest_and_mode(tmp_path):
-    import hashlib
-    import json
     _render(Path("sites"), tmp_path / "out")
     root = tmp_path / "out/paris"
-    m = json.loads((root / "MANIFEST.json").read_text())
-    on_disk = {k for k in _tree(root) if k != "MANIFEST.json"}
-    assert set(m["files"]) == on_disk
-    for name, entry in m["files"].items():
-        assert entry["sha256"] == hashlib.sha256((root / name).read_bytes()).hexdigest()
-    assert m["tunnels"]["acme-paris"]["conns"] == ["acme-paris/1x0", "acme-paris/2x0"]
-    assert m["source_revision"] == "golden"
+    m = Manifest.read(root / paths.MANIFEST)
+    on_disk = {k for k in _tree(root) if k != paths.MANIFEST}
+    assert set(m.files) == on_disk
+    for name, entry in m.files.items():
+        assert entry.sha256 == hashlib.sha256((root / name).read_bytes()).hexdigest()
+        assert entry.mode == f"{stat.S_IMODE((root / name).stat().st_mode):04o}"
+    assert m.tunnels["acme-paris"].conns == ("acme-paris/1x0", "acme-paris/2x0")
+    assert m.source_revision == "golden"
+
+
+def test_manifest_reads_back_what_it_wrote_and_refuses_anything_else(tmp_path):
+    _render(Path("sites"), tmp_path / "out")
+    path = tmp_path / "out/home" / paths.MANIFEST
+    text = path.read_text()
+    m = Manifest.from_json(text)
+    assert m.to_json() == text and m.platform == "openwrt" and m.tunnels["home-paris"].initiator
+    path.write_text(dataclasses.replace(m, format=2).to_json())
+    with pytest.raises(ManifestError, match=r"MANIFEST.json: format 2, this code reads format 1"):
+        Manifest.read(path)
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(ManifestError, match="MANIFEST.json: not a MANIFEST.json this code wrote"):
+        Manifest.read(path)
+    with pytest.raises(ManifestError, match="not a MANIFEST.json this code wrote"):
+        Manifest.from_json("[]")
 
 
 @pytest.mark.parametrize("case", GOLDEN)

@@ -49,7 +49,7 @@ def _break_three_things(out: Path) -> None:
     sec = out / "berlin" / paths.tunnel_secrets("acme-berlin")
     sec.write_text(re.sub(r'PSK "[^"]+"', 'PSK "not-the-same-key-on-both-ends"', sec.read_text()))
     # 2. oslo's router loses leftsourceip on every tunnel
-    for conf in (out / "oslo/etc/ipsec.d").glob("*.conf"):
+    for conf in (out / "oslo" / paths.IPSEC_D).glob("*.conf"):
         conf.write_text(re.sub(r"^\tleftsourceip=.*\n", "", conf.read_text(), flags=re.M))
     # 3. home (OpenWrt) forwards acme.inc to a wrong server (a host that runs no DNS)
     uci = out / "home" / paths.DHCP_UCI_OPENWRT
@@ -62,7 +62,8 @@ def test_broken_psk_missing_leftsourceip_and_wrong_dns_forward_turn_exactly_thei
     assert red(outcome, "tunnel") == {("acme", "berlin")}
     assert red(outcome, "ping") == {("acme", "berlin"), ("berlin", "acme")}
     # oslo's own pings miss the tunnels (and acme<->berlin has no tunnel at all)
-    assert red(outcome, "router_ping") == {("oslo", o) for o in ("acme", "berlin", "home")} | {("acme", "berlin"), ("berlin", "acme")}
+    assert red(outcome, "router_ping") == ({("oslo", o) for o in ("acme", "berlin", "home")}
+                                           | {("acme", "berlin"), ("berlin", "acme")})
     assert red(outcome, "dns") == {("home", "acme"), ("acme", "berlin"), ("berlin", "acme")}
     diag = tmp_path / "results/diagnostics"
     assert "AUTHENTICATION_FAILED" in (diag / "berlin/pluto.log").read_text() + (diag / "acme/pluto.log").read_text()

@@ -37,9 +37,10 @@ class PublicKey:
     def text(self, comment: str) -> str:
         return _file(comment, b"Ed" + self.keynum + self.key)
 
-    def verify(self, signature: "Signature", data: bytes) -> None:
+    def verify(self, signature: Signature, data: bytes) -> None:
         if signature.keynum != self.keynum:
-            raise SignifyError(f"the signature was made by key {signature.keynum.hex()}, not by the trusted key {self.keynum.hex()}")
+            raise SignifyError(f"the signature was made by key {signature.keynum.hex()}, "
+                               f"not by the trusted key {self.keynum.hex()}")
         try:
             Ed25519PublicKey.from_public_bytes(self.key).verify(signature.sig, data)
         except InvalidSignature:

@@ -7,7 +7,7 @@ A download can be made to break off: ROOT/<tag>/.break-off holding "<file> <byte
 server send the full Content-Length, then only that many bytes, then stop (the whole process
 exits, as a server that dies mid-download would).
 
-    python3 -m lab.release_server ROOT ADDRESS PORT [PORTFILE]
+    python3 -m release.server ROOT ADDRESS PORT [PORTFILE]
 PORT 0 picks a free port; it is written to PORTFILE (or printed) once the server listens.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Releases: one signed, reproducible bundle per router.
+"""Bundles: one signed, reproducible archive per router.
 
 dist/<tag>/
   <router>.tar.gz     the router's tree (as out/<router>/) plus etc/wan/release.env
@@ -7,8 +7,7 @@ dist/<tag>/
   SHA256SUMS.sig      Ed25519 signature over SHA256SUMS, usign/signify format
 
 Same sites, key and tag give the same bytes: entries sorted, owner root, one fixed time (the
-revision's commit time), gzip without name or time. Tags are vMAJOR.MINOR.PATCH; the serial
-MAJOR*1000000 + MINOR*1000 + PATCH orders them for routers (POSIX sh compares integers).
+revision's commit time), gzip without name or time.
 """
 from __future__ import annotations
 
@@ -16,36 +15,24 @@ import gzip
 import hashlib
 import io
 import os
-import re
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from render.model import Wan
+from render.render import Tree, render_wan
+from render.secrets import MasterKey
+
 from . import signify
-from .errors import Problem, WanError
-from .model import Wan
-from .render import Tree, render_wan
-from .secrets import MasterKey
-
-TAG = re.compile(r"^v(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
-PUBLIC_KEY = "release/wan-release.pub"  # committed: what routers trust
-SECRET_ENV = "WAN_RELEASE_KEY"  # the secret key file's text, from the CI secret store
-SECRET_FILE = ".wan-release.sec"  # or this git-ignored file at the repository root
-
-
-def serial(tag: str) -> int:
-    m = TAG.match(tag)
-    if not m:
-        raise WanError([Problem("--tag", 0, "", f"{tag!r} is not a release tag; use vMAJOR.MINOR.PATCH, each part 0-999, e.g. v1.4.0")])
-    major, minor, patch = (int(x) for x in m.groups())
-    return major * 1_000_000 + minor * 1_000 + patch
+from .keys import PUBLIC_KEY
+from .policy import serial
 
 
 def release_env(tag: str, revision: str) -> str:
+    """The text of the bundle's etc/wan/release.env."""
     return f"WAN_TAG={tag}\nWAN_SERIAL={serial(tag)}\nWAN_REVISION={revision}\n"
 
 
@@ -140,60 +127,3 @@ def verify(release_dir: Path, public: signify.PublicKey) -> list[str]:
         except OSError as e:
             problems.append(f"{d}/{name}: {e.strerror}")
     return problems
-
-
-# ---- keys --------------------------------------------------------------------------------------
-def find_signing_key(repo: Path, file: Path | None = None) -> signify.SecretKey:
-    """The release signing key: $WAN_RELEASE_KEY (CI secret store) or the ignored local file."""
-    text = os.environ.get(SECRET_ENV)
-    where = SECRET_ENV
-    if file is not None or not text:
-        path = file or repo / SECRET_FILE
-        where = str(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise WanError([Problem(SECRET_ENV, 0, "", f"no release signing key: set {SECRET_ENV} to the text of the secret key "
-                                                       f"file (CI secret store), or write it to {path} (git-ignored); "
-                                                       "`./run release.keygen` makes a pair")]) from None
-    try:
-        return signify.read_secret(text)
-    except signify.SignifyError as e:
-        raise WanError([Problem(where, 0, "", f"the release signing key is unusable: {e}")]) from None
-
-
-def trusted_key(repo: Path) -> signify.PublicKey:
-    path = repo / PUBLIC_KEY
-    try:
-        return signify.read_public(path.read_text())
-    except FileNotFoundError:
-        raise WanError([Problem(PUBLIC_KEY, 0, "", "no trusted release key in the repository; `./run release.keygen` makes a pair "
-                                                   "and writes the public half here (commit it)")]) from None
-    except signify.SignifyError as e:
-        raise WanError([Problem(PUBLIC_KEY, 1, "", f"{e}; restore it from git or make a new pair with release.keygen")]) from None
-
-
-def keygen(repo: Path, secret_file: Path | None = None, force: bool = False) -> tuple[Path, Path]:
-    pub, sec = repo / PUBLIC_KEY, secret_file or repo / SECRET_FILE
-    if not force and (pub.exists() or sec.exists()):
-        raise WanError([Problem(str(pub if pub.exists() else sec), 0, "", "a release key exists already; routers trust it. "
-                                "Use --force to replace it (then every router must be given the new public key)")])
-    key = signify.generate()
-    sec.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.text("wan release secret key (keep it in the CI secret store, never in git)"))
-    pub.parent.mkdir(parents=True, exist_ok=True)
-    pub.write_text(key.public.text(f"wan release public key {key.keynum.hex()}"))
-    return pub, sec
-
-
-def commit_time(repo: Path, revision: str) -> int:
-    rev = revision.split("+")[0]
-    r = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%ct", rev], capture_output=True, text=True, timeout=10)
-    return int(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip().isdigit() else 0
-
-
-def released_tags(repo: Path) -> list[str]:
-    r = subprocess.run(["git", "-C", str(repo), "tag", "--list", "v*"], capture_output=True, text=True, timeout=10)
-    return [t for t in r.stdout.split() if TAG.match(t)]

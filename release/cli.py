@@ -1,0 +1,69 @@
+"""The release verbs behind tasks.py (release, release.keygen): each returns an exit code and
+prints for a person."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from render.cli import print_problems
+from render.errors import WanError
+from render.secrets import find_master
+from render.validate import load_sites
+
+from . import git, keys, policy
+from .bundle import build, verify
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_older: bool = False) -> int:
+    """Signed per-router bundles for `tag` in dist/<tag>/, refused when policy says so."""
+    try:
+        n = policy.serial(tag)
+        wan = load_sites(sites)
+        rev = git.revision(Path(sites))
+        tracked = git.tracked_changes(REPO)
+        refusal = None if allow_dirty else policy.refuse_uncommitted(sites, rev, tracked)
+        refusal = refusal or (None if allow_older else policy.refuse_downgrade(tag, git.released_tags(REPO)))
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return 1
+        rev = policy.revision_of_release(rev, tracked)
+        trusted = keys.trusted_key(REPO)
+        signing = keys.find_signing_key(REPO)
+        refusal = policy.refuse_foreign_key(signing, trusted)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return 1
+        key = find_master(REPO)
+        r = build(wan, key, signing, tag, Path(dist), rev, git.commit_time(REPO, rev))
+    except WanError as e:
+        return print_problems(e)
+    problems = verify(r.dir, trusted)
+    verifier = shutil.which("signify-openbsd") or shutil.which("signify")
+    if verifier and not problems:
+        v = subprocess.run([verifier, "-V", "-q", "-p", str(REPO / keys.PUBLIC_KEY), "-x", str(r.dir / "SHA256SUMS.sig"),
+                            "-m", str(r.dir / "SHA256SUMS")], capture_output=True, text=True)
+        if v.returncode:
+            problems.append(f"{Path(verifier).name}: {v.stderr.strip()}")
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"released {tag} (serial {n}, revision {rev}): {len(r.routers)} router bundles, {r.bytes:,} bytes, "
+          f"in {r.seconds:.2f} s "
+          f"-> {r.dir}/ (signed by key {signing.keynum.hex()}; verified{' with ' + Path(verifier).name if verifier else ''})")
+    return 0
+
+
+def keygen(force: bool = False) -> int:
+    """A new signing key pair: release/wan-release.pub (commit it) and .wan-release.sec (secret)."""
+    try:
+        pub, sec = keys.keygen(REPO, force=force)
+    except WanError as e:
+        return print_problems(e)
+    print(f"wrote {pub} (commit it: routers trust this key) and {sec} (secret, git-ignored: put its text into the "
+          f"CI secret store as {keys.SECRET_ENV}, then keep it offline)")
+    return 0
