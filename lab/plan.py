@@ -96,7 +96,7 @@ def change_plan(before: Wan, out_before: Path, after: Wan, out_after: Path, pref
     for out, wan in ((out_before, before), (out_after, after)):
         for s in wan.sites:
             for t, v in Manifest.read(out / s.name / paths.MANIFEST).tunnels.items():
-                digests.setdefault(t, []).append((s.name, v.conf_sha256, v.secret_sha256))
+                digests.setdefault(t, []).append((s.name, v.conf_sha256))
     unchanged = [t["name"] for t in pa["tunnels"] if t["name"] in old
                  and sorted(digests[t["name"]][:2]) == sorted(digests[t["name"]][2:])]
     # a ping stream across a tunnel the change does not touch: it must lose nothing

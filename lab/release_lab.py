@@ -3,7 +3,7 @@ fetch program, its settings) fetch a signed release from a release server inside
 it with the real verifier (signify-openbsd), apply it with reconcile against real pluto; then the
 refusals and the rollback are played against one router.
 
-Host side: `scenario()` builds the releases (dist/<tag>/, with the lab's throw-away PSK key and a
+Host side: `scenario()` builds the releases (dist/<tag>/, with the lab's own router keys and a
 throw-away signing key) and the enrolment trees, and describes the steps as plain data.
 Guest side: `run(lab)` (called by lab/inner.py) serves dist/ from the "internet" namespace and
 plays the steps; every step becomes a check row of kind "release".
@@ -23,35 +23,37 @@ HEALTH_TIMEOUT = 20
 
 
 # ---- host side ---------------------------------------------------------------------------------
-def scenario(wan, key, out: Path, results: Path, negatives: bool = True) -> dict:
+def scenario(wan, out: Path, results: Path, negatives: bool = True) -> dict:
     """Releases, enrolment trees and the steps. `negatives=False`: only the enrolment fetch."""
     from release import signify
     from release.bundle import build, release_env, resign
     from render.render import render_wan
-    from render.secrets import lab_key
+
+    from .keys import with_wrong_peer_keys
 
     signing = signify.generate()
     dist = results / "releases"
-    build(wan, key, signing, GOOD, dist, "lab")
+    build(wan, signing, GOOD, dist, "lab")
     steps = [{"name": "enrol", "tag": GOOD}]
     first = wan.tunnels[0]
     victim = first.initiator  # it brings its own tunnel back after a rollback (no waiting on a peer)
     other = first.peer_of(victim)
     if negatives:
-        d = build(wan, key, signing, "v1.1.0", dist, "lab").dir
+        d = build(wan, signing, "v1.1.0", dist, "lab").dir
         b = bytearray((d / f"{victim}.tar.gz").read_bytes())
         b[len(b) // 2] ^= 0x01
         (d / f"{victim}.tar.gz").write_bytes(bytes(b))
-        build(wan, key, signify.generate(), "v1.2.0", dist, "lab")
-        d = build(wan, key, signing, "v1.3.0", dist, "lab").dir
+        build(wan, signify.generate(), "v1.2.0", dist, "lab")
+        d = build(wan, signing, "v1.3.0", dist, "lab").dir
         shutil.copy(d / f"{other}.tar.gz", d / f"{victim}.tar.gz")
         resign(d, signing)
-        build(wan, key, signing, "v0.9.0", dist, "lab")
-        d = build(wan, key, signing, "v1.4.0", dist, "lab").dir
+        build(wan, signing, "v0.9.0", dist, "lab")
+        d = build(wan, signing, "v1.4.0", dist, "lab").dir
         (d / ".break-off").write_text(f"{victim}.tar.gz {(d / f'{victim}.tar.gz').stat().st_size // 2}\n")
-        trees = render_wan(wan, key, "lab", release_env("v1.5.0", "lab"))
-        trees[victim] = render_wan(wan, lab_key(), "lab", release_env("v1.5.0", "lab"))[victim]  # other secrets
-        build(wan, key, signing, "v1.5.0", dist, "lab", trees=trees)
+        trees = render_wan(wan, "lab", release_env("v1.5.0", "lab"))
+        # broken on the victim only: it holds a wrong public key for every peer, so none of its tunnels comes up
+        trees[victim] = render_wan(with_wrong_peer_keys(wan, victim), "lab", release_env("v1.5.0", "lab"))[victim]
+        build(wan, signing, "v1.5.0", dist, "lab", trees=trees)
         steps += [
             {"name": "tampered bundle", "tag": "v1.1.0", "router": victim, "rc": 2,
              "words": f"{victim}.tar.gz does not match the signed SHA256SUMS"},
@@ -72,7 +74,7 @@ def scenario(wan, key, out: Path, results: Path, negatives: bool = True) -> dict
         tree = out / s.name
         for d in sorted(p for p in (tree / "etc").rglob("*") if p.is_dir()):
             (e / d.relative_to(tree)).mkdir(parents=True, exist_ok=True)
-        for f in ("etc/ipsec.conf", "etc/ipsec.secrets"):  # what the Libreswan package installs
+        for f in ("etc/ipsec.conf",):  # what the Libreswan package installs
             shutil.copy(tree / f, e / f)
         (e / "etc/wan").mkdir(parents=True, exist_ok=True)
         shutil.copy(pub, e / "etc/wan/release.pub")
@@ -129,7 +131,7 @@ def _fetch(lab, name: str, *args: str) -> dict:
 
 def _snapshot(lab, name: str) -> str:
     """Digests of the router's WAN files (fetch's own staging area left out)."""
-    script = ("cd /etc && find ipsec.conf ipsec.secrets ipsec.d wan dnsmasq.d nftables -type f 2>/dev/null "
+    script = ("cd /etc && find ipsec.conf ipsec.d wan dnsmasq.d nftables -type f 2>/dev/null "
               "| grep -v -e '^wan/releases/' -e '^wan/previous/' | sort | xargs sha256sum")
     r = subprocess.run(["nsenter", "-t", str(lab.holders[name].pid), "-m", "--", "sh", "-c", script],
                        capture_output=True, text=True, timeout=60)

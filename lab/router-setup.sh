@@ -4,7 +4,7 @@
 # its real paths (/etc/ipsec.conf, /etc/ipsec.d, ...), starts what the router's platform starts,
 # then stays alive so the lab can enter this namespace pair with nsenter -t <its pid>.
 #   $1 router name   $2 rendered tree   $3 state dir (writable, outside the namespace too)
-#   $4 nss template  $5 dnsmasq config (written by the lab: the platform's base options)
+#   $4 the router's own NSS database (the lab's key pair for it: lab/keys.py)  $5 dnsmasq config (written by the lab: the platform's base options)
 #   $6 firewall file to load, or "-" when the lab kernel cannot (User-Mode Linux)
 set -eu
 name=$1 tree=$2 state=$3 nss=$4 dnsconf=$5 firewall=$6

@@ -18,10 +18,10 @@ from typing import Callable
 
 from render.model import Wan
 from render.render import render_wan, write_trees
-from render.secrets import lab_key
 from render.validate import load_sites
 
 from . import kernels, report
+from .keys import LabKeys
 from .plan import change_plan, lab_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,8 +199,13 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     major = installed_libreswan_major()
     wan, notes = _as_lab_version(load_sites(sites), major)
     out = results / "out"
-    key = lab_key()  # one key for both revisions of a change: an untouched tunnel renders byte-identical
-    write_trees(render_wan(wan, key, "before" if change_to is not None else "lab"), out)
+    # the lab's own key pair per router in place of the site files' keys (one mapping for both
+    # revisions of a change: an untouched tunnel renders byte-identical)
+    lab_keys = LabKeys()
+    wan = lab_keys.apply(wan)
+    notes.append("the lab used its own key pair per router (made in each router's NSS database) in place of the "
+                 "public keys in the site files")
+    write_trees(render_wan(wan, "before" if change_to is not None else "lab"), out)
     if tamper:
         tamper(out)
     firewall = kind != "uml" and not release
@@ -211,15 +216,20 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     prefix = "w" + uuid.uuid4().hex[:5]
     if change_to is not None:
         wan_after, more = _as_lab_version(load_sites(change_to), major)
+        wan_after = lab_keys.apply(wan_after)
         notes += [n for n in more if n not in notes]
         out_after = results / "out-after"
-        write_trees(render_wan(wan_after, key, "after"), out_after)
+        write_trees(render_wan(wan_after, "after"), out_after)
         plan = change_plan(wan, out, wan_after, out_after, prefix, firewall, major, change_mode)
     else:
         plan = lab_plan(wan, out, prefix, firewall, major)
+    # each router's lab copies its own NSS database (lab/router-setup.sh)
+    for s in plan["sites"] + plan.get("network_sites", []) + plan.get("change", {}).get("sites", []):
+        if s["name"] in lab_keys.routers:
+            s["nss"] = str(lab_keys.nss(s["name"]))
     if release:
         from . import release_lab
-        plan["release"] = release_lab.scenario(wan, key, out, results, negatives=release == "full")
+        plan["release"] = release_lab.scenario(wan, out, results, negatives=release == "full")
     if hold:
         plan["hold"] = str(results / "control")
     if routers == "docker":
@@ -270,6 +280,11 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     result["routers"] = routers
     if image_seconds is not None:
         result["timings"] = {"image": image_seconds, **result.get("timings", {})}
+    if lab_keys.generation_seconds():
+        result["key_generation_seconds"] = lab_keys.generation_seconds()
+    result["keys"] = {"origin": "lab", "why": "the lab made its own key pair per router in place of the routers' "
+                      "public keys in the site files (their private halves never leave the routers)",
+                      "ckaids": {r: [k.ckaid for k in v.keys] for r, v in sorted(lab_keys.routers.items())}}
     result["boot_seconds"] = round(run.boot_seconds, 2)
     result["total_seconds"] = round(time.monotonic() - t0, 2)
     (results / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

@@ -6,7 +6,8 @@ dist/<tag>/
   SHA256SUMS          sha256 of every file above ("HASH  NAME", as sha256sum writes it)
   SHA256SUMS.sig      Ed25519 signature over SHA256SUMS, usign/signify format
 
-Same sites, key and tag give the same bytes: entries sorted, owner root, one fixed time (the
+No secret is in a bundle (the routers' public keys only), so a release may be public.
+Same sites and tag give the same bytes: entries sorted, owner root, one fixed time (the
 revision's commit time), gzip without name or time.
 """
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pathlib import Path
 
 from render.model import Wan
 from render.render import Tree, render_wan
-from render.secrets import MasterKey
 
 from . import signify
 from .keys import PUBLIC_KEY
@@ -66,13 +66,13 @@ class Release:
     seconds: float
 
 
-def build(wan: Wan, key: MasterKey, signing: signify.SecretKey, tag: str, dist: Path, revision: str,
+def build(wan: Wan, signing: signify.SecretKey, tag: str, dist: Path, revision: str,
           mtime: int = 0, trees: dict[str, Tree] | None = None) -> Release:
-    """Render every router with `key`, pack, checksum and sign into dist/<tag>/ (replaced atomically).
+    """Render every router, pack, checksum and sign into dist/<tag>/ (replaced atomically).
     `trees` may be given instead of rendering (tests build deliberately broken releases this way)."""
     t0 = time.perf_counter()
     n = serial(tag)
-    trees = trees if trees is not None else render_wan(wan, key, revision, release_env(tag, revision))
+    trees = trees if trees is not None else render_wan(wan, revision, release_env(tag, revision))
     files: dict[str, bytes] = {f"{name}.tar.gz": pack(tree, mtime) for name, tree in sorted(trees.items())}
     files["RELEASE"] = f"WAN_TAG={tag}\nWAN_SERIAL={n}\nWAN_REVISION={revision}\nWAN_NAME={wan.name}\n".encode()
     files.update(sign_sums(files, signing))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-GOLDEN_KEY = b"golden-tests-only-not-a-real-master-key"
+
 
 
 def sites_repo(path: Path) -> Path:
@@ -17,3 +17,16 @@ def sites_repo(path: Path) -> Path:
     subprocess.run(git + ["add", "."], check=True)
     subprocess.run(git + ["commit", "-qm", "sites"], check=True)
     return path
+
+
+def site_key(name: str) -> dict:
+    """A public key for a test site named `name` (ckaid, rsasigkey), as the site file holds it (the same on every call).
+    From tests/data/site-keys.json (public halves only; nobody kept the private ones), or made now
+    for a name the fixtures do not know."""
+    import json
+    known = json.loads((REPO / "tests/data/site-keys.json").read_text())
+    if f"{name}:2048" in known:
+        return dict(known[f"{name}:2048"])
+    from lab.keys import stranger_key
+    k = stranger_key()
+    return {"ckaid": k.ckaid, "rsasigkey": k.rsasigkey}

@@ -3,13 +3,15 @@ verified by the real `signify-openbsd`, downloaded by curl or BusyBox wget, unde
 bash.
 
 Here `ipsec` is a stand-in (pluto cannot hold tunnels on this machine's kernel): it records its
-calls and plays the peer: a connection counts as established once added if its secret is the one
-the peer holds. tests/lab/test_release_lab.py runs the same program against real pluto and ESP.
+calls and plays the peer: a connection counts as established once added if each end holds the
+other's public key (this router's rightrsasigkey is the peer's leftrsasigkey and the other way round).
+tests/lab/test_release_lab.py runs the same program against real pluto and ESP.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from lab.keys import stranger_key, with_wrong_peer_keys
 from release import signify
 from release.bundle import build, pack, release_env, resign
 from render.render import render_wan
-from render.secrets import MasterKey
 from render.validate import load_sites
 
 from support import REPO
@@ -33,8 +35,6 @@ SHELLS = [s for s in (["busybox", "sh"], ["bash"]) if shutil.which(s[0])]
 DOWNLOADERS = [d for d in ("curl", "wget") if shutil.which("curl" if d == "curl" else "busybox")]
 pytestmark = pytest.mark.skipif(not shutil.which("signify-openbsd"), reason="needs signify-openbsd (./run installs it)")
 
-GOOD = MasterKey(b"fetch-tests-master-key-not-real-0001", "lab")
-OTHER = MasterKey(b"fetch-tests-another-master-key-0002", "lab")
 
 STUB_IPSEC = """#!/bin/sh
 # stand-in for ipsec (see the module's docstring)
@@ -47,8 +47,10 @@ case "$1" in
     esac ;;
   auto|add)
     [ "$1" = auto ] && n=$3 || n=$2
-    psk() { sed -n 's/.*PSK "\\(.*\\)"/\\1/p' "$1"; }
-    if [ "$(psk "$STUB_ROOT/etc/ipsec.d/$n.secrets")" = "$(psk "$STUB_PEERS/$n.secrets")" ]; then : > "$STUB_STATE/$n"; fi ;;
+    key() { sed -n "s/^[[:space:]]*$2=//p" "$1"; }
+    mine=$STUB_ROOT/etc/ipsec.d/$n.conf peer=$STUB_PEERS/$n.conf
+    if [ "$(key "$mine" leftrsasigkey)" = "$(key "$peer" rightrsasigkey)" ] && \
+       [ "$(key "$mine" rightrsasigkey)" = "$(key "$peer" leftrsasigkey)" ]; then : > "$STUB_STATE/$n"; fi ;;
 esac
 exit 0
 """
@@ -103,19 +105,18 @@ class World:
             (bin_ / "wget").symlink_to(shutil.which("busybox"))
         self.state = tmp / "pluto"
         self.state.mkdir()
-        self.peers = tmp / "peers"  # what home (the peer) holds: the good release's secrets
+        self.peers = tmp / "peers"  # what home (the peer) holds: the good release's conns (and keys)
         self.peers.mkdir()
-        for p, f in render_wan(self.wan, GOOD)["home"].items():
-            if p.endswith(".secrets") and "/ipsec.d/" in p:
+        for p, f in render_wan(self.wan)["home"].items():
+            if p.endswith(".conf") and "/ipsec.d/" in p:
                 (self.peers / Path(p).name).write_bytes(f.content)
         self.log = tmp / "ipsec.log"
         self.env = {"PATH": f"{bin_}:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": str(tmp), "STUB_LOG": str(self.log),
                     "STUB_STATE": str(self.state), "STUB_ROOT": str(self.root), "STUB_PEERS": str(self.peers),
                     "WAN_RELOAD_DNS": "true", "WAN_RELOAD_FIREWALL": "true"}
 
-    def release(self, tag: str, key: MasterKey = GOOD, signing: signify.SecretKey | None = None, latest: bool = True,
-                trees=None) -> Path:
-        r = build(self.wan, key, signing or self.key, tag, self.dist, "test", trees=trees)
+    def release(self, tag: str, signing: signify.SecretKey | None = None, latest: bool = True, trees=None) -> Path:
+        r = build(self.wan, signing or self.key, tag, self.dist, "test", trees=trees)
         if latest:
             (self.dist / "latest").write_text(tag + "\n")
         return r.dir
@@ -151,9 +152,10 @@ def test_first_fetch_installs_the_release_and_a_second_finds_nothing_to_do(world
     assert "v1.0.0 verified (signature, checksums, router)" in r.stderr and "applied and healthy" in r.stderr
     assert world.installed_tag() == "WAN_TAG=v1.0.0"
     assert (world.root / "etc/ipsec.d/acme-home.conf").exists()
-    assert (world.root / "etc/ipsec.d/acme-home.secrets").stat().st_mode & 0o777 == 0o600
+    assert (world.root / "etc/ipsec.d/acme-home.conf").stat().st_mode & 0o777 == 0o644
+    assert not list(world.root.rglob("*.secrets"))
     assert "ipsec auto --add acme-home" in world.calls()
-    assert (world.state / "acme-home").exists()  # the stand-in peer accepted its secret
+    assert (world.state / "acme-home").exists()  # the stand-in peer accepted its key
     r = world.fetch()
     assert r.returncode == 0 and "nothing to do" in r.stderr
     assert world.calls() == []  # no ipsec command at all
@@ -216,9 +218,9 @@ def test_a_release_that_breaks_the_tunnels_is_rolled_back(world):
     world.release("v1.0.0")
     assert world.fetch().returncode == 0
     good = world.snapshot()
-    # v1.1.0: acme's bundle has other secrets than its peer (rendered with another master key)
-    bad = render_wan(world.wan, OTHER, "test", release_env("v1.1.0", "test"))
-    ok = render_wan(world.wan, GOOD, "test", release_env("v1.1.0", "test"))
+    # v1.1.0: acme's bundle holds a wrong public key for its peer, so it refuses the peer's signature
+    bad = render_wan(with_wrong_peer_keys(world.wan, "acme"), "test", release_env("v1.1.0", "test"))
+    ok = render_wan(world.wan, "test", release_env("v1.1.0", "test"))
     world.release("v1.1.0", trees={"acme": bad["acme"], "home": ok["home"]})
     r = world.fetch()
     assert r.returncode == 1, r.stderr
@@ -244,8 +246,8 @@ def test_only_the_newest_bundles_are_kept(world):
 def test_bundles_are_reproducible_and_verify_with_signify(tmp_path):
     wan = load_sites(WAN)
     key = signify.generate()
-    a = build(wan, GOOD, key, "v1.0.0", tmp_path / "a", "abc", mtime=1700000000).dir
-    b = build(wan, GOOD, key, "v1.0.0", tmp_path / "b", "abc", mtime=1700000000).dir
+    a = build(wan, key, "v1.0.0", tmp_path / "a", "abc", mtime=1700000000).dir
+    b = build(wan, key, "v1.0.0", tmp_path / "b", "abc", mtime=1700000000).dir
     assert sorted(os.listdir(a)) == ["RELEASE", "SHA256SUMS", "SHA256SUMS.sig", "acme.tar.gz", "home.tar.gz"]
     for n in os.listdir(a):
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
@@ -256,9 +258,11 @@ def test_bundles_are_reproducible_and_verify_with_signify(tmp_path):
     assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=a).returncode == 0
     # the bundle: the rendered tree plus release.env, root-owned, modes kept
     t = subprocess.run(["tar", "-tvzf", str(a / "acme.tar.gz")], capture_output=True, text=True).stdout
-    assert "-rw------- root/root" in next(line for line in t.splitlines() if line.endswith("acme-home.secrets"))
-    assert "etc/wan/release.env" in t and "etc/wan/fetch" in t
-    assert pack(render_wan(wan, GOOD, "abc")["acme"], 0) != pack(render_wan(wan, OTHER, "abc")["acme"], 0)
+    assert "-rw-r--r-- root/root" in next(line for line in t.splitlines() if line.endswith("acme-home.conf"))
+    assert "-rwxr-xr-x root/root" in next(line for line in t.splitlines() if line.endswith("etc/wan/fetch"))
+    assert "etc/wan/release.env" in t and ".secrets" not in t
+    other = with_wrong_peer_keys(wan, "acme")
+    assert pack(render_wan(wan, "abc")["acme"], 0) != pack(render_wan(other, "abc")["acme"], 0)
 
 
 def test_settings_are_read_not_run(world, tmp_path):
@@ -279,10 +283,11 @@ def test_settings_are_read_not_run(world, tmp_path):
 def test_health_all_requires_every_tunnel_of_the_release(world):
     with open(world.root / "etc/wan/fetch.conf", "a") as f:
         f.write("WAN_HEALTH=all\n")
-    # the stand-in peer holds other secrets than the release: on a first install nothing was up
-    # before, so only WAN_HEALTH=all notices that acme-home never comes up
+    # the stand-in peer holds another key for acme than the release's: on a first install nothing
+    # was up before, so only WAN_HEALTH=all notices that acme-home never comes up
+    stranger = stranger_key().rsasigkey
     for p in world.peers.iterdir():
-        p.write_text(p.read_text().replace('PSK "', 'PSK "other-'))
+        p.write_text(re.sub(r"(?m)^\trightrsasigkey=.*$", "\trightrsasigkey=" + stranger, p.read_text()))
     world.release("v1.0.0")
     r = world.fetch()
     assert r.returncode == 3 and "not up after 3 s: acme-home" in r.stderr, r.stderr

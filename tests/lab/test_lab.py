@@ -40,14 +40,15 @@ def test_two_site_smoke_on_uml(tmp_path):
     assert capture["evidence"]["esp_packets"] > 0 and capture["evidence"]["plain_icmp_between_lans"] == 0
     junit = (tmp_path / "results/junit.xml").read_text()
     assert 'failures="0"' in junit and "ping acme -&gt; home" in junit
-    # no key material leaves the lab
-    assert "PSK" not in json.dumps(outcome.result)
+    # no key material leaves the lab; the result says the lab used its own key pairs
+    assert "PSK" not in json.dumps(outcome.result) and "PRIVATE" not in json.dumps(outcome.result)
+    assert outcome.result["keys"]["origin"] == "lab" and set(outcome.result["keys"]["ckaids"]) == {"acme", "home"}
+    assert any("its own key pair per router" in n for n in outcome.notes)
 
 
 def _break_three_things(out: Path) -> None:
-    # 1. acme-berlin: berlin's end gets a different PSK
-    sec = out / "berlin" / paths.tunnel_secrets("acme-berlin")
-    sec.write_text(re.sub(r'PSK "[^"]+"', 'PSK "not-the-same-key-on-both-ends"', sec.read_text()))
+    # 1. acme-berlin: berlin's end holds a wrong public key for acme (one nobody has the private half of)
+    wrong_peer_key(out / "berlin" / paths.tunnel_conf("acme-berlin"))
     # 2. oslo's router loses leftsourceip on every tunnel
     for conf in (out / "oslo" / paths.IPSEC_D).glob("*.conf"):
         conf.write_text(re.sub(r"^\tleftsourceip=.*\n", "", conf.read_text(), flags=re.M))
@@ -56,7 +57,14 @@ def _break_three_things(out: Path) -> None:
     uci.write_text(uci.read_text().replace("/acme.inc/10.1.2.250@", "/acme.inc/10.1.2.251@"))
 
 
-def test_broken_psk_missing_leftsourceip_and_wrong_dns_forward_turn_exactly_their_cells_red(tmp_path):
+def wrong_peer_key(conf: Path) -> None:
+    """The conn expects a public key for its peer that the peer does not have."""
+    from lab.keys import stranger_key
+    conf.write_text(re.sub(r"^\trightrsasigkey=.*$", "\trightrsasigkey=" + stranger_key().rsasigkey, conf.read_text(),
+                           flags=re.M))
+
+
+def test_wrong_peer_key_missing_leftsourceip_and_wrong_dns_forward_turn_exactly_their_cells_red(tmp_path):
     outcome = run_lab(WANS / "four", "uml", tmp_path / "results", timeout=600, tamper=_break_three_things)
     assert not outcome.ok
     assert red(outcome, "tunnel") == {("acme", "berlin")}
