@@ -7,6 +7,7 @@ Every case runs under BusyBox ash (OpenWrt's shell) and bash (RHEL's).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -175,3 +176,47 @@ def test_a_failing_step_exits_nonzero_keeps_the_old_state_and_the_previous_tree(
     assert res.returncode == 1 and "FAILED" in res.stderr and "ipsec auto --add acme-paris" in res.stderr
     assert (r.root / paths.TUNNELS_LIST).read_text() == old_list  # the next run retries
     assert (r.root / "etc/wan/previous.new/etc/ipsec.d/acme-home.conf").exists()
+
+
+def test_a_key_rollover_adds_and_retires_the_extra_key_without_touching_the_tunnel(tmp_path, shell):
+    """Step 1 (home gets next_key): acme adds it beside the conn's key with whack --addkey and keeps
+    its tunnel. Step 2 (home rolls): acme re-adds acme-home (rightrsasigkey changed), then adds the
+    previous key again (the add replaced pluto's keys for home's id). Step 3 (retired): acme puts
+    the conn's key back alone (whack --keyid without --addkey replaces) and keeps its tunnel."""
+    from support import site_key
+    old = re.search(r"ckaid: (\S+)\n\s+rsasigkey: (\S+)", (REPO / "sites/home.yaml").read_text()).groups()
+    new = site_key("home_next")
+
+    def block(field, ckaid, key):
+        return f"  {field}:\n    ckaid: {ckaid}\n    rsasigkey: {key}\n"
+
+    def home(text, *blocks):
+        text = re.sub(r"  key:\n    ckaid: \S+\n    rsasigkey: \S+\n", "", text)
+        return text.replace("lans:", "".join(blocks) + "lans:", 1)
+    steps = [
+        lambda n, t: t,
+        lambda n, t: home(t, block("key", *old), block("next_key", new["ckaid"], new["rsasigkey"])) if n == "home" else t,
+        lambda n, t: home(t, block("key", new["ckaid"], new["rsasigkey"]), block("previous_key", *old)) if n == "home" else t,
+        lambda n, t: home(t, block("key", new["ckaid"], new["rsasigkey"])) if n == "home" else t,
+    ]
+    outs = []
+    for i, change in enumerate(steps):
+        outs.append(tmp_path / f"out{i}")
+        _render(_sites(tmp_path, ["acme", "home", "paris"], change), outs[-1])
+    r = Router(tmp_path, shell)
+    assert r.reconcile(outs[0] / "acme").returncode == 0
+    ike = "198.51.100.20"  # home's IKE id: its public address
+    res = r.reconcile(outs[1] / "acme")
+    assert res.returncode == 0, res.stderr
+    assert [c for c in r.calls() if c.startswith("ipsec")] == [f"ipsec whack --keyid {ike} --addkey --pubkeyrsa {new['rsasigkey']}"]
+    res = r.reconcile(outs[2] / "acme")
+    assert res.returncode == 0, res.stderr
+    assert [c for c in r.calls() if c.startswith("ipsec")] == [
+        "ipsec whack --delete --name acme-home", "ipsec auto --add acme-home",
+        f"ipsec whack --keyid {ike} --addkey --pubkeyrsa {old[1]}",
+        "ipsec whack --initiate --asynchronous --name acme-home"]  # after the key: home may still sign with it
+    res = r.reconcile(outs[3] / "acme")
+    assert res.returncode == 0, res.stderr
+    assert [c for c in r.calls() if c.startswith("ipsec")] == [f"ipsec whack --keyid {ike} --pubkeyrsa {new['rsasigkey']}"]
+    assert r.files() == _expected(outs[3] / "acme")
+    assert r.reconcile(outs[3] / "acme").returncode == 0 and r.calls() == []
