@@ -208,7 +208,8 @@ def test_a_key_rollover_adds_and_retires_the_extra_key_without_touching_the_tunn
     ike = "198.51.100.20"  # home's IKE id: its public address
     res = r.reconcile(outs[1] / "acme")
     assert res.returncode == 0, res.stderr
-    assert [c for c in r.calls() if c.startswith("ipsec")] == [f"ipsec whack --keyid {ike} --addkey --pubkeyrsa {new['rsasigkey']}"]
+    added = f"ipsec whack --keyid {ike} --addkey --pubkeyrsa {new['rsasigkey']}"
+    assert [c for c in r.calls() if c.startswith("ipsec")] == [added]
     res = r.reconcile(outs[2] / "acme")
     assert res.returncode == 0, res.stderr
     assert [c for c in r.calls() if c.startswith("ipsec")] == [

@@ -2,7 +2,7 @@
 start with their enrolment only fetch a signed release from a server inside the lab, verify and
 apply it; then one router is offered a tampered bundle, a bundle signed by another key, another
 router's bundle, an older release and a download that breaks off (each refused, nothing on the
-router changes: files and SA SPIs), and a release whose secrets break its tunnel (rolled back
+router changes: files and SA SPIs), and a release whose wrong peer keys break its tunnel (rolled back
 automatically, the tunnel comes back). The lab's checks then prove the WAN as usual."""
 from __future__ import annotations
 
