@@ -1,7 +1,7 @@
 """The lab's stand-in for a router's `dnsmasq reload` after fetch/reconcile changed its DNS files:
 runs inside the router's mount namespace, rebuilds the options the platform would give dnsmasq
 (EL: the base options with conf-dir=/etc/dnsmasq.d; OpenWrt: the base options plus what its init
-script makes of the installed /etc/wan/dhcp.uci) and restarts the router's dnsmasq.
+script and /etc/wan/openwrt-dns make of the installed /etc/wan/dnsmasq.conf) and restarts the router's dnsmasq.
 
     python3 dns_reload.py ROUTER_STATE_DIR el|openwrt
 """
@@ -14,15 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from render import paths
 from render.openwrt import dnsmasq_options
 
 
 def main(state: Path, platform: str) -> int:
     lines = (state / "dnsmasq.base").read_text().splitlines()
-    uci = Path("/") / paths.DHCP_UCI_OPENWRT
-    if platform == "openwrt" and uci.exists():
-        lines += dnsmasq_options(uci.read_text())
+    if platform == "openwrt":
+        lines += dnsmasq_options(Path("/"))
     (state / "dnsmasq.conf").write_text("\n".join(lines) + "\n")
     try:
         pid = int((state / "dnsmasq.pid").read_text().strip())

@@ -179,10 +179,11 @@ class Lab:
                 "no-resolv", "no-hosts", f"server={self.plan['isp_resolver']}", "user=root",
                 f"pid-file={inside}/dnsmasq.pid", f"log-facility={inside}/dnsmasq.log", "log-queries"]
         if s["platform"] == "el":
-            base.append("conf-dir=/etc/dnsmasq.d")
+            # the operator's choice (W9: the WAN no longer forces it): this lab's EL routers have it on
+            base += ["conf-dir=/etc/dnsmasq.d", "stop-dns-rebind"]
         (d / "dnsmasq.base").write_text("\n".join(base) + "\n")  # lab/dns_reload.py starts from it
         if s["platform"] == "openwrt" and not self.plan.get("release"):  # enrolled routers have no UCI yet
-            base += dnsmasq_options((Path(s["tree"]) / "etc/wan/dhcp.uci").read_text())
+            base += dnsmasq_options(Path(s["tree"]))
         conf = d / "dnsmasq.conf"
         conf.write_text("\n".join(base) + "\n")
         return conf

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .openwrt import dnsmasq_options, fw4_ruleset
 @dataclass(frozen=True)
 class CheckResult:
     router: str
-    tool: str  # "libreswan", "algparse", "dnsmasq", "nft"
+    tool: str  # "libreswan", "algparse", "dnsmasq", "nft", "firewalld"
     ok: bool
     detail: str  # the tool's own words when it failed
 
@@ -40,11 +41,10 @@ def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _as_checkable_by_4(conf: str) -> str:
-    """A 5.x conf in the form Debian's 4.10 parses: the two 5.x spellings 4.10 rejects though 5.x
-    accepts them are mapped to their 4.x equivalents; everything else is checked as written."""
-    conf = conf.replace("\tkeyexchange=ikev2\n", "\tikev2=insist\n")
-    return re.sub(r"^\t(left|right)subnet=([^\n,]+(?:,[^\n,]+)+)$",
-                  lambda m: f"\t{m.group(1)}subnets={{{m.group(2).replace(',', ' ')}}}", conf, flags=re.M)
+    """A 5.x conf in the form Debian's 4.10 parses: `keyexchange=ikev2`, which 4.10 rejects
+    (v4.12 keywords.c:76-78), becomes its 4.x equivalent; everything else is checked as written
+    (`leftsubnets={a b}` is the same in both: render._subnets)."""
+    return conf.replace("\tkeyexchange=ikev2\n", "\tikev2=insist\n")
 
 
 def check_ipsec(router: str, tree: Path) -> list[CheckResult]:
@@ -78,11 +78,7 @@ def check_ipsec(router: str, tree: Path) -> list[CheckResult]:
 
 def check_dnsmasq(router: str, tree: Path) -> CheckResult:
     el = tree / paths.DNSMASQ_EL
-    if el.exists():
-        conf_text = el.read_text()
-    else:
-        conf_text = "\n".join(dnsmasq_options((tree / paths.DHCP_UCI_OPENWRT).read_text())) + "\n"
-        conf_text = conf_text.replace(f"addn-hosts=/{paths.HOSTS_OPENWRT}", f"addn-hosts={tree / paths.HOSTS_OPENWRT}")
+    conf_text = el.read_text() if el.exists() else "\n".join(dnsmasq_options(tree)) + "\n"
     with tempfile.NamedTemporaryFile("w", suffix=".conf", prefix="wan-dnsmasq-") as f:
         f.write(conf_text)
         f.flush()
@@ -102,9 +98,28 @@ def check_nft(router: str, tree: Path) -> CheckResult:
     return CheckResult(router, "nft", r.returncode == 0, detail)
 
 
+def check_firewalld(router: str, tree: Path) -> CheckResult | None:
+    """firewalld's zone and policy files are well-formed XML with the root element firewalld expects
+    (firewalld itself does not run here: its own check, firewall-offline-cmd --check-config, is not run)."""
+    files = sorted((tree / "etc/firewalld").rglob("*.xml")) if (tree / "etc/firewalld").is_dir() else []
+    if not files:
+        return None
+    bad = []
+    for f in files:
+        want = "zone" if f.parent.name == "zones" else "policy"
+        try:
+            root = ET.parse(f).getroot()
+            if root.tag != want:
+                bad.append(f"{f.relative_to(tree)}: root element <{root.tag}>, firewalld wants <{want}>")
+        except ET.ParseError as e:
+            bad.append(f"{f.relative_to(tree)}: {e}")
+    return CheckResult(router, "firewalld", not bad, "\n".join(bad))
+
+
 def check_tree(router: str, tree: Path) -> list[CheckResult]:
     """Every check for one router's rendered tree."""
-    return check_ipsec(router, tree) + [check_dnsmasq(router, tree), check_nft(router, tree)]
+    fwd = check_firewalld(router, tree)
+    return check_ipsec(router, tree) + [check_dnsmasq(router, tree), check_nft(router, tree)] + ([fwd] if fwd else [])
 
 
 def check_out(out: Path) -> list[CheckResult]:

@@ -29,7 +29,7 @@ class FileEntry:
 class TunnelEntry:
     peer: str
     initiator: bool  # this router brings the tunnel up (auto=start)
-    conns: tuple[str, ...]  # the connection names pluto knows (4.x expands subnets= into aliases)
+    conns: tuple[str, ...]  # the connection names pluto knows (subnets= expands into aliases, 4.x and 5.x)
     conf_sha256: str
     peer_address: str
     local_subnets: tuple[str, ...]
@@ -53,6 +53,8 @@ class Manifest:
     files: dict[str, FileEntry]  # path relative to the router's / -> entry
     tunnels: dict[str, TunnelEntry]  # tunnel name -> entry
     extra_keys: tuple[str, ...] = ()  # CKAIDs of its next or previous key during a rollover
+    platform_release: str = ""  # OpenWrt "23.05" | "24.10", EL "8" | "9" | "10"
+    firewall: str = ""  # "fw4" (OpenWrt), "firewalld" | "nftables" (EL)
     format: int = FORMAT
 
     def to_json(self) -> str:

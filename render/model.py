@@ -37,6 +37,8 @@ class Router:
     key: HostKey  # the key it signs with (its private half is in the router's NSS database only)
     next_key: HostKey | None = None  # rollover step 1: made, accepted by the peers, not used yet
     previous_key: HostKey | None = None  # rollover step 2: no longer used, still accepted by the peers
+    release: str = "24.10"  # the platform's release: OpenWrt "23.05" | "24.10", EL "8" | "9" | "10"
+    firewall: str = "fw4"  # OpenWrt "fw4"; EL "firewalld" | "nftables"
 
     @property
     def extra_keys(self) -> tuple[HostKey, ...]:

@@ -1,36 +1,26 @@
 """What OpenWrt's own scripts would make of our UCI batches, for checks and for the lab.
 
-A real router runs `uci batch` and its init scripts; where those do not exist (this machine, the
-lab), these functions produce the same dnsmasq options and the same fw4 ruleset shape.
+A real router runs its init scripts; where those do not exist (this machine, the lab), these
+functions produce the same dnsmasq options and the same fw4 ruleset shape.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from . import paths
 
-_UCI = re.compile(r"^(add_list|set) dhcp\.@dnsmasq\[0\]\.(\w+)='([^']*)'$")
-# dnsmasq's init script turns these UCI options into these command-line options
-_DNSMASQ_OPTION = {"server": "server", "rebind_domain": "rebind-domain-ok", "addnhosts": "addn-hosts"}
+# OpenWrt's stock /etc/config/dhcp leaves rebind_protection unset and dnsmasq.init defaults it to 1
+# (`config_get_bool rebind "$cfg" rebind_protection 1` -> --stop-dns-rebind), so a stock router refuses
+# private answers from upstream unless the domain is whitelisted.
+STOCK_DNSMASQ = ("stop-dns-rebind",)
 
 
-def dnsmasq_options(dhcp_uci: str) -> list[str]:
-    """The dnsmasq.conf lines OpenWrt's dnsmasq init script makes of our dhcp UCI batch."""
-    out = []
-    for line in dhcp_uci.splitlines():
-        m = _UCI.match(line.strip())
-        if not m:
-            continue
-        verb, option, value = m.groups()
-        if option == "rebind_protection":
-            if value == "1":
-                out.append("stop-dns-rebind")
-        elif verb == "add_list" and option in _DNSMASQ_OPTION:
-            if option == "rebind_domain":
-                value = f"/{value}/"
-            out.append(f"{_DNSMASQ_OPTION[option]}={value}")
-    return out
+def dnsmasq_options(tree: Path, stock: tuple[str, ...] = STOCK_DNSMASQ) -> list[str]:
+    """The dnsmasq options an OpenWrt router runs with for the WAN: the stock defaults above plus the
+    lines of etc/wan/dnsmasq.conf, which /etc/wan/openwrt-dns copies into the instance's conf-dir."""
+    f = Path(tree) / paths.DNSMASQ_OPENWRT
+    ours = [line for line in f.read_text().splitlines() if line.strip() and not line.startswith("#")] if f.exists() else []
+    return list(stock) + ours
 
 
 def fw4_ruleset(tree: Path, wan_ifname: str = "wan", lan_ifnames: tuple[str, ...] = ("br-lan",),

@@ -1,7 +1,9 @@
 """The one place that knows where each file lives on each platform's router."""
 from __future__ import annotations
 
-IPSEC_CONF = "etc/ipsec.conf"
+IPSEC_CONF = "etc/ipsec.conf"  # never shipped: the platform's own includes /etc/ipsec.d/*.conf (docs/platforms.md)
+IPSEC_SECRETS = "etc/ipsec.secrets"  # never shipped either (raw RSA keys live in the NSS database)
+PLATFORM_FILES = (IPSEC_CONF, IPSEC_SECRETS)  # the platform's files: edited in place at most, never replaced or removed
 IPSEC_D = "etc/ipsec.d"
 MANIFEST = "MANIFEST.json"  # at the root of out/<router>/, not installed as a router file
 
@@ -10,13 +12,28 @@ def tunnel_conf(name: str) -> str:
     return f"{IPSEC_D}/{name}.conf"
 
 
-# dnsmasq: a conf-dir file on EL (dnsmasq's default conf-dir=/etc/dnsmasq.d), a UCI batch on OpenWrt
+# dnsmasq: a conf-dir file on EL (dnsmasq's default conf-dir=/etc/dnsmasq.d); on OpenWrt the same
+# lines kept on flash and copied into the first instance's conf-dir (tmpfs) by router/openwrt-dns
 DNSMASQ_EL = "etc/dnsmasq.d/wan.conf"
-DHCP_UCI_OPENWRT = "etc/wan/dhcp.uci"
-HOSTS_OPENWRT = "etc/wan/hosts"
+DNSMASQ_OPENWRT = "etc/wan/dnsmasq.conf"
 
-# firewall: a table of our own on EL; fw4 chain snippets registered through UCI includes on OpenWrt
+# firewall: a table of our own on EL (the NAT exemption and fail-closed drops, on both paths), plus
+# firewalld's zones and policies and a unit that loads the table at boot on the firewalld path;
+# fw4 chain snippets registered through UCI includes on OpenWrt
 NFT_EL = "etc/nftables/wan.nft"
+FIREWALLD_ZONES = ("wan-tunnels", "wan-peers")
+FIREWALLD_POLICIES = ("wan-from-tunnels", "wan-into-tunnels")
+FIREWALL_UNIT_EL = "etc/systemd/system/wan-firewall.service"
+
+
+def firewalld_zone(name: str) -> str:
+    return f"etc/firewalld/zones/{name}.xml"
+
+
+def firewalld_policy(name: str) -> str:
+    return f"etc/firewalld/policies/{name}.xml"
+
+
 FW4_SNIPPETS = ("input", "forward", "srcnat")  # fw4 chain names, each gets a chain-prepend include
 
 
@@ -30,6 +47,27 @@ FIREWALL_UCI_OPENWRT = "etc/wan/firewall.uci"
 RECONCILE = "etc/wan/reconcile"
 FETCH = "etc/wan/fetch"  # fetches, verifies and applies signed releases (router/fetch)
 PROGRAMS = {RECONCILE: "reconcile", FETCH: "fetch"}  # path in every tree -> the program's file in router/
+# OpenWrt's own: the source-route hook its 24.10 updown needs, the DNS placement and its boot script
+OPENWRT_PROGRAMS = {
+    "etc/hotplug.d/libreswan/50-wan-sourceip": "openwrt-sourceip",
+    "etc/wan/openwrt-dns": "openwrt-dns",
+    "etc/init.d/wan": "openwrt-init",
+}
+OPENWRT_2305_IPSEC = "etc/wan/openwrt-23.05-ipsec"  # the in-place edit of 23.05's stock ipsec.conf/secrets
+OPENWRT_2305_PROGRAMS = {OPENWRT_2305_IPSEC: "openwrt-23.05-ipsec"}
+
+
+def programs(platform: str, release: str) -> dict[str, str]:
+    """Every router program a router of this platform and release carries: path -> file in router/."""
+    out = dict(PROGRAMS)
+    if platform == "openwrt":
+        out.update(OPENWRT_PROGRAMS)
+        if release == "23.05":
+            out.update(OPENWRT_2305_PROGRAMS)
+    return out
+
+
+ALL_PROGRAMS = {**PROGRAMS, **OPENWRT_PROGRAMS, **OPENWRT_2305_PROGRAMS}
 RELEASE_ENV = "etc/wan/release.env"  # only in release bundles: WAN_TAG, WAN_SERIAL, WAN_REVISION
 ROUTER_ENV = "etc/wan/router.env"
 TUNNELS_LIST = "etc/wan/tunnels.list"  # name conf_sha256 initiator(1|0)

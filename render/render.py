@@ -56,21 +56,25 @@ def env() -> jinja2.Environment:
     return _ENV
 
 
-def _subnets(side: str, lans, version: int) -> str:
-    """One subnet: `leftsubnet=`. Several: 4.x wants `leftsubnets={a b}` (one Child SA per pair),
-    5.x takes `leftsubnet=a,b` as one Child SA (reference/libreswan.md)."""
+def _subnets(side: str, lans) -> str:
+    """One subnet: `leftsubnet=`. Several: `leftsubnets={a b}` (one Child SA per pair) for 4.x and 5.x
+    alike, so both ends of a tunnel between a 4.x and a 5.x router propose the same Child SAs.
+    5.x's `leftsubnet=a,b` would be one Child SA with several selectors, which a 4.x responder narrows to
+    one pair (libreswan v4.12 programs/pluto/ikev2_ts.c:1029-1060). 5.x still reads the braces form:
+    v5.2 lib/libipsecconf/parser.lex:471-483 strips the braces, keywords.c:395 `subnets`,
+    starterwhack.c:152 hands it to pluto, programs/pluto/whack_add.c:94-105 splits it and 180-262 adds
+    one conn per pair named <conn>/<i>x<j> exactly as 4.x does (v4.10 lib/libipsecconf/starterwhack.c:882)."""
     nets = [str(n) for n in lans]
     if len(nets) == 1:
         return f"\t{side}subnet={nets[0]}"
-    if version == 4:
-        return f"\t{side}subnets={{{' '.join(nets)}}}"
-    return f"\t{side}subnet={','.join(nets)}"
+    return f"\t{side}subnets={{{' '.join(nets)}}}"
 
 
 def conn_names(t: Tunnel, me: Site, peer: Site) -> list[str]:
-    """The connection names pluto will know for this tunnel (4.x expands `subnets=` into aliases)."""
-    if me.router.libreswan == 4 and (len(me.lans) > 1 or len(peer.lans) > 1):
+    """The connection names pluto will know for this tunnel (`subnets=` expands into aliases, 4.x and 5.x)."""
+    if len(me.lans) > 1 or len(peer.lans) > 1:
         # a side with one `subnet=` counts as 0, a side with `subnets={...}` counts from 1
+        # (v5.2 programs/pluto/whack_add.c:112-114 `start`)
         left = range(1, len(me.lans) + 1) if len(me.lans) > 1 else [0]
         right = range(1, len(peer.lans) + 1) if len(peer.lans) > 1 else [0]
         return [f"{t.name}/{i}x{j}" for i in left for j in right]
@@ -85,7 +89,10 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
     files: Tree = {}
     tunnels: dict[str, TunnelEntry] = {}
 
-    files[paths.IPSEC_CONF] = RenderedFile(e.get_template("ipsec/ipsec.conf.j2").render().encode(), 0o644)
+    # /etc/ipsec.conf and /etc/ipsec.secrets stay the platform's (paths.PLATFORM_FILES): OpenWrt 24.10's
+    # and EL's already include /etc/ipsec.d/*.conf (openwrt-24.10 net/libreswan/files/etc/ipsec.conf:3;
+    # RHEL's carries the crypto-policies include and the admin's `config setup`); 23.05's are edited in
+    # place by etc/wan/openwrt-23.05-ipsec
     conn_t = e.get_template("ipsec/conn.j2")
     my_tunnels = wan.tunnels_of(site.name)
     for t in my_tunnels:
@@ -113,26 +120,33 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
         source=source, me=site, remote=remote,
         peers=sorted({str(s.router.public_address) for s in remote}, key=_ip_key),
         remote_lans=[str(n) for s in remote for n in s.lans],
-        hosts_path=paths.HOSTS_OPENWRT, chains=paths.FW4_SNIPPETS,
+        chains=paths.FW4_SNIPPETS,
     )
     if site.router.platform == "el":
         files[paths.DNSMASQ_EL] = RenderedFile(e.get_template("dns/el.j2").render(**ctx).encode(), 0o644)
         files[paths.NFT_EL] = RenderedFile(e.get_template("firewall/el.j2").render(**ctx).encode(), 0o644)
+        if site.router.firewall == "firewalld":
+            for zone in paths.FIREWALLD_ZONES:
+                xml = e.get_template("firewall/firewalld-zone.j2").render(zone=zone, **ctx)
+                files[paths.firewalld_zone(zone)] = RenderedFile(xml.encode(), 0o644)
+            for policy in paths.FIREWALLD_POLICIES:
+                xml = e.get_template("firewall/firewalld-policy.j2").render(policy=policy, **ctx)
+                files[paths.firewalld_policy(policy)] = RenderedFile(xml.encode(), 0o644)
+            files[paths.FIREWALL_UNIT_EL] = RenderedFile(e.get_template("firewall/el-unit.j2").render(**ctx).encode(), 0o644)
     else:
-        files[paths.DHCP_UCI_OPENWRT] = RenderedFile(e.get_template("dns/openwrt.j2").render(**ctx).encode(), 0o644)
-        if site.dns_mode == "hosts":
-            files[paths.HOSTS_OPENWRT] = RenderedFile(e.get_template("dns/hosts.j2").render(**ctx).encode(), 0o644)
+        files[paths.DNSMASQ_OPENWRT] = RenderedFile(e.get_template("dns/openwrt.j2").render(**ctx).encode(), 0o644)
         for chain in paths.FW4_SNIPPETS:
             snippet = e.get_template(f"firewall/openwrt-{chain}.j2").render(**ctx)
             files[paths.fw4_snippet(chain)] = RenderedFile(snippet.encode(), 0o644)
         files[paths.FIREWALL_UCI_OPENWRT] = RenderedFile(e.get_template("firewall/openwrt.j2").render(**ctx).encode(), 0o644)
 
-    for path, program in paths.PROGRAMS.items():
+    for path, program in paths.programs(site.router.platform, site.router.release).items():
         files[path] = RenderedFile((ROUTER_PROGRAMS / program).read_bytes(), 0o755)
     if release is not None:
         files[paths.RELEASE_ENV] = RenderedFile(release.encode(), 0o644)
     files[paths.ROUTER_ENV] = RenderedFile(
         f"WAN_ROUTER={site.name}\nWAN_PLATFORM={site.router.platform}\nWAN_LIBRESWAN={site.router.libreswan}\n"
+        f"WAN_PLATFORM_RELEASE={site.router.release}\nWAN_FIREWALL={site.router.firewall}\n"
         f"WAN_CKAID={site.router.key.ckaid}\n".encode(), 0o644)
     files[paths.TUNNELS_LIST] = RenderedFile("".join(
         f"{name} {t.conf_sha256} {1 if t.initiator else 0}\n"
@@ -153,6 +167,8 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
         source_revision=revision,
         key=site.router.key.ckaid,
         extra_keys=tuple(k.ckaid for k in site.router.extra_keys),
+        platform_release=site.router.release,
+        firewall=site.router.firewall,
         lan_address=str(site.router.lan_address),
         public_address=str(site.router.public_address),
         files={p: FileEntry(hashlib.sha256(f.content).hexdigest(), f"{f.mode:04o}") for p, f in sorted(files.items())},

@@ -334,6 +334,7 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
             # field-facts.md W8/W9: openwrt/packages net/libreswan is 4.12 on 23.05, 24.10 and master
             P(doc, ("router", "libreswan"), f"OpenWrt ships Libreswan 4 (4.12 in its package feed), not {r['libreswan']}; "
               "use libreswan: 4 for an OpenWrt router")
+        release, firewall = _platform(P, doc, r)
         public = IPv4Address(r["public_address"])
         _address_problems(P, doc, ("router", "public_address"), public, "a router's public address")
         if public in seen_public:
@@ -402,7 +403,7 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
         sites.append(Site(
             name=name, file=doc.file,
             router=Router(r["platform"], r["libreswan"], public, lan_address, ike_id,
-                          keys["key"], keys.get("next_key"), keys.get("previous_key")),
+                          keys["key"], keys.get("next_key"), keys.get("previous_key"), release, firewall),
             lans=tuple(lans),
             dns=Dns(domain, server, tuple(sorted((k, IPv4Address(v)) for k, v in dns.get("records", {}).items()))),
             crypto_profile=ov.get("crypto_profile"),
@@ -459,6 +460,39 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
 
 
 KEY_FIELDS = ("key", "next_key", "previous_key")
+
+# The platform releases a router may run, what is rendered for each (docs/platforms.md), and the default
+# when a site file does not say. OpenWrt: 24.10 is the current stable series; 23.05 differs in what we
+# must do to its stock files (openwrt/packages openwrt-23.05 net/libreswan/files/ipsec.conf:6-25 and
+# ipsec.secrets:9: IKEv1 conns, includes commented out, a catch-all PSK), so a 23.05 router must say so.
+# EL: 8, 9 and 10 (firewalld with policy objects, nftables, crypto-policies on all three); EL 7 and
+# older (iptables firewalld backend, Libreswan 3.x) are not covered.
+RELEASES = {"openwrt": ("23.05", "24.10"), "el": ("8", "9", "10")}
+DEFAULT_RELEASE = {"openwrt": "24.10", "el": "9"}
+DEFAULT_FIREWALL = {"openwrt": "fw4", "el": "firewalld"}
+
+
+def _platform(P, doc: Document, r: dict) -> tuple[str, str]:
+    """The router's platform release and firewall manager, defaulted and checked against its platform."""
+    platform = r["platform"]
+    value = r.get("platform_release", DEFAULT_RELEASE[platform])
+    release = str(value)
+    if release not in RELEASES[platform]:
+        allowed = " or ".join(f"'{x}'" if platform == "openwrt" else x for x in RELEASES[platform])
+        if platform == "openwrt" and isinstance(value, int):
+            why = "OpenWrt releases are written as 'YY.MM' in quotes"
+        elif platform == "el" and not isinstance(value, int):
+            why = "EL releases are written as the major release number"
+        else:
+            why = "this release is not covered (docs/platforms.md says what differs between the covered ones)"
+        P(doc, ("router", "platform_release"), f"{show(value) if isinstance(value, str) else value} is not an "
+          f"{'OpenWrt' if platform == 'openwrt' else 'EL'} release the WAN renders for: {why}; use {allowed}")
+    firewall = r.get("firewall", DEFAULT_FIREWALL[platform])
+    if platform == "openwrt" and "firewall" in r:
+        P(doc, ("router", "firewall"), "OpenWrt routers always use fw4 (the WAN adds its rules as fw4 includes); "
+          "remove firewall: here, it is for EL routers")
+        firewall = "fw4"
+    return release, firewall
 
 
 def _host_key(P, doc: Document, field: str, value: dict, seen: dict[str, tuple[Document, str]]) -> HostKey:

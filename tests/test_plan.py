@@ -60,11 +60,16 @@ def test_adding_a_site_adds_one_tunnel_per_router_and_changes_none(tmp_path):
 def test_removing_a_site_deletes_its_tunnels(tmp_path):
     plans = {p.router: p for p in plan_trees(_wan(tmp_path, "a"), _wan(tmp_path, "b", lambda d: (d / "oslo.yaml").unlink()))}
     assert plans["acme"].commands[:1] == ["ipsec whack --delete --name acme-oslo"]
-    # OpenWrt: the UCI batch, then the platform's own reloads
-    assert plans["home"].commands[1:] == [f"sh -c uci batch < '/{paths.DHCP_UCI_OPENWRT}'", "/etc/init.d/dnsmasq reload",
-                                          f"sh -c uci batch < '/{paths.FIREWALL_UCI_OPENWRT}'", "fw4 reload"]
+    assert plans["home"].commands[-2:] == [f"sh -c uci batch < '/{paths.FIREWALL_UCI_OPENWRT}'", "fw4 reload"]
     # a router that leaves gets no new tree, so nothing runs on it
     assert plans["oslo"].gone_router and plans["oslo"].removed and plans["oslo"].commands == []
+
+
+@pytest.mark.xfail(strict=True, reason="router-side step not written yet: reconcile must place etc/wan/dnsmasq.conf "
+                   "with /etc/wan/openwrt-dns and reload dnsmasq (waits for the 'router' branch)")
+def test_removing_a_site_reloads_openwrt_dns_from_the_conf_dir_file(tmp_path):
+    plans = {p.router: p for p in plan_trees(_wan(tmp_path, "a"), _wan(tmp_path, "b", lambda d: (d / "oslo.yaml").unlink()))}
+    assert plans["home"].commands[1:3] == ["/etc/wan/openwrt-dns", "/etc/init.d/dnsmasq reload"]
 
 
 def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
@@ -89,7 +94,7 @@ def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
         (bin_ / tool).chmod(0o755)
     # OpenWrt reloads through /etc/init.d and fw4, absent here: reconcile's stand-in hooks record them
     openwrt = {"WAN_RELOAD_DNS": f"echo reload-dns >> {log}", "WAN_RELOAD_FIREWALL": f"echo reload-firewall >> {log}"}
-    as_recorded = {f"sh -c uci batch < '/{paths.DHCP_UCI_OPENWRT}'": "reload-dns", "/etc/init.d/dnsmasq reload": None,
+    as_recorded = {"/etc/init.d/dnsmasq reload": None,
                    f"sh -c uci batch < '/{paths.FIREWALL_UCI_OPENWRT}'": "reload-firewall", "fw4 reload": None}
     checked = 0
     for p in plan_trees(old, new):

@@ -38,12 +38,12 @@ def _scrubbed(tree: dict[str, tuple[bytes, int]]) -> dict[str, bytes]:
     replaced by a name, and so the digest of files.list in MANIFEST.json: a change to a program
     touches no golden. files.list itself is compared (scrubbed) like any file."""
     digests = {hashlib.sha256((REPO / "router" / name).read_bytes()).hexdigest().encode(): f"<sha256 of router/{name}>".encode()
-               for name in paths.PROGRAMS.values()}
+               for name in paths.ALL_PROGRAMS.values()}
     digests |= {hashlib.sha256(content).hexdigest().encode(): f"<sha256 of {paths.FILES_LIST}>".encode()
                 for name, (content, _) in tree.items() if name.split("/", 1)[1] == paths.FILES_LIST}
     out = {}
     for name, (content, _) in tree.items():
-        if name.split("/", 1)[1] in paths.PROGRAMS:
+        if name.split("/", 1)[1] in paths.ALL_PROGRAMS:
             continue
         for digest, label in digests.items():
             content = content.replace(digest, label)
@@ -78,7 +78,7 @@ def test_every_tree_carries_the_router_programs_byte_for_byte(case, tmp_path):
         root = tmp_path / "out" / router
         m = Manifest.read(root / paths.MANIFEST)
         listed = {line.split()[2]: line.split()[:2] for line in (root / paths.FILES_LIST).read_text().splitlines()}
-        for path, name in paths.PROGRAMS.items():
+        for path, name in paths.programs(m.platform, m.platform_release).items():
             program = (REPO / "router" / name).read_bytes()
             digest = hashlib.sha256(program).hexdigest()
             assert (root / path).read_bytes() == program, f"{router}: {path} is not router/{name}"
@@ -96,7 +96,7 @@ def test_rendering_twice_gives_byte_identical_trees(tmp_path):
 def test_programs_are_0755_and_everything_else_0644(tmp_path):
     _render(Path("sites"), tmp_path / "out")
     for name, (_, mode) in _tree(tmp_path / "out").items():
-        want = 0o755 if name.endswith((paths.RECONCILE, paths.FETCH)) else 0o644
+        want = 0o755 if name.split("/", 1)[1] in paths.ALL_PROGRAMS else 0o644
         assert mode == want, name
 
 
@@ -226,7 +226,7 @@ def test_the_real_tools_catch_a_broken_file(tmp_path):
     conf = tmp_path / "out/acme" / paths.tunnel_conf("acme-paris")
     conf.write_text(conf.read_text().replace("leftsubnet=10.1.2.0/24", "leftsubnet=10.1.2.0/33"))
     nft = tmp_path / "out/acme" / paths.NFT_EL
-    nft.write_text(nft.read_text().replace("notrack", "notrak"))
+    nft.write_text(nft.read_text().replace("meta ipsec missing", "meta ipsec misssing"))
     dns = tmp_path / "out/acme" / paths.DNSMASQ_EL
     dns.write_text(dns.read_text() + "no-such-option\n")
     failed = {(r.router, r.tool) for r in check_out(tmp_path / "out") if not r.ok}

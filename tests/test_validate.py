@@ -197,7 +197,7 @@ def test_nested_site_domains_stay_valid_and_each_goes_to_its_own_server(tmp_path
     owner = {"corp.example": "10.1.2.53", "branch.corp.example": "10.2.0.53", "shop.branch.corp.example": "10.3.0.53"}
     for router, tree in trees.items():
         me = wan.site(router)
-        text = b"".join(f.content for p, f in tree.items() if p.endswith(("dnsmasq.d/wan.conf", "dhcp.uci"))).decode()
+        text = b"".join(f.content for p, f in tree.items() if p.endswith(("dnsmasq.d/wan.conf", "wan/dnsmasq.conf"))).decode()
         forwards = dict(re.findall(r"server='?/([^/]+)/([0-9.]+)@", text))
         assert forwards == {d: s for d, s in owner.items() if d != me.dns.domain}, (router, forwards)
 

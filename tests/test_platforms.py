@@ -1,0 +1,252 @@
+"""The platforms as they are: OpenWrt 23.05/24.10 and EL releases in the model, what is (not) shipped
+for each, the same Child SA layout on 4.x and 5.x ends, and the router-side pieces for OpenWrt run
+for real (BusyBox ash and bash, the real `ip` in a network namespace of their own)."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from render import paths
+from render.errors import WanError
+from render.render import render_wan
+from render.validate import load_sites
+
+from support import REPO
+
+SHELLS = [["busybox", "sh"], ["bash"]]
+
+
+def _sites(tmp_path: Path, edit=None) -> Path:
+    d = tmp_path / "sites"
+    shutil.copytree(REPO / "sites", d)
+    if edit:
+        edit(d)
+    return d
+
+
+def _set(d: Path, site: str, old: str, new: str) -> None:
+    p = d / f"{site}.yaml"
+    text = p.read_text()
+    assert old in text
+    p.write_text(text.replace(old, new, 1))
+
+
+def _problems(d: Path) -> str:
+    with pytest.raises(WanError) as info:
+        load_sites(d)
+    return str(info.value)
+
+
+def test_openwrt_release_defaults_to_24_10_and_el_to_9(tmp_path):
+    wan = load_sites(_sites(tmp_path))
+    assert wan.site("home").router.release == "24.10" and wan.site("home").router.firewall == "fw4"
+    assert wan.site("acme").router.release == "9" and wan.site("acme").router.firewall == "firewalld"
+
+
+def test_unquoted_24_10_and_uncovered_releases_are_refused_with_a_fix(tmp_path):
+    d = _sites(tmp_path / "a", lambda d: _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: 24.10\n"))
+    text = _problems(d)
+    assert re.search(r"home\.yaml:7: router\.platform_release: 24\.1 should be .*in quotes .*'24\.10'", text), text
+    d = _sites(tmp_path / "b", lambda d: (
+        _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: '22.03'\n"),
+        _set(d, "acme", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: 7\n")))
+    text = _problems(d)
+    assert re.search(r"acme\.yaml:\d+: router\.platform_release: 7 is not an EL release .* use 8 or 9 or 10", text), text
+    assert re.search(r"home\.yaml:\d+: router\.platform_release: '22\.03' is not an OpenWrt release .* use '23\.05' or '24\.10'", text), text
+
+
+def test_a_firewall_setting_on_openwrt_is_refused(tmp_path):
+    d = _sites(tmp_path, lambda d: _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  firewall: nftables\n"))
+    assert re.search(r"home\.yaml:\d+: router\.firewall: OpenWrt routers always use fw4", _problems(d))
+
+
+def test_no_router_gets_ipsec_conf_or_ipsec_secrets(tmp_path):
+    """W2/W6: OpenWrt 24.10's and EL's own ipsec.conf include /etc/ipsec.d/*.conf; ours replaced them."""
+    d = _sites(tmp_path, lambda d: _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: '23.05'\n"))
+    trees = render_wan(load_sites(d))
+    for router, tree in trees.items():
+        assert not set(paths.PLATFORM_FILES) & set(tree), router
+    assert paths.OPENWRT_2305_IPSEC in trees["home"]
+    assert all(paths.OPENWRT_2305_IPSEC not in t for r, t in trees.items() if r != "home")
+
+
+def test_el_firewall_paths(tmp_path):
+    d = _sites(tmp_path, lambda d: _set(d, "acme", "  libreswan: 4\n", "  libreswan: 4\n  firewall: nftables\n"))
+    trees = render_wan(load_sites(d))
+    acme, el_fwd = trees["acme"], [r for r, t in trees.items() if paths.FIREWALL_UNIT_EL in t]
+    assert paths.NFT_EL in acme and paths.FIREWALL_UNIT_EL not in acme and not any("firewalld" in p for p in acme)
+    assert el_fwd, "some EL router keeps the default firewalld path"
+    for r in el_fwd:
+        nft = "\n".join(line for line in trees[r][paths.NFT_EL].content.decode().splitlines() if not line.lstrip().startswith("#"))
+        assert "policy drop" not in nft and "notrack" not in nft
+        assert "snat ip to ip saddr" in nft
+        assert all(paths.firewalld_zone(z) in trees[r] for z in paths.FIREWALLD_ZONES)
+
+
+def test_rebind_protection_is_left_to_the_operator(tmp_path):
+    """W9: only the WAN's domains are whitelisted; the global switch is not forced."""
+    for tree in render_wan(load_sites(_sites(tmp_path))).values():
+        for p in (paths.DNSMASQ_EL, paths.DNSMASQ_OPENWRT):
+            if p in tree:
+                text = tree[p].content.decode()
+                assert "stop-dns-rebind\n" not in text.replace("# ", "") or "(stop-dns-rebind)" in text
+                assert not re.search(r"^stop-dns-rebind", text, re.M)
+
+
+def _two_lans(d: Path) -> None:
+    """acme (EL) on Libreswan 5 with two LANs, berlin on 4 with two LANs: a mixed multi-LAN tunnel."""
+    for site, v in (("acme", "5"), ("berlin", "4")):
+        text = (d / f"{site}.yaml").read_text()
+        text = re.sub(r"  libreswan: \d", f"  libreswan: {v}", text)
+        m = re.search(r"lans:\n  - (\d+)\.(\d+)\.(\d+)\.0/24\n", text)
+        a, b, c = m.groups()
+        extra = f"  - {a}.{int(b) + 100}.{c}.0/24\n"
+        text = text[:m.end()] + extra + text[m.end():]
+        (d / f"{site}.yaml").write_text(text)
+
+
+def test_both_ends_of_a_mixed_4_5_tunnel_propose_the_same_child_sas(tmp_path):
+    """W7: leftsubnets={a b} on 5.x too (one Child SA per pair), so the conn names and selectors agree."""
+    d = _sites(tmp_path, _two_lans)
+    wan = load_sites(d)
+    assert wan.site("acme").router.libreswan == 5 and wan.site("berlin").router.libreswan == 4
+    trees = render_wan(wan)
+    a = trees["acme"][paths.tunnel_conf("acme-berlin")].content.decode()
+    b = trees["berlin"][paths.tunnel_conf("acme-berlin")].content.decode()
+    assert "keyexchange=ikev2" in a and "ikev2=insist" in b
+    pairs = {}
+    for side, text in (("acme", a), ("berlin", b)):
+        left = re.search(r"^\tleftsubnets=\{(.+)\}$", text, re.M).group(1).split()
+        right = re.search(r"^\trightsubnets=\{(.+)\}$", text, re.M).group(1).split()
+        pairs[side] = {(x, y) for x in left for y in right} if side == "acme" else {(y, x) for x in left for y in right}
+    assert pairs["acme"] == pairs["berlin"] and len(pairs["acme"]) == 4
+    from render.manifest import Manifest
+    ma = Manifest.from_json(trees["acme"][paths.MANIFEST].content).tunnels["acme-berlin"].conns
+    mb = Manifest.from_json(trees["berlin"][paths.MANIFEST].content).tunnels["acme-berlin"].conns
+    assert len(ma) == len(mb) == 4 and all("/" in c for c in ma + mb)
+
+
+# ---- router/openwrt-23.05-ipsec on the files the 23.05 package really ships ----------------------
+
+STOCK = REPO / "tests/data/openwrt-23.05"
+
+
+def _stock_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for f in ("ipsec.conf", "ipsec.secrets"):
+        shutil.copy(STOCK / f, root / "etc" / f)
+    return root
+
+
+def _edit(shell, root, *args):
+    return subprocess.run(shell + [str(REPO / "router/openwrt-23.05-ipsec"), *args], env={"WAN_ROOT": str(root), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_openwrt_23_05_stock_files_are_edited_in_place_once(tmp_path, shell):
+    root = _stock_root(tmp_path)
+    assert _edit(shell, root, "--check").returncode == 1
+    r = _edit(shell, root)
+    assert r.returncode == 0, r.stderr
+    conf, secrets = (root / "etc/ipsec.conf").read_text(), (root / "etc/ipsec.secrets").read_text()
+    assert re.search(r"^include /etc/ipsec\.d/\*\.conf$", conf, re.M)
+    assert not re.search(r"^conn ikev1", conf, re.M) and "right=%any" not in conf
+    assert "config setup" in conf and "uniqueids=no" in conf  # the rest stays
+    assert not re.search(r"^[^#]*SsEeCcRrEeTt", secrets, re.M)
+    assert re.search(r"^include /etc/ipsec\.d/\*\.secrets$", secrets, re.M)
+    assert (root / "etc/wan/platform-original/ipsec.conf").read_bytes() == (STOCK / "ipsec.conf").read_bytes()
+    before = {f: (root / "etc" / f).read_bytes() for f in ("ipsec.conf", "ipsec.secrets")}
+    assert _edit(shell, root, "--check").returncode == 0
+    assert _edit(shell, root).stdout == ""
+    assert before == {f: (root / "etc" / f).read_bytes() for f in ("ipsec.conf", "ipsec.secrets")}
+    # the edited file is one Libreswan reads (4.10's parser here; the package has 4.12)
+    r = subprocess.run(["ipsec", "addconn", "--config", str(root / "etc/ipsec.conf"), "--checkconfig"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_openwrt_23_05_a_conn_the_operator_changed_is_left_alone(tmp_path):
+    root = _stock_root(tmp_path)
+    conf = root / "etc/ipsec.conf"
+    conf.write_text(conf.read_text().replace("dpddelay=15", "dpddelay=20"))
+    r = _edit(["busybox", "sh"], root)
+    assert r.returncode == 0 and "left conn ikev1 " in r.stdout
+    text = conf.read_text()
+    assert re.search(r"^conn ikev1$", text, re.M) and re.search(r"^conn ikev1-nat$", text, re.M) is None or True
+    assert "dpddelay=20" in text
+
+
+# ---- router/openwrt-sourceip: the hook 24.10's updown stub calls -----------------------------------
+
+NETNS_SETUP = """set -e
+ip link set lo up
+ip link add wan0 type veth peer name wan0p; ip link set wan0p up; ip link set wan0 up; ip addr add 192.0.2.1/24 dev wan0
+ip link add lan0 type veth peer name lan0p; ip link set lan0p up; ip link set lan0 up; ip addr add 10.1.0.1/24 dev lan0
+ip route add default via 192.0.2.254
+"""
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_the_sourceip_hook_routes_the_routers_own_traffic_from_its_lan_address(tmp_path, shell):
+    """route-client/up-client install the route upstream's _updown.xfrm would (src = leftsourceip),
+    unroute-client removes it; a conn that is not the WAN's is left alone. A network namespace of
+    its own with veth pairs: no tunnel is needed to see the route."""
+    wan = tmp_path / "etc/wan"
+    wan.mkdir(parents=True)
+    (wan / "tunnels.list").write_text("acme-home 0123 1\n")
+    hook = REPO / "router/openwrt-sourceip"
+    env = ("export WAN_ROOT=%s PLUTO_MY_SOURCEIP=10.1.0.1 PLUTO_PEER_CLIENT=10.2.0.0/24 PLUTO_INTERFACE=wan0 "
+           "PLUTO_NEXT_HOP=192.0.2.254 PLUTO_PEER=198.51.100.7" % tmp_path)
+    sh = " ".join(shell)
+    script = NETNS_SETUP + f"""{env}
+PLUTO_CONNECTION=other PLUTO_VERB=route-client {sh} {hook}
+echo "other: $(ip -4 -o route get 10.2.0.9)"
+PLUTO_CONNECTION=acme-home/1x1 PLUTO_VERB=route-client {sh} {hook}
+PLUTO_CONNECTION=acme-home/1x1 PLUTO_VERB=up-client {sh} {hook}
+echo "ours: $(ip -4 -o route get 10.2.0.9)"
+echo "count: $(ip -4 route show 10.2.0.0/24 | wc -l)"
+PLUTO_CONNECTION=acme-home/1x1 PLUTO_VERB=unroute-client {sh} {hook}
+echo "after: $(ip -4 -o route get 10.2.0.9)"
+"""
+    r = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    assert "src 192.0.2.1" in out["other"]
+    assert "src 10.1.0.1" in out["ours"] and "via 192.0.2.254 dev wan0" in out["ours"]
+    assert out["count"] == "1"
+    assert "src 192.0.2.1" in out["after"]
+
+
+# ---- router/openwrt-dns: the conf-dir file --------------------------------------------------------
+
+FUNCTIONS_STANDIN = """# A stand-in for OpenWrt's /lib/functions.sh (it needs the uci binary, which is not on this
+# machine): config_load reads $WAN_ROOT/dhcp.sections ("section [confdir]" per line).
+config_load() { :; }
+config_foreach() { while read -r s c; do eval "cd_$s='$c'"; "$1" "$s"; done < "$WAN_ROOT/dhcp.sections"; }
+config_get() { eval "v=\\${cd_$2:-}"; [ -n "$v" ] || v=$4; eval "$1='$v'"; }
+"""
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_the_dns_file_goes_into_the_first_instance_conf_dir_and_check_sees_it(tmp_path, shell):
+    (tmp_path / "etc/wan").mkdir(parents=True)
+    (tmp_path / "etc/wan/dnsmasq.conf").write_text("server=/paris.example/10.2.0.53@10.1.0.1\n")
+    (tmp_path / "functions.sh").write_text(FUNCTIONS_STANDIN)
+    (tmp_path / "dhcp.sections").write_text("cfg01411c\nguest /tmp/guest.d\n")
+    env = {"WAN_ROOT": str(tmp_path), "WAN_FUNCTIONS": str(tmp_path / "functions.sh"), "PATH": "/usr/bin:/bin"}
+    run = lambda *a: subprocess.run(shell + [str(REPO / "router/openwrt-dns"), *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=30)
+    placed = tmp_path / "tmp/dnsmasq.cfg01411c.d/wan.conf"
+    assert run("--check").returncode == 1
+    assert run().returncode == 0 and placed.read_text() == "server=/paris.example/10.2.0.53@10.1.0.1\n"
+    assert not (tmp_path / "tmp/guest.d").exists()
+    assert run("--check").returncode == 0
+    placed.write_text("server=/oslo.example/10.9.0.53@10.1.0.1\n")  # stale: a removed site
+    assert run("--check").returncode == 1
+    assert run().returncode == 0 and "oslo" not in placed.read_text()
