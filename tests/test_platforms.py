@@ -48,7 +48,8 @@ def test_openwrt_release_defaults_to_24_10_and_el_to_9(tmp_path):
 
 
 def test_unquoted_24_10_and_uncovered_releases_are_refused_with_a_fix(tmp_path):
-    d = _sites(tmp_path / "a", lambda d: _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: 24.10\n"))
+    d = _sites(tmp_path / "a",
+               lambda d: _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: 24.10\n"))
     text = _problems(d)
     assert re.search(r"home\.yaml:7: router\.platform_release: 24\.1 should be .*in quotes .*'24\.10'", text), text
     d = _sites(tmp_path / "b", lambda d: (
@@ -56,7 +57,8 @@ def test_unquoted_24_10_and_uncovered_releases_are_refused_with_a_fix(tmp_path):
         _set(d, "acme", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: 7\n")))
     text = _problems(d)
     assert re.search(r"acme\.yaml:\d+: router\.platform_release: 7 is not an EL release .* use 8 or 9 or 10", text), text
-    assert re.search(r"home\.yaml:\d+: router\.platform_release: '22\.03' is not an OpenWrt release .* use '23\.05' or '24\.10'", text), text
+    assert re.search(r"home\.yaml:\d+: router\.platform_release: '22\.03' is not an OpenWrt release "
+                     r".* use '23\.05' or '24\.10'", text), text
 
 
 def test_a_firewall_setting_on_openwrt_is_refused(tmp_path):
@@ -66,7 +68,8 @@ def test_a_firewall_setting_on_openwrt_is_refused(tmp_path):
 
 def test_no_router_gets_ipsec_conf_or_ipsec_secrets(tmp_path):
     """W2/W6: OpenWrt 24.10's and EL's own ipsec.conf include /etc/ipsec.d/*.conf; ours replaced them."""
-    d = _sites(tmp_path, lambda d: _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: '23.05'\n"))
+    d = _sites(tmp_path,
+               lambda d: _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: '23.05'\n"))
     trees = render_wan(load_sites(d))
     for router, tree in trees.items():
         assert not set(paths.PLATFORM_FILES) & set(tree), router
@@ -81,7 +84,8 @@ def test_el_firewall_paths(tmp_path):
     assert paths.NFT_EL in acme and paths.FIREWALL_UNIT_EL not in acme and not any("firewalld" in p for p in acme)
     assert el_fwd, "some EL router keeps the default firewalld path"
     for r in el_fwd:
-        nft = "\n".join(line for line in trees[r][paths.NFT_EL].content.decode().splitlines() if not line.lstrip().startswith("#"))
+        nft = "\n".join(line for line in trees[r][paths.NFT_EL].content.decode().splitlines()
+                        if not line.lstrip().startswith("#"))
         assert "policy drop" not in nft and "notrack" not in nft
         assert "snat ip to ip saddr" in nft
         assert all(paths.firewalld_zone(z) in trees[r] for z in paths.FIREWALLD_ZONES)
@@ -144,8 +148,8 @@ def _stock_root(tmp_path: Path) -> Path:
 
 
 def _edit(shell, root, *args):
-    return subprocess.run(shell + [str(REPO / "router/openwrt-23.05-ipsec"), *args], env={"WAN_ROOT": str(root), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(shell + [str(REPO / "router/openwrt-23.05-ipsec"), *args],
+                          env={"WAN_ROOT": str(root), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
 
 
 @pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
@@ -178,8 +182,9 @@ def test_openwrt_23_05_a_conn_the_operator_changed_is_left_alone(tmp_path):
     r = _edit(["busybox", "sh"], root)
     assert r.returncode == 0 and "left conn ikev1 " in r.stdout
     text = conf.read_text()
-    assert re.search(r"^conn ikev1$", text, re.M) and re.search(r"^conn ikev1-nat$", text, re.M) is None or True
-    assert "dpddelay=20" in text
+    assert re.search(r"^conn ikev1$", text, re.M) and "dpddelay=20" in text  # changed: kept
+    assert re.search(r"^conn ikev1-nat$", text, re.M) is None  # as shipped: removed
+    assert not re.search(r"^[^#]*SsEeCcRrEeTt", (root / "etc/ipsec.secrets").read_text(), re.M)
 
 
 # ---- router/openwrt-sourceip: the hook 24.10's updown stub calls -----------------------------------
@@ -201,8 +206,8 @@ def test_the_sourceip_hook_routes_the_routers_own_traffic_from_its_lan_address(t
     wan.mkdir(parents=True)
     (wan / "tunnels.list").write_text("acme-home 0123 1\n")
     hook = REPO / "router/openwrt-sourceip"
-    env = ("export WAN_ROOT=%s PLUTO_MY_SOURCEIP=10.1.0.1 PLUTO_PEER_CLIENT=10.2.0.0/24 PLUTO_INTERFACE=wan0 "
-           "PLUTO_NEXT_HOP=192.0.2.254 PLUTO_PEER=198.51.100.7" % tmp_path)
+    env = (f"export WAN_ROOT={tmp_path} PLUTO_MY_SOURCEIP=10.1.0.1 PLUTO_PEER_CLIENT=10.2.0.0/24 PLUTO_INTERFACE=wan0 "
+           "PLUTO_NEXT_HOP=192.0.2.254 PLUTO_PEER=198.51.100.7")
     sh = " ".join(shell)
     script = NETNS_SETUP + f"""{env}
 PLUTO_CONNECTION=other PLUTO_VERB=route-client {sh} {hook}
