@@ -2,7 +2,12 @@
 
 dist/<tag>/
   <router>.tar.gz     the router's tree (as out/<router>/) plus etc/wan/release.env
-  RELEASE             WAN_TAG, WAN_SERIAL, WAN_REVISION, WAN_NAME (what `fetch` reads first)
+  RELEASE             WAN_TAG, WAN_SERIAL, WAN_REVISION, WAN_NAME, WAN_DATE (the commit's time),
+                      WAN_EXPIRES (WAN_DATE + wan.yaml release.valid_days), WAN_SIZE_<router> and
+                      WAN_UNPACKED_<router> (the bundle's bytes, gzipped and as tar: routers cap
+                      their downloads at these), and one "tunnel NAME SITE DIGEST SITE DIGEST"
+                      line per tunnel (a digest of each end's conf and secret: a router tells
+                      from them whether a changed tunnel needs its peer to apply the release too)
   SHA256SUMS          sha256 of every file above ("HASH  NAME", as sha256sum writes it)
   SHA256SUMS.sig      Ed25519 signature over SHA256SUMS, usign/signify format
 
@@ -25,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import signify
+from . import paths, signify
 from .errors import Problem, WanError
 from .model import Wan
 from .render import Tree, render_wan
@@ -45,8 +50,26 @@ def serial(tag: str) -> int:
     return major * 1_000_000 + minor * 1_000 + patch
 
 
-def release_env(tag: str, revision: str) -> str:
-    return f"WAN_TAG={tag}\nWAN_SERIAL={serial(tag)}\nWAN_REVISION={revision}\n"
+def release_env(tag: str, revision: str, date: int | None = None) -> str:
+    """etc/wan/release.env of a bundle: fetch installs it last, as the marker of the release in use."""
+    return f"WAN_TAG={tag}\nWAN_SERIAL={serial(tag)}\nWAN_REVISION={revision}\n" + (f"WAN_DATE={date}\n" if date else "")
+
+
+def release_text(wan: Wan, tag: str, revision: str, date: int, bundles: dict[str, bytes], trees: dict[str, Tree]) -> bytes:
+    """The RELEASE file: what a router reads (signed) before it downloads its bundle."""
+    lines = [f"WAN_TAG={tag}", f"WAN_SERIAL={serial(tag)}", f"WAN_REVISION={revision}", f"WAN_NAME={wan.name}",
+             f"WAN_DATE={date}", f"WAN_EXPIRES={date + wan.release_valid_days * 86400}"]
+    for name in sorted(trees):
+        gz = bundles[f"{name}.tar.gz"]
+        lines += [f"WAN_SIZE_{name}={len(gz)}", f"WAN_UNPACKED_{name}={len(gzip.decompress(gz))}"]
+    ends: dict[str, list[str]] = {}
+    for name in sorted(trees):
+        listed = trees[name].get(paths.TUNNELS_LIST)
+        for line in (listed.content.decode().splitlines() if listed else []):
+            tunnel, conf, secret = line.split()[:3]
+            ends.setdefault(tunnel, []).append(f"{name} {hashlib.sha256(f'{conf} {secret}'.encode()).hexdigest()[:16]}")
+    lines += [f"tunnel {t} {' '.join(e)}" for t, e in sorted(ends.items())]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def pack(tree: Tree, mtime: int) -> bytes:
@@ -80,14 +103,17 @@ class Release:
 
 
 def build(wan: Wan, key: MasterKey, signing: signify.SecretKey, tag: str, dist: Path, revision: str,
-          mtime: int = 0, trees: dict[str, Tree] | None = None) -> Release:
+          mtime: int = 0, trees: dict[str, Tree] | None = None, date: int | None = None) -> Release:
     """Render every router with `key`, pack, checksum and sign into dist/<tag>/ (replaced atomically).
-    `trees` may be given instead of rendering (tests build deliberately broken releases this way)."""
+    `trees` may be given instead of rendering (tests build deliberately broken releases this way).
+    `date` (the release's date, from which it expires) defaults to `mtime` (the commit's time, so
+    the same commit and tag give the same bytes), or now when that is unknown (0)."""
     t0 = time.perf_counter()
-    n = serial(tag)
-    trees = trees if trees is not None else render_wan(wan, key, revision, release_env(tag, revision))
+    serial(tag)
+    date = date if date is not None else (mtime or int(time.time()))
+    trees = trees if trees is not None else render_wan(wan, key, revision, release_env(tag, revision, date))
     files: dict[str, bytes] = {f"{name}.tar.gz": pack(tree, mtime) for name, tree in sorted(trees.items())}
-    files["RELEASE"] = f"WAN_TAG={tag}\nWAN_SERIAL={n}\nWAN_REVISION={revision}\nWAN_NAME={wan.name}\n".encode()
+    files["RELEASE"] = release_text(wan, tag, revision, date, files, trees)
     files.update(sign_sums(files, signing))
     dist.mkdir(parents=True, exist_ok=True)
     target = dist / tag
@@ -119,6 +145,16 @@ def resign(release_dir: Path, signing: signify.SecretKey) -> None:
     make validly signed but wrong releases this way)."""
     d = Path(release_dir)
     files = {n: (d / n).read_bytes() for n in sorted(os.listdir(d)) if not n.startswith(("SHA256SUMS", "."))}
+    if "RELEASE" in files:  # the sizes it lists follow the bundles as they are now
+        sizes = {}
+        for n, b in files.items():
+            if n.endswith(".tar.gz"):
+                r = n[:-len(".tar.gz")]
+                sizes[f"WAN_SIZE_{r}"], sizes[f"WAN_UNPACKED_{r}"] = len(b), len(gzip.decompress(b))
+        lines = [f"{k}={sizes[k]}" if (k := line.split("=", 1)[0]) in sizes else line
+                 for line in files["RELEASE"].decode().splitlines()]
+        files["RELEASE"] = ("\n".join(lines) + "\n").encode()
+        (d / "RELEASE").write_bytes(files["RELEASE"])
     for name, b in sign_sums(files, signing).items():
         (d / name).write_bytes(b)
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from render.render import render_wan
 from render.secrets import MasterKey
 from render.validate import load_sites
 
-from support import REPO
+from support import REPO, STUB_IPSEC, Server, static_peer
 
 FETCH = REPO / "router" / "fetch"
 WAN = REPO / "tests/lab/wans/two"
@@ -35,48 +32,6 @@ pytestmark = pytest.mark.skipif(not shutil.which("signify-openbsd"), reason="nee
 
 GOOD = MasterKey(b"fetch-tests-master-key-not-real-0001", "lab")
 OTHER = MasterKey(b"fetch-tests-another-master-key-0002", "lab")
-
-STUB_IPSEC = """#!/bin/sh
-# stand-in for ipsec (see the module's docstring)
-echo "ipsec $*" >> "$STUB_LOG"
-case "$1" in
-  whack)
-    case "$2" in
-      --trafficstatus) for f in "$STUB_STATE"/*; do [ -e "$f" ] && echo "006 #2: \\"${f##*/}\\", type=ESP, add_time=1, inBytes=0, outBytes=0, id='x'"; done ;;
-      --delete) rm -f "$STUB_STATE/$4" ;;
-    esac ;;
-  auto|add)
-    [ "$1" = auto ] && n=$3 || n=$2
-    psk() { sed -n 's/.*PSK "\\(.*\\)"/\\1/p' "$1"; }
-    if [ "$(psk "$STUB_ROOT/etc/ipsec.d/$n.secrets")" = "$(psk "$STUB_PEERS/$n.secrets")" ]; then : > "$STUB_STATE/$n"; fi ;;
-esac
-exit 0
-"""
-
-
-class Server:
-    """lab/release_server.py on 127.0.0.1 (a free port); restartable (a test makes it die)."""
-
-    def __init__(self, root: Path, log: Path):
-        self.root, self.log, self.proc = root, log, None
-        self.start()
-
-    def start(self) -> None:
-        portfile = self.root.parent / "port"
-        portfile.unlink(missing_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "lab.release_server", str(self.root), "127.0.0.1", "0", str(portfile)],
-                                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
-        end = time.monotonic() + 20
-        while not portfile.exists():
-            assert self.proc.poll() is None and time.monotonic() < end, self.log.read_text()
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{portfile.read_text().strip()}/releases"
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        if self.proc:
-            self.proc.wait(timeout=10)
 
 
 class World:
@@ -92,8 +47,8 @@ class World:
         self.root = tmp / "root"
         (self.root / "etc/wan").mkdir(parents=True)
         (self.root / "etc/wan/release.pub").write_text(self.key.public.text("test key"))
-        conf = [f"WAN_RELEASE_URL={self.server.url}", "WAN_ROUTER=acme", "WAN_HEALTH_TIMEOUT=3", "WAN_FETCH_TIMEOUT=10",
-                f"WAN_DOWNLOADER={downloader}", "WAN_KEEP=2"]
+        conf = [f"WAN_RELEASE_URL={self.server.url}", "WAN_ROUTER=acme", "WAN_HEALTH_TIMEOUT=2", "WAN_FETCH_TIMEOUT=20",
+                f"WAN_DOWNLOADER={downloader}", "WAN_KEEP=1"]
         (self.root / "etc/wan/fetch.conf").write_text("\n".join(conf) + "\n")
         bin_ = tmp / "bin"
         bin_.mkdir()
@@ -103,14 +58,11 @@ class World:
             (bin_ / "wget").symlink_to(shutil.which("busybox"))
         self.state = tmp / "pluto"
         self.state.mkdir()
-        self.peers = tmp / "peers"  # what home (the peer) holds: the good release's secrets
-        self.peers.mkdir()
-        for p, f in render_wan(self.wan, GOOD)["home"].items():
-            if p.endswith(".secrets") and "/ipsec.d/" in p:
-                (self.peers / Path(p).name).write_bytes(f.content)
+        # home, the peer, has loaded the good release's acme-home with its PSK
+        self.peer = static_peer(tmp / "peer", render_wan(self.wan, GOOD)["home"])
         self.log = tmp / "ipsec.log"
         self.env = {"PATH": f"{bin_}:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": str(tmp), "STUB_LOG": str(self.log),
-                    "STUB_STATE": str(self.state), "STUB_ROOT": str(self.root), "STUB_PEERS": str(self.peers),
+                    "STUB_STATE": str(self.state), "STUB_ROOT": str(self.root), "STUB_PEER": str(self.peer),
                     "WAN_RELOAD_DNS": "true", "WAN_RELOAD_FIREWALL": "true"}
 
     def release(self, tag: str, key: MasterKey = GOOD, signing: signify.SecretKey | None = None, latest: bool = True,
@@ -126,8 +78,10 @@ class World:
                               capture_output=True, text=True, env=self.env, timeout=120)
 
     def snapshot(self) -> dict[str, str]:
+        """Every file of the router (tmpfs left out) and what the stand-in pluto holds."""
         return {str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(self.root.rglob("*")) if p.is_file()} | {"pluto": " ".join(sorted(x.name for x in self.state.iterdir()))}
+                for p in sorted(self.root.rglob("*")) if p.is_file() and not str(p.relative_to(self.root)).startswith("var/")} | {
+                "pluto:" + str(p.relative_to(self.state)): p.read_text() for p in sorted(self.state.rglob("*")) if p.is_file()}
 
     def installed_tag(self) -> str:
         return (self.root / "etc/wan/release.env").read_text().split("\n")[0]
@@ -148,12 +102,14 @@ def test_first_fetch_installs_the_release_and_a_second_finds_nothing_to_do(world
     world.release("v1.0.0")
     r = world.fetch()
     assert r.returncode == 0, r.stderr
-    assert "v1.0.0 verified (signature, checksums, router)" in r.stderr and "applied and healthy" in r.stderr
+    assert "v1.0.0 verified (signature, checksums, sizes, router, paths)" in r.stderr and "applied and healthy" in r.stderr
     assert world.installed_tag() == "WAN_TAG=v1.0.0"
     assert (world.root / "etc/ipsec.d/acme-home.conf").exists()
     assert (world.root / "etc/ipsec.d/acme-home.secrets").stat().st_mode & 0o777 == 0o600
     assert "ipsec auto --add acme-home" in world.calls()
-    assert (world.state / "acme-home").exists()  # the stand-in peer accepted its secret
+    assert (world.state / "loaded/acme-home").exists()  # loaded, and up: the stand-in peer has the same PSK
+    assert "acme-home" in subprocess.run(["sh", str(world.tmp / "bin/ipsec"), "whack", "--trafficstatus"], env=world.env,
+                                         capture_output=True, text=True).stdout
     r = world.fetch()
     assert r.returncode == 0 and "nothing to do" in r.stderr
     assert world.calls() == []  # no ipsec command at all
@@ -222,23 +178,28 @@ def test_a_release_that_breaks_the_tunnels_is_rolled_back(world):
     world.release("v1.1.0", trees={"acme": bad["acme"], "home": ok["home"]})
     r = world.fetch()
     assert r.returncode == 1, r.stderr
-    assert "not up after 3 s: acme-home" in r.stderr and "rolling back to v1.0.0" in r.stderr
+    assert "not up after 2 s: acme-home" in r.stderr and "rolling back to v1.0.0" in r.stderr
     assert "v1.1.0 was rolled back; v1.0.0 is installed again and its tunnels are up" in r.stderr
     now = world.snapshot()
     changed = {k for k in good.keys() | now.keys() if good.get(k) != now.get(k)}
     # the router's files are v1.0.0's again; what differs is fetch's own record and the kept bundle
-    assert all(k.startswith("etc/wan/releases/") or k.startswith("etc/wan/previous/") for k in changed), changed
-    assert (world.state / "acme-home").exists()
+    assert all(k.startswith(("etc/wan/releases/", "etc/wan/previous/", "pluto:")) for k in changed), changed
+    assert (world.state / "loaded/acme-home").exists()
     # cron runs again: the failed release is not retried by itself
     r = world.fetch()
     assert r.returncode == 1 and "v1.1.0 was rolled back here before" in r.stderr and world.calls() == []
 
 
-def test_only_the_newest_bundles_are_kept(world):
+def test_the_installed_bundle_and_wan_keep_older_ones_are_kept(world):
     for tag in ("v1.0.0", "v1.1.0", "v1.2.0"):
         world.release(tag)
         assert world.fetch().returncode == 0
-    assert sorted(os.listdir(world.root / "etc/wan/releases/bundles")) == ["v1.1.0", "v1.2.0"]
+    assert sorted(os.listdir(world.root / "etc/wan/releases/bundles")) == ["v1.1.0", "v1.2.0"]  # WAN_KEEP=1
+    conf = world.root / "etc/wan/fetch.conf"
+    conf.write_text(conf.read_text() + "WAN_KEEP=0\n")
+    world.release("v1.3.0")
+    assert world.fetch().returncode == 0
+    assert sorted(os.listdir(world.root / "etc/wan/releases/bundles")) == ["v1.3.0"]  # 0: none beyond the installed one
 
 
 def test_bundles_are_reproducible_and_verify_with_signify(tmp_path):
@@ -281,9 +242,9 @@ def test_health_all_requires_every_tunnel_of_the_release(world):
         f.write("WAN_HEALTH=all\n")
     # the stand-in peer holds other secrets than the release: on a first install nothing was up
     # before, so only WAN_HEALTH=all notices that acme-home never comes up
-    for p in world.peers.iterdir():
+    for p in (world.peer / "secrets").iterdir():
         p.write_text(p.read_text().replace('PSK "', 'PSK "other-'))
     world.release("v1.0.0")
     r = world.fetch()
-    assert r.returncode == 3 and "not up after 3 s: acme-home" in r.stderr, r.stderr
+    assert r.returncode == 3 and "not up after 2 s: acme-home" in r.stderr, r.stderr
     assert "no previous bundle to go back to" in r.stderr

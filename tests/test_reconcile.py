@@ -70,7 +70,7 @@ class Router:
 
     def files(self) -> dict[str, tuple[bytes, int]]:
         return {str(p.relative_to(self.root)): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
-                for p in self.root.rglob("*") if p.is_file() and "previous" not in p.parts}
+                for p in self.root.rglob("*") if p.is_file() and "previous" not in p.parts and p.parts[len(self.root.parts)] != "var"}
 
 
 def _expected(tree: Path) -> dict[str, tuple[bytes, int]]:
