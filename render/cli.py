@@ -137,7 +137,8 @@ def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_ol
                   "routers would refuse this release. Use the matching key, or commit its public half.", file=sys.stderr)
             return 1
         key = find_master(REPO)
-        r = rel.build(wan, key, signing, tag, Path(dist), rev, rel.commit_time(REPO, rev))
+        mtime = rel.commit_time(REPO, rev)
+        r = rel.build(wan, key, signing, tag, Path(dist), rev, mtime, date=rel.tag_time(REPO, tag) or mtime or None)
     except WanError as e:
         return _errors(e)
     problems = rel.verify(r.dir, trusted)

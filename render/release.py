@@ -230,6 +230,16 @@ def commit_time(repo: Path, revision: str) -> int:
     return int(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip().isdigit() else 0
 
 
+def tag_time(repo: Path, tag: str) -> int:
+    """The date of an annotated tag (its tagger date), 0 for a lightweight or missing one. A release's
+    date is this, else its commit's time: the same tag always gives the same bytes, and a new patch
+    tag of the same commit (`git tag -a v1.4.1 -m renew v1.4.0^{}`) renews a release before it expires."""
+    r = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(objecttype) %(taggerdate:unix)", f"refs/tags/{tag}"],
+                       capture_output=True, text=True, timeout=10)
+    kind, _, when = r.stdout.strip().partition(" ")
+    return int(when) if r.returncode == 0 and kind == "tag" and when.isdigit() else 0
+
+
 def released_tags(repo: Path) -> list[str]:
     r = subprocess.run(["git", "-C", str(repo), "tag", "--list", "v*"], capture_output=True, text=True, timeout=10)
     return [t for t in r.stdout.split() if TAG.match(t)]

@@ -448,3 +448,372 @@ def test_killed_at_every_step_the_next_run_ends_fully_on_the_old_or_the_new_rele
           f"{len(named_steps(REPO / 'router' / 'reconcile'))} reconcile steps), {len(points) - len(failures)} converged, "
           f"{time.monotonic() - t0:.0f} s")
     assert not failures, f"{len(failures)} of {len(points)} kill points did not converge:\n" + "\n\n".join(failures[:4])
+
+
+# ---- one fetch at a time -----------------------------------------------------------------------
+def _without(tmp: Path, tool: str) -> str:
+    """A PATH like the router's, minus `tool` (a directory of links to everything else)."""
+    d = tmp / f"no-{tool}"
+    d.mkdir()
+    for p in ("/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        for f in Path(p).iterdir():
+            if f.name != tool and not (d / f.name).exists():
+                (d / f.name).symlink_to(f)
+    return str(d)
+
+
+@pytest.mark.parametrize("lock", ["flock", "symlink"])
+@pytest.mark.parametrize("shell", [" ".join(s) for s in SHELLS])
+def test_of_six_fetches_started_together_exactly_one_runs_in_every_round(tmp_path, shell, lock):
+    """60 rounds of 6 fetches started at once (the server answers after 0.3 s, so they overlap):
+    in every round exactly one gets past the lock; the others say so and change nothing. With
+    flock, and with the symlink lock of routers that lack it."""
+    from support import HostileServer
+    w = World(tmp_path, shell.split(), "curl")
+    w.release("v1.0.0")
+    assert w.fetch().returncode == 0
+    w.server.stop()
+    slow = HostileServer(w.dist)
+    slow.behave["SHA256SUMS"] = ("slow", 0.3)
+    conf = w.root / "etc/wan/fetch.conf"
+    conf.write_text(conf.read_text() + f"WAN_RELEASE_URL={slow.url}\n")
+    env = dict(w.env)
+    if lock == "symlink":
+        env["PATH"] = f"{tmp_path / 'bin'}:{_without(tmp_path, 'flock')}"
+    rounds = []
+    try:
+        for _ in range(60):
+            ps = [subprocess.Popen(w.shell + [str(FETCH), "--root", str(w.root)], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(6)]
+            outs = [(p.wait(timeout=60), p.stderr.read()) for p in ps]
+            ran = [o for rc, o in outs if "fetching the latest release" in o]
+            held = [o for rc, o in outs if rc == 1 and "not starting a second" in o]
+            rounds.append((len(ran), len(held)))
+            assert len(ran) == 1 and len(held) == 5, outs
+            assert "v1.0.0 is installed and is the latest" in ran[0]
+    finally:
+        slow.stop()
+    print(f"\n{shell} {lock}: {len(rounds)} rounds of 6, exactly one ran in each")
+
+
+@pytest.mark.parametrize("lock", ["flock", "symlink"])
+def test_a_lock_left_by_kill_9_or_a_power_cut_does_not_block_the_next_run(world, tmp_path, lock):
+    world.release("v1.0.0")
+    if lock == "symlink":
+        world.env["PATH"] = f"{tmp_path / 'bin'}:{_without(tmp_path, 'flock')}"
+    (world.root / "etc/wan/test-hooks").write_text("")
+    env = dict(world.env, WAN_TEST_STOP_AT="fetch:download", WAN_TEST_SIGNAL="KILL")
+    r = subprocess.run(world.shell + [str(FETCH), "--root", str(world.root)], env=env, capture_output=True, text=True)
+    assert r.returncode == -9 or r.returncode == 137, r.stderr
+    if lock == "symlink":
+        assert (world.root / "var/run/wan-acme.lock.l").is_symlink()  # left behind by the killed run
+    r = world.fetch()
+    assert r.returncode == 0 and "applied and healthy" in r.stderr, r.stderr
+    assert lock == "flock" or "removed a stale lock" in r.stderr
+    if lock == "symlink":  # the owner's pid is alive but it was another boot's: a reboot with a reused pid
+        (world.root / "var/run/wan-acme.lock.l").symlink_to(f"another-boot:{os.getpid()}")
+        r = world.fetch()
+        assert r.returncode == 0 and "nothing to do" in r.stderr and "of another boot is gone" in r.stderr, r.stderr
+    shutil.rmtree(world.root / "var")  # a reboot: tmpfs is empty
+    r = world.fetch()
+    assert r.returncode == 0 and "nothing to do" in r.stderr, r.stderr
+
+
+# ---- hostile servers, sizes and room -------------------------------------------------------------
+def _hostile(world):
+    from support import HostileServer
+    world.server.stop()
+    h = HostileServer(world.dist)
+    conf = world.root / "etc/wan/fetch.conf"
+    conf.write_text(conf.read_text() + f"WAN_RELEASE_URL={h.url}\n")
+    return h
+
+
+def test_hostile_servers_are_bounded_in_size_and_time(world):
+    """An endless SHA256SUMS, a bundle larger than its signed size and a server that drips a byte
+    every second: each refused or given up within WAN_FETCH_TIMEOUT (no `timeout` needed: BusyBox
+    on OpenWrt has none), the router unchanged and nothing left in its state directory."""
+    world.release("v1.0.0")
+    assert world.fetch().returncode == 0
+    world.release("v1.1.0")
+    h = _hostile(world)
+    before = world.snapshot()
+    try:
+        def once(rc: int, words: str) -> None:
+            r = world.fetch()
+            assert r.returncode == rc and words in r.stderr, r.stderr
+            assert world.snapshot() == before
+            assert not list((world.root / "etc/wan/releases").glob("work.*"))
+
+        h.behave["SHA256SUMS"] = ("huge", 64 << 20)
+        once(2, "SHA256SUMS is larger than the 262144 bytes allowed for it")
+        h.behave.clear()
+        h.behave["acme.tar.gz"] = ("huge", 8 << 20)
+        once(2, f"acme.tar.gz is larger than the {(world.dist / 'v1.1.0/acme.tar.gz').stat().st_size} bytes allowed for it")
+        h.behave.clear()
+        with open(world.root / "etc/wan/fetch.conf", "a") as f:
+            f.write("WAN_FETCH_TIMEOUT=3\n")
+        before = world.snapshot()
+        h.behave["RELEASE"] = ("drip", 1)
+        once(1, "within WAN_FETCH_TIMEOUT=3 s (a slow or stalled server)")
+    finally:
+        h.stop()
+
+
+def test_no_room_for_the_bundle_changes_nothing(world, tmp_path):
+    """WAN_STATE on a 160 KiB file system (a real tmpfs): the signed sizes say the bundle needs more."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with open(world.root / "etc/wan/fetch.conf", "a") as f:
+            f.write(f"WAN_STATE={small}/releases\n")
+        world.release("v1.0.0")
+        before = world.snapshot()
+        r = world.fetch()
+        assert r.returncode == 1 and "not enough room in" in r.stderr, r.stderr
+        assert world.snapshot() == before
+        assert os.listdir(small / "releases") == ["bundles"]
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+# ---- freshness and floors ------------------------------------------------------------------------
+def test_an_expired_release_and_an_unset_clock_are_reported_and_change_nothing(world):
+    day = 86400
+    world.release("v1.0.0")
+    assert world.fetch().returncode == 0
+    before = world.snapshot()
+    build(world.wan, GOOD, world.key, "v1.1.0", world.dist, "test", date=int(time.time()) - 91 * day)
+    (world.dist / "latest").write_text("v1.1.0\n")
+    r = world.fetch()
+    assert r.returncode == 4 and "EXPIRED: the newest release v1.1.0 expired on" in r.stderr, r.stderr
+    assert world.snapshot() == before
+    # a server frozen on the installed release: noticed once that one expires
+    build(world.wan, GOOD, world.key, "v1.0.0", world.dist, "test", date=int(time.time()) - 91 * day)
+    (world.dist / "latest").write_text("v1.0.0\n")
+    r = world.fetch()
+    assert r.returncode == 4 and "EXPIRED" in r.stderr, r.stderr
+    build(world.wan, GOOD, world.key, "v1.2.0", world.dist, "test", date=int(time.time()) + 5 * day)
+    (world.dist / "latest").write_text("v1.2.0\n")
+    r = world.fetch()
+    assert r.returncode == 5 and "CLOCK: this router's clock says" in r.stderr and "not set yet" in r.stderr, r.stderr
+    assert world.snapshot() == before
+
+
+def test_a_fresh_router_refuses_a_release_below_its_floor_even_forced(world):
+    with open(world.root / "etc/wan/fetch.conf", "a") as f:
+        f.write("WAN_MIN_SERIAL=1001000\n")  # v1.1.0, recorded at enrolment
+    world.release("v1.0.0")
+    for args in ((), ("--force", "--tag", "v1.0.0")):
+        r = world.fetch(*args)
+        assert r.returncode == 2 and "below this router's floor WAN_MIN_SERIAL=1001000" in r.stderr, r.stderr
+    assert not (world.root / "etc/wan/release.env").exists()
+    world.release("v1.1.0")
+    assert world.fetch().returncode == 0
+
+
+@pytest.mark.parametrize("bad", ["01000000", "1e6", "-1", "0", "", "1000000x", "12345678901"])
+def test_a_serial_that_is_not_a_plain_positive_number_is_refused(world, bad):
+    d = world.release("v1.0.0")
+    rel = d / "RELEASE"
+    rel.write_text(re.sub(r"WAN_SERIAL=\d+", f"WAN_SERIAL={bad}", rel.read_text()))
+    resign(d, world.key)
+    r = world.fetch()
+    assert r.returncode == 2 and "RELEASE has no valid serial" in r.stderr, r.stderr
+    assert not (world.root / "etc/wan/release.env").exists()
+
+
+def test_a_damaged_installed_serial_fails_closed(world):
+    world.release("v1.0.0")
+    assert world.fetch().returncode == 0
+    marker = world.root / "etc/wan/release.env"
+    marker.write_text(marker.read_text().replace("WAN_SERIAL=1000000", "WAN_SERIAL=one"))
+    world.release("v0.9.0")
+    r = world.fetch()
+    assert r.returncode == 2 and "has no valid serial" in r.stderr, r.stderr
+
+
+# ---- paths and modes in a bundle's lists ---------------------------------------------------------
+@pytest.mark.parametrize("line, words", [
+    ("{sha} 0755 ../x", "../x is not a plain relative path"),
+    ("{sha} 0644 /etc/shadow", "/etc/shadow is not a plain relative path"),
+    ("{sha} 0644 etc/./x", "etc/./x is not a plain relative path"),
+    ("{sha} 4755 etc/wan/fetch", "mode 4755 of etc/wan/fetch is above 0755 or sets setuid/setgid/sticky"),
+    ("{sha} 2755 etc/wan/fetch", "mode 2755"),
+    ("{sha} 1755 etc/wan/fetch", "mode 1755"),
+    ("{sha} 0777 etc/wan/fetch", "mode 0777"),
+    ("{sha} 0644 etc/wan/a b", "not \"sha256 mode path\""),
+])
+def test_unsafe_paths_and_modes_in_a_signed_bundle_are_refused_before_anything_is_installed(world, line, words):
+    from render.render import RenderedFile
+    world.release("v1.0.0")
+    assert world.fetch().returncode == 0
+    before = world.snapshot()
+    trees = render_wan(world.wan, GOOD, "test", release_env("v1.1.0", "test"))
+    fl = trees["acme"]["etc/wan/files.list"]
+    sha = hashlib.sha256(trees["acme"]["etc/wan/fetch"].content).hexdigest()
+    text = fl.content.decode()
+    if " etc/wan/fetch\n" in line.format(sha=sha) + "\n":  # the same file, another mode
+        text = "".join(x + "\n" for x in text.splitlines() if not x.endswith(" etc/wan/fetch"))
+    trees["acme"]["etc/wan/files.list"] = RenderedFile((text + line.format(sha=sha) + "\n").encode(), fl.mode)
+    world.release("v1.1.0", trees=trees)
+    r = world.fetch()
+    assert r.returncode == 2 and words in r.stderr and "nothing was changed" in r.stderr, r.stderr
+    assert world.snapshot() == before
+
+
+# ---- private work files, explicit modes -----------------------------------------------------------
+def test_work_files_are_private_and_leftovers_of_a_killed_run_go(world, tmp_path):
+    world.release("v1.0.0")
+    (world.root / "etc/wan/test-hooks").write_text("")
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    world.env["TMPDIR"] = str(tmpdir)
+    for where in ("fetch:stage", "reconcile:install-files"):
+        env = dict(world.env, WAN_TEST_STOP_AT=where, WAN_TEST_SIGNAL="KILL", WAN_TEST_TARGET="group")
+        subprocess.run(world.shell + [str(FETCH), "--root", str(world.root)], env=env, capture_output=True, start_new_session=True)
+        work = list((world.root / "etc/wan/releases").glob("work.*")) + list((world.root / "etc/wan").glob(".reconcile.*"))
+        assert work, where
+        for d in work:
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+            for f in d.rglob("*"):
+                assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+    assert stat.S_IMODE((world.root / "etc/wan/releases").stat().st_mode) == 0o700
+    r = world.fetch()
+    assert r.returncode == 0, r.stderr
+    assert not list((world.root / "etc/wan/releases").glob("work.*")) and not list((world.root / "etc/wan").glob(".reconcile.*"))
+    # what was installed has its listed mode; directories made for it 0755 (dnsmasq reads as its own user)
+    for d in ("etc/dnsmasq.d", "etc/nftables", "etc/ipsec.d"):
+        assert stat.S_IMODE((world.root / d).stat().st_mode) == 0o755, d
+    assert stat.S_IMODE((world.root / "etc/dnsmasq.d/wan.conf").stat().st_mode) == 0o644
+    assert stat.S_IMODE((world.root / "etc/ipsec.d/acme-home.secrets").stat().st_mode) == 0o600
+    assert stat.S_IMODE((world.root / "etc/wan/release.env").stat().st_mode) == 0o644
+    assert os.listdir(tmpdir) == []  # nothing in a shared temporary directory
+
+
+# ---- peers that apply later ------------------------------------------------------------------------
+class Pair:
+    """acme and home, each its own / and stand-in pluto, each the other's peer, fetching from one server."""
+
+    def __init__(self, tmp: Path, shell: list[str], grace: int = 600):
+        self.tmp, self.shell = tmp, shell
+        self.wan = load_sites(WAN)
+        self.key = signify.generate()
+        self.dist = tmp / "dist"
+        self.dist.mkdir()
+        self.server = Server(self.dist, tmp / "server.log")
+        bin_ = tmp / "bin"
+        bin_.mkdir()
+        (bin_ / "ipsec").write_text(STUB_IPSEC)
+        (bin_ / "ipsec").chmod(0o755)
+        self.env = {}
+        for me, peer in (("acme", "home"), ("home", "acme")):
+            root = tmp / me
+            (root / "etc/wan").mkdir(parents=True)
+            (root / "etc/wan/release.pub").write_text(self.key.public.text("test key"))
+            (root / "etc/wan/fetch.conf").write_text(
+                f"WAN_RELEASE_URL={self.server.url}\nWAN_ROUTER={me}\nWAN_HEALTH_TIMEOUT=1\nWAN_DOWNLOADER=curl\nWAN_PEER_GRACE={grace}\n")
+            (tmp / f"pluto-{me}").mkdir()
+            self.env[me] = {"PATH": f"{bin_}:/usr/sbin:/usr/bin:/sbin:/bin", "STUB_LOG": str(tmp / f"{me}.log"),
+                            "STUB_STATE": str(tmp / f"pluto-{me}"), "STUB_ROOT": str(root), "STUB_PEER": str(tmp / f"pluto-{peer}"),
+                            "WAN_RELOAD_DNS": "true", "WAN_RELOAD_FIREWALL": "true"}
+
+    def release(self, tag: str, acme: MasterKey, home: MasterKey) -> None:
+        trees = {"acme": render_wan(self.wan, acme, "test", release_env(tag, "test"))["acme"],
+                 "home": render_wan(self.wan, home, "test", release_env(tag, "test"))["home"]}
+        build(self.wan, GOOD, self.key, tag, self.dist, "test", trees=trees)
+        (self.dist / "latest").write_text(tag + "\n")
+
+    def fetch(self, me: str) -> subprocess.CompletedProcess:
+        return subprocess.run(self.shell + [str(FETCH), "--root", str(self.tmp / me)], capture_output=True, text=True,
+                              env=self.env[me], timeout=120)
+
+    def tag(self, me: str) -> str:
+        return (self.tmp / me / "etc/wan/release.env").read_text().split("\n")[0].split("=")[1]
+
+    def up(self, me: str) -> bool:
+        return "acme-home" in subprocess.run(["sh", str(self.tmp / "bin/ipsec"), "whack", "--trafficstatus"], env=self.env[me],
+                                             capture_output=True, text=True).stdout
+
+
+THIRD = MasterKey(b"fetch-tests-a-third-master-key-0003", "lab")
+
+
+@pytest.mark.parametrize("shell", [" ".join(s) for s in SHELLS])
+def test_a_change_to_both_ends_converges_when_the_peer_applies_later(tmp_path, shell):
+    """Two stand-in routers: v2 changes the PSK of acme-home on both ends. acme applies it, the tunnel
+    cannot come up until home applies it too: pending, not rolled back. home fetches more than
+    WAN_HEALTH_TIMEOUT later and the tunnel comes up; acme's next run sees its peer caught up. A
+    release broken on one end (v3: only acme's end changed, home's did not) is rolled back at once."""
+    p = Pair(tmp_path, shell.split())
+    try:
+        p.release("v1.0.0", GOOD, GOOD)
+        assert p.fetch("acme").returncode == 0 and p.fetch("home").returncode == 0
+        assert p.up("acme") and p.up("home")
+        p.release("v2.0.0", OTHER, OTHER)
+        r = p.fetch("acme")
+        assert r.returncode == 0 and "acme-home wait for their peers to apply it too" in r.stderr, r.stderr
+        assert p.tag("acme") == "v2.0.0" and not p.up("acme")
+        time.sleep(2.5)  # more than WAN_HEALTH_TIMEOUT=1 apart
+        r = p.fetch("home")
+        assert r.returncode == 0 and "applied and healthy" in r.stderr, r.stderr
+        r = p.fetch("acme")
+        assert r.returncode == 0 and "the peers caught up" in r.stderr, r.stderr
+        assert p.up("acme") and p.tag("home") == "v2.0.0"
+        assert not (tmp_path / "acme/etc/wan/releases/failed").exists() and not (tmp_path / "home/etc/wan/releases/failed").exists()
+        # broken on one router: only acme's end changes, home's stays: rolled back at once
+        p.release("v3.0.0", THIRD, OTHER)
+        r = p.fetch("acme")
+        assert r.returncode == 1 and "v3.0.0 was rolled back; v2.0.0 is installed again" in r.stderr, r.stderr
+        r = p.fetch("home")
+        assert r.returncode == 0 and "applied and healthy" in r.stderr, r.stderr
+        assert p.up("acme") and p.up("home")
+    finally:
+        p.server.stop()
+
+
+def test_a_peer_that_never_applies_is_given_up_after_the_grace(tmp_path):
+    p = Pair(tmp_path, ["bash"], grace=1)
+    try:
+        p.release("v1.0.0", GOOD, GOOD)
+        assert p.fetch("acme").returncode == 0 and p.fetch("home").returncode == 0
+        p.release("v2.0.0", OTHER, OTHER)
+        r = p.fetch("acme")
+        assert r.returncode == 0 and "wait for their peers" in r.stderr, r.stderr
+        time.sleep(2.5)
+        r = p.fetch("acme")
+        assert r.returncode == 1 and "still down after WAN_PEER_GRACE" in r.stderr and "v2.0.0 was rolled back" in r.stderr, r.stderr
+        assert p.tag("acme") == "v1.0.0" and p.up("acme")
+        assert (tmp_path / "acme/etc/wan/releases/failed").read_text() == "v2.0.0\n"
+    finally:
+        p.server.stop()
+
+
+# ---- the RELEASE file's date and expiry ------------------------------------------------------------
+def test_release_date_is_the_annotated_tags_and_its_expiry_follows_wan_yaml(tmp_path):
+    from render.release import tag_time
+    from render.errors import WanError
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], check=True, env=dict(os.environ, GIT_COMMITTER_DATE="1700000000 +0000"))
+    subprocess.run(git + ["tag", "v1.4.0"], check=True)
+    subprocess.run(git + ["tag", "-a", "-m", "renew", "v1.4.1", "v1.4.0^{}"], check=True,
+                   env=dict(os.environ, GIT_COMMITTER_DATE="1710000000 +0000"))
+    assert tag_time(repo, "v1.4.0") == 0  # lightweight: the commit's time is used
+    assert tag_time(repo, "v1.4.1") == 1710000000  # the renewal carries its own date
+    sites = tmp_path / "sites"
+    shutil.copytree(WAN, sites)
+    (sites / "wan.yaml").write_text((sites / "wan.yaml").read_text() + "release: {valid_days: 7}\n")
+    r = build(load_sites(sites), GOOD, signify.generate(), "v1.4.1", tmp_path / "dist", "abc", mtime=1700000000, date=1710000000)
+    text = (r.dir / "RELEASE").read_text()
+    assert "WAN_DATE=1710000000\n" in text and f"WAN_EXPIRES={1710000000 + 7 * 86400}\n" in text
+    assert f"WAN_SIZE_acme={(r.dir / 'acme.tar.gz').stat().st_size}\n" in text
+    assert "\ntunnel acme-home acme " in text and " home " in text.split("tunnel acme-home")[1]
+    (sites / "wan.yaml").write_text((sites / "wan.yaml").read_text().replace("valid_days: 7", "valid_days: 0"))
+    with pytest.raises(WanError) as e:
+        load_sites(sites)
+    assert "wan.yaml" in str(e.value.problems[0].file) and e.value.problems[0].line > 0

@@ -178,3 +178,68 @@ def test_a_failing_step_exits_nonzero_keeps_the_old_state_and_the_previous_tree(
     assert res.returncode == 1 and "FAILED" in res.stderr and "ipsec auto --add acme-paris" in res.stderr
     assert (r.root / paths.TUNNELS_LIST).read_text() == old_list  # the next run retries
     assert (r.root / "etc/wan/previous.new/etc/ipsec.d/acme-home.conf").exists()
+
+
+@pytest.mark.parametrize("line, words", [
+    ("0" * 64 + " 0755 ../evil", "../evil is not a plain relative path"),
+    ("0" * 64 + " 4755 etc/wan/x", "mode 4755 of etc/wan/x is above 0755"),
+    ("0" * 64 + " 0644 /etc/passwd", "/etc/passwd is not a plain relative path"),
+])
+def test_unsafe_lists_are_refused_by_the_same_check_fetch_runs(tmp_path, shell, line, words):
+    out = tmp_path / "out"
+    _render(_sites(tmp_path, ["acme", "home"]), out)
+    fl = out / "acme/etc/wan/files.list"
+    os.chmod(fl, 0o644)
+    fl.write_text(fl.read_text() + line + "\n")
+    r = Router(tmp_path, shell)
+    for args in (["--verify"], []):
+        res = r.reconcile(out / "acme", *args)
+        assert res.returncode == 2 and words in res.stderr, res.stderr
+    assert r.files() == {} and r.calls() == []
+
+
+def test_a_signal_stops_reconcile_and_the_next_run_redoes_what_it_began(tmp_path, shell):
+    """SIGTERM after a changed tunnel was deleted and before it was added again: reconcile stops
+    (exit 143, the POSIX sh trap exits instead of carrying on), keeps its journal and the old lists;
+    the next run deletes and adds that tunnel again, rereads the secrets and writes the lists."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    _render(_sites(tmp_path, ["acme", "home", "paris"]), before)
+    _render(_sites(tmp_path, ["acme", "home", "paris"],
+                   lambda n, t: t.replace("192.168.2.0/24", "192.168.2.0/23") if n == "home" else t), after)
+    r = Router(tmp_path, shell)
+    assert r.reconcile(before / "acme").returncode == 0
+    old_list = (r.root / paths.TUNNELS_LIST).read_text()
+    (r.root / "etc/wan/test-hooks").write_text("")
+    r.env.update(WAN_TEST_STOP_AT="reconcile:replace-deleted", WAN_TEST_SIGNAL="TERM")
+    res = r.reconcile(after / "acme")
+    assert res.returncode == 143 and "stopped by SIGTERM at step replace-deleted" in res.stderr, res.stderr
+    assert "applied" not in res.stderr.split("WAN-TEST")[1]
+    assert r.calls()[-1] == "ipsec whack --delete --name acme-home"  # nothing ran after the signal
+    assert (r.root / paths.TUNNELS_LIST).read_text() == old_list
+    assert "tunnel acme-home" in (r.root / "etc/wan/reconcile.journal").read_text()
+    del r.env["WAN_TEST_STOP_AT"]
+    res = r.reconcile(after / "acme")
+    assert res.returncode == 0, res.stderr
+    assert [c for c in r.calls() if c.startswith("ipsec")] == [
+        "ipsec whack --rereadsecrets", "ipsec whack --delete --name acme-home", "ipsec auto --add acme-home",
+        "ipsec whack --initiate --asynchronous --name acme-home"]
+    assert not (r.root / "etc/wan/reconcile.journal").exists()
+    assert r.files() == {k: v for k, v in _expected(after / "acme").items()} | {"etc/wan/test-hooks": (b"", 0o644)}
+    assert r.reconcile(after / "acme").stderr.count("nothing to do") == 1
+
+
+def test_a_second_reconcile_while_one_runs_is_refused(tmp_path, shell):
+    out = tmp_path / "out"
+    _render(_sites(tmp_path, ["acme", "home"]), out)
+    r = Router(tmp_path, shell)
+    (r.root / "var/run").mkdir(parents=True)
+    holder = subprocess.Popen(["flock", str(r.root / "var/run/wan-acme.lock"), "sleep", "30"], start_new_session=True)
+    try:
+        import time
+        time.sleep(0.3)
+        res = r.reconcile(out / "acme")
+        assert res.returncode == 2 and "holds" in res.stderr and r.calls() == [], res.stderr
+    finally:
+        os.killpg(holder.pid, 9)  # flock and the sleep that holds the lock
+        holder.wait()
+    assert r.reconcile(out / "acme").returncode == 0
