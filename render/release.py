@@ -1,13 +1,12 @@
 """Releases: one signed, reproducible bundle per router.
 
 dist/<tag>/
-  <router>.tar.gz     the router's tree (as out/<router>/) plus etc/wan/release.env
+  <router>.tar.gz     the router's tree (as out/<router>/) plus etc/wan/release.env and peers.list
   RELEASE             WAN_TAG, WAN_SERIAL, WAN_REVISION, WAN_NAME, WAN_DATE (the commit's time),
                       WAN_EXPIRES (WAN_DATE + wan.yaml release.valid_days), WAN_SIZE_<router> and
                       WAN_UNPACKED_<router> (the bundle's bytes, gzipped and as tar: routers cap
-                      their downloads at these), and one "tunnel NAME SITE DIGEST SITE DIGEST"
-                      line per tunnel (a digest of each end's conf and secret: a router tells
-                      from them whether a changed tunnel needs its peer to apply the release too)
+                      their downloads at these)
+  (each bundle also carries peers.list at its root: see with_peers())
   SHA256SUMS          sha256 of every file above ("HASH  NAME", as sha256sum writes it)
   SHA256SUMS.sig      Ed25519 signature over SHA256SUMS, usign/signify format
 
@@ -33,13 +32,14 @@ from pathlib import Path
 from . import paths, signify
 from .errors import Problem, WanError
 from .model import Wan
-from .render import Tree, render_wan
+from .render import RenderedFile, Tree, render_wan
 from .secrets import MasterKey
 
 TAG = re.compile(r"^v(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
 PUBLIC_KEY = "release/wan-release.pub"  # committed: what routers trust
 SECRET_ENV = "WAN_RELEASE_KEY"  # the secret key file's text, from the CI secret store
 SECRET_FILE = ".wan-release.sec"  # or this git-ignored file at the repository root
+PEERS_LIST = "peers.list"  # at a bundle's root, beside MANIFEST.json: read by fetch, never installed
 
 
 def serial(tag: str) -> int:
@@ -55,21 +55,33 @@ def release_env(tag: str, revision: str, date: int | None = None) -> str:
     return f"WAN_TAG={tag}\nWAN_SERIAL={serial(tag)}\nWAN_REVISION={revision}\n" + (f"WAN_DATE={date}\n" if date else "")
 
 
-def release_text(wan: Wan, tag: str, revision: str, date: int, bundles: dict[str, bytes], trees: dict[str, Tree]) -> bytes:
+def release_text(wan: Wan, tag: str, revision: str, date: int, bundles: dict[str, bytes]) -> bytes:
     """The RELEASE file: what a router reads (signed) before it downloads its bundle."""
     lines = [f"WAN_TAG={tag}", f"WAN_SERIAL={serial(tag)}", f"WAN_REVISION={revision}", f"WAN_NAME={wan.name}",
              f"WAN_DATE={date}", f"WAN_EXPIRES={date + wan.release_valid_days * 86400}"]
-    for name in sorted(trees):
-        gz = bundles[f"{name}.tar.gz"]
-        lines += [f"WAN_SIZE_{name}={len(gz)}", f"WAN_UNPACKED_{name}={len(gzip.decompress(gz))}"]
-    ends: dict[str, list[str]] = {}
-    for name in sorted(trees):
-        listed = trees[name].get(paths.TUNNELS_LIST)
+    for name in sorted(bundles):
+        if name.endswith(".tar.gz"):
+            r, gz = name[:-len(".tar.gz")], bundles[name]
+            lines += [f"WAN_SIZE_{r}={len(gz)}", f"WAN_UNPACKED_{r}={len(gzip.decompress(gz))}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def with_peers(trees: dict[str, Tree]) -> dict[str, Tree]:
+    """Each tree plus `peers.list` at its root (in the bundle, never installed): one line per tunnel,
+    "NAME OWN PEER", digests of this end's and the peer's conf and secret. fetch compares it with the
+    installed bundle's to tell a change that needs the peer to apply the release too."""
+    ends: dict[tuple[str, str], str] = {}
+    for name, tree in trees.items():
+        listed = tree.get(paths.TUNNELS_LIST)
         for line in (listed.content.decode().splitlines() if listed else []):
             tunnel, conf, secret = line.split()[:3]
-            ends.setdefault(tunnel, []).append(f"{name} {hashlib.sha256(f'{conf} {secret}'.encode()).hexdigest()[:16]}")
-    lines += [f"tunnel {t} {' '.join(e)}" for t, e in sorted(ends.items())]
-    return ("\n".join(lines) + "\n").encode()
+            ends[tunnel, name] = hashlib.sha256(f"{conf} {secret}".encode()).hexdigest()[:16]
+    out = {}
+    for name, tree in trees.items():
+        lines = [f"{t} {d} {next((e for (t2, s), e in ends.items() if t2 == t and s != name), '-')}"
+                 for (t, s), d in sorted(ends.items()) if s == name]
+        out[name] = dict(tree) | {PEERS_LIST: RenderedFile(("".join(x + "\n" for x in lines)).encode(), 0o644)}
+    return out
 
 
 def pack(tree: Tree, mtime: int) -> bytes:
@@ -112,8 +124,8 @@ def build(wan: Wan, key: MasterKey, signing: signify.SecretKey, tag: str, dist: 
     serial(tag)
     date = date if date is not None else (mtime or int(time.time()))
     trees = trees if trees is not None else render_wan(wan, key, revision, release_env(tag, revision, date))
-    files: dict[str, bytes] = {f"{name}.tar.gz": pack(tree, mtime) for name, tree in sorted(trees.items())}
-    files["RELEASE"] = release_text(wan, tag, revision, date, files, trees)
+    files: dict[str, bytes] = {f"{name}.tar.gz": pack(tree, mtime) for name, tree in sorted(with_peers(trees).items())}
+    files["RELEASE"] = release_text(wan, tag, revision, date, files)
     files.update(sign_sums(files, signing))
     dist.mkdir(parents=True, exist_ok=True)
     target = dist / tag
