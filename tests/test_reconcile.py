@@ -243,3 +243,10 @@ def test_a_second_reconcile_while_one_runs_is_refused(tmp_path, shell):
         os.killpg(holder.pid, 9)  # flock and the sleep that holds the lock
         holder.wait()
     assert r.reconcile(out / "acme").returncode == 0
+
+
+@pytest.mark.parametrize("program", ["fetch", "reconcile"])
+def test_help_is_the_whole_header_and_nothing_else(program):
+    text = subprocess.run(["sh", str(REPO / "router" / program), "--help"], capture_output=True, text=True).stdout
+    header = (REPO / "router" / program).read_text().split("\nset -u\n")[0].splitlines()[1:]
+    assert text.splitlines() == header
