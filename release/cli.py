@@ -36,7 +36,8 @@ def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_ol
         if refusal:
             print(refusal, file=sys.stderr)
             return 1
-        r = build(wan, signing, tag, Path(dist), rev, git.commit_time(REPO, rev))
+        mtime = git.commit_time(REPO, rev)
+        r = build(wan, signing, tag, Path(dist), rev, mtime, date=policy.release_date(git.tag_time(REPO, tag), mtime))
     except WanError as e:
         return print_problems(e)
     problems = verify(r.dir, trusted)

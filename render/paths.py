@@ -68,7 +68,7 @@ def programs(platform: str, release: str) -> dict[str, str]:
 
 
 ALL_PROGRAMS = {**PROGRAMS, **OPENWRT_PROGRAMS, **OPENWRT_2305_PROGRAMS}
-RELEASE_ENV = "etc/wan/release.env"  # only in release bundles: WAN_TAG, WAN_SERIAL, WAN_REVISION
+RELEASE_ENV = "etc/wan/release.env"  # only in release bundles: WAN_TAG, WAN_SERIAL, WAN_REVISION, WAN_DATE
 ROUTER_ENV = "etc/wan/router.env"
 TUNNELS_LIST = "etc/wan/tunnels.list"  # name conf_sha256 initiator(1|0)
 PEER_KEYS_LIST = "etc/wan/peer-keys.list"  # ike_id ckaid rsasigkey: keys accepted beside the conns' during a rollover

@@ -146,7 +146,6 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
         files[paths.RELEASE_ENV] = RenderedFile(release.encode(), 0o644)
     files[paths.ROUTER_ENV] = RenderedFile(
         f"WAN_ROUTER={site.name}\nWAN_PLATFORM={site.router.platform}\nWAN_LIBRESWAN={site.router.libreswan}\n"
-        f"WAN_PLATFORM_RELEASE={site.router.release}\nWAN_FIREWALL={site.router.firewall}\n"
         f"WAN_CKAID={site.router.key.ckaid}\n".encode(), 0o644)
     files[paths.TUNNELS_LIST] = RenderedFile("".join(
         f"{name} {t.conf_sha256} {1 if t.initiator else 0}\n"
