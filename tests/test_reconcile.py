@@ -91,8 +91,6 @@ def _installed(tmp: Path, shell: list[str], before: list[str], after: list[str],
     return r, b, a
 
 
-@pytest.mark.xfail(strict=True, reason="router-side step not written yet: reconcile must reload DNS when "
-                   "etc/wan/dnsmasq.conf (OpenWrt) changes, through /etc/wan/openwrt-dns (waits for the 'router' branch)")
 def test_first_run_installs_everything_and_brings_up_only_the_initiated_tunnels(tmp_path, shell):
     out = tmp_path / "out"
     _render(_sites(tmp_path, ["acme", "home", "paris"]), out)
