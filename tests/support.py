@@ -53,6 +53,8 @@ def site_key(name: str) -> dict:
 # other end is STUB_PEER (another router's STUB_STATE, or a directory made by `static_peer`).
 # `whack --delete` of a conn that is not loaded fails, as whack does.
 STUB_IPSEC = r"""#!/bin/sh
+# the version query changes nothing and is not logged (as Debian's 4.10 prints it; STUB_LIBRESWAN: another)
+[ "$1" = --version ] && { echo "Libreswan ${STUB_LIBRESWAN:-4.10}"; exit 0; }
 echo "ipsec $*" >> "$STUB_LOG"
 S=$STUB_STATE
 mkdir -p "$S/loaded" "$S/conns" "$S/keys"

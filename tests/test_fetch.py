@@ -173,6 +173,27 @@ def test_refusals_change_nothing(world):
     assert world.installed_tag() == "WAN_TAG=v1.4.0"
 
 
+def test_a_bundle_for_another_libreswan_major_or_no_ipsec_is_refused_before_anything_changes(world):
+    """fetch compares the bundle's router.env WAN_LIBRESWAN with what `ipsec --version` reports (the
+    stand-in prints it as Debian's 4.10 does), and says so when there is no `ipsec` at all."""
+    world.release("v1.0.0")
+    before = world.snapshot()
+    world.env["STUB_LIBRESWAN"] = "5.2"
+    r = world.fetch()
+    assert r.returncode == 2, r.stderr
+    assert "rendered for Libreswan 4.x but this router runs Libreswan 5" in r.stderr and "router.libreswan: 5" in r.stderr
+    assert world.snapshot() == before and world.calls() == []
+    world.env["STUB_LIBRESWAN"] = "4.12"
+    (world.tmp / "bin/ipsec").rename(world.tmp / "ipsec.away")
+    world.env["PATH"] = f"{world.tmp / 'bin'}:/usr/bin:/bin"  # this machine's real ipsec is in /usr/sbin
+    r = world.fetch()
+    assert r.returncode == 2 and "no 'ipsec' command: install Libreswan 4.x" in r.stderr, r.stderr
+    assert world.snapshot() == before
+    (world.tmp / "ipsec.away").rename(world.tmp / "bin/ipsec")
+    r = world.fetch()
+    assert r.returncode == 0, r.stderr  # 4.12 is the bundle's major
+
+
 def test_a_downgrade_is_applied_only_when_forced_by_tag(world):
     world.release("v1.0.0", latest=False)
     world.release("v2.0.0")
