@@ -255,3 +255,154 @@ def test_the_dns_file_goes_into_the_first_instance_conf_dir_and_check_sees_it(tm
     placed.write_text("server=/oslo.example/10.9.0.53@10.1.0.1\n")  # stale: a removed site
     assert run("--check").returncode == 1
     assert run().returncode == 0 and "oslo" not in placed.read_text()
+
+
+# ---- router/reconcile's platform steps ----------------------------------------------------------
+# Run with a recording `ipsec` (pluto cannot hold tunnels on this kernel) and recording `systemctl`,
+# `firewall-cmd`, `nft`, `fw4` and `/etc/init.d/*` stand-ins: none of these services runs here.
+# `uci` is a stand-in too (OpenWrt's uci is not packaged for Debian): it keeps `set` values in a file
+# and, with STUB_UCI_DROP=WORD, ignores every batch line containing WORD while still exiting 0, as
+# the real `uci batch` does for a failed line (openwrt/uci cli.c uci_batch).
+
+STUB_UCI = r"""#!/bin/sh
+echo "uci $*" >> "$STUB_LOG"
+db=$STUB_ROOT/uci.db
+case $1 in
+  batch) while IFS= read -r l; do
+           case $l in "set "*) ;; *) continue ;; esac
+           [ -n "${STUB_UCI_DROP:-}" ] && case $l in *"$STUB_UCI_DROP"*) continue ;; esac
+           kv=${l#set }; echo "${kv%%=*} $(echo "${kv#*=}" | sed "s/^'//; s/'$//")" >> "$db"
+         done; exit 0 ;;
+  -q) [ "$2" = get ] || exit 0
+      awk -v k="$3" '$1 == k { v = substr($0, length(k) + 2) } END { if (v == "") exit 1; print v }' "$db" 2>/dev/null ;;
+esac
+exit 0
+"""
+
+
+def _rec_router(tmp_path: Path, shell: list[str], sites: Path, router: str, env: dict | None = None):
+    out = tmp_path / "out"
+    from render.render import write_trees
+    write_trees(render_wan(load_sites(sites)), out)
+    root, bin_, log = tmp_path / "root", tmp_path / "bin", tmp_path / "calls.log"
+    root.mkdir(exist_ok=True)
+    bin_.mkdir(exist_ok=True)
+    for tool in ("ipsec", "systemctl", "firewall-cmd", "nft", "fw4"):
+        (bin_ / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "$STUB_LOG"\n')
+        (bin_ / tool).chmod(0o755)
+    (bin_ / "uci").write_text(STUB_UCI)
+    (bin_ / "uci").chmod(0o755)
+    e = {"PATH": f"{bin_}:/usr/bin:/bin", "TMPDIR": str(tmp_path), "STUB_LOG": str(log), "STUB_ROOT": str(root),
+         **(env or {})}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        log.write_text("")
+        return subprocess.run(shell + [str(REPO / "router/reconcile"), "--root", str(root), *args, str(out / router)],
+                              capture_output=True, text=True, env=e, timeout=60)
+    return root, out / router, log, run
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_reconcile_never_removes_ipsec_conf_or_secrets_listed_by_an_older_tree(tmp_path, shell):
+    """An older installed files.list names etc/ipsec.conf and etc/ipsec.secrets (trees rendered
+    before the WAN stopped shipping them): the new tree drops them, and they stay on disk."""
+    root, tree, log, run = _rec_router(tmp_path, shell, _sites(tmp_path), "acme", {"WAN_RELOAD_DNS": "true"})
+    assert run().returncode == 0
+    for f, text in (("etc/ipsec.conf", "config setup\ninclude /etc/ipsec.d/*.conf\n"), ("etc/ipsec.secrets", "include /etc/ipsec.d/*.secrets\n")):
+        (root / f).write_text(text)
+        digest = subprocess.run(["sha256sum", str(root / f)], capture_output=True, text=True).stdout.split()[0]
+        with open(root / "etc/wan/files.list", "a") as fl:
+            fl.write(f"{digest} 0644 {f}\n")
+    dry = run("--dry-run")
+    assert "ipsec.conf" not in dry.stdout and "ipsec.secrets" not in dry.stdout, dry.stdout
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert (root / "etc/ipsec.conf").read_text().startswith("config setup")
+    assert (root / "etc/ipsec.secrets").exists()
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_reconcile_edits_openwrt_23_05_stock_files_before_adding_conns_and_only_when_due(tmp_path, shell):
+    d = _sites(tmp_path, lambda d: _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: '23.05'\n"))
+    root, tree, log, run = _rec_router(tmp_path, shell, d, "home",
+                                       {"WAN_RELOAD_DNS": "echo reload-dns >> $STUB_LOG", "WAN_RELOAD_FIREWALL": "true"})
+    (root / "etc").mkdir(parents=True)
+    for f in ("ipsec.conf", "ipsec.secrets"):
+        shutil.copy(STOCK / f, root / "etc" / f)
+    assert "would run: " + str(root / "etc/wan/openwrt-23.05-ipsec") in run("--dry-run").stdout
+    r = run()
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    first_add = next(i for i, c in enumerate(calls) if c.startswith("ipsec auto --add"))
+    assert calls.index("ipsec auto --rereadsecrets") < first_add
+    assert "ipsec whack --delete --name ikev1" in calls[:first_add]
+    assert re.search(r"^include /etc/ipsec.d/\*\.conf", (root / "etc/ipsec.conf").read_text(), re.M)
+    assert not re.search(r"^[^#]*SsEeCcRrEeTt", (root / "etc/ipsec.secrets").read_text(), re.M)
+    assert (root / "etc/wan/platform-original/ipsec.conf").read_bytes() == (STOCK / "ipsec.conf").read_bytes()
+    r = run()
+    assert r.returncode == 0 and "nothing to do" in r.stderr and log.read_text() == ""
+    # opkg or a person puts the stock file back: the next run edits it again
+    shutil.copy(STOCK / "ipsec.secrets", root / "etc/ipsec.secrets")
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert "ipsec auto --rereadsecrets" in log.read_text().splitlines()
+    assert not re.search(r"^[^#]*SsEeCcRrEeTt", (root / "etc/ipsec.secrets").read_text(), re.M)
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_reconcile_openwrt_dns_goes_through_openwrt_dns_and_a_failed_uci_line_fails_the_step(tmp_path, shell):
+    functions = tmp_path / "functions.sh"  # /lib/functions.sh's config_* for one dnsmasq section
+    functions.write_text("config_load() { :; }\nconfig_foreach() { \"$1\" cfg01411c; }\n"
+                         "config_get() { eval \"$1=\\$4\"; }\n")
+    root, tree, log, run = _rec_router(tmp_path, shell, _sites(tmp_path), "home", {"WAN_FUNCTIONS": str(functions)})
+    (root / "etc/init.d").mkdir(parents=True)
+    (root / "etc/init.d/dnsmasq").write_text('#!/bin/sh\necho "dnsmasq $*" >> "$STUB_LOG"\n')
+    (root / "etc/init.d/dnsmasq").chmod(0o755)
+    r = subprocess.run(shell + [str(REPO / "router/reconcile"), "--dry-run", "--root", str(root), str(tree)],
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)})
+    assert f"would run: {root}/etc/wan/openwrt-dns\nwould run: {root}/etc/init.d/dnsmasq reload\n" in r.stdout, r.stdout
+    assert "uci batch < /etc/wan/firewall.uci" in r.stdout and "dhcp.uci" not in r.stdout
+    assert f"would run: {root}/etc/init.d/wan enable" in r.stdout  # the boot script, not enabled yet
+    # /etc/init.d/wan enable needs /etc/rc.common (absent here): enabled already, as its link says
+    (root / "etc/rc.d").mkdir()
+    (root / "etc/rc.d/S18wan").symlink_to("../init.d/wan")
+    # a uci batch that drops the srcnat include but exits 0: reconcile fails at reload-firewall, journal kept
+    e = {"STUB_UCI_DROP": "srcnat"}
+    r = subprocess.run(shell + [str(REPO / "router/reconcile"), "--root", str(root), str(tree)], capture_output=True, text=True,
+                       env={"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "TMPDIR": str(tmp_path), "STUB_LOG": str(log),
+                            "STUB_ROOT": str(root), "WAN_FUNCTIONS": str(functions), **e}, timeout=60)
+    assert r.returncode == 1 and "FAILED at step reload-firewall" in r.stderr and "wan_srcnat" in r.stderr, r.stderr
+    assert (root / "etc/wan/reconcile.journal").exists()
+    assert (root / "tmp/dnsmasq.cfg01411c.d/wan.conf").read_bytes() == (tree / paths.DNSMASQ_OPENWRT).read_bytes()
+    r = run()  # the journal's DNS and firewall work is redone, with a uci that sets every line
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    assert "dnsmasq reload" in calls and "fw4 reload" in calls and not any("enable" in c for c in calls)
+    assert not (root / "etc/wan/reconcile.journal").exists()
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_reconcile_el_nftables_path_adds_the_include_once_and_firewalld_path_reloads(tmp_path, shell):
+    d = _sites(tmp_path, lambda d: _set(d, "acme", "  libreswan: 4\n", "  libreswan: 4\n  firewall: nftables\n"))
+    root, tree, log, run = _rec_router(tmp_path, shell, d, "acme")
+    (root / "etc/sysconfig").mkdir(parents=True)
+    (root / "etc/sysconfig/nftables.conf").write_text('include "/etc/nftables/main.nft"\n')
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert f"nft -f {root}/etc/nftables/wan.nft" in log.read_text().splitlines()
+    conf = (root / "etc/sysconfig/nftables.conf").read_text()
+    assert conf == 'include "/etc/nftables/main.nft"\ninclude "/etc/nftables/wan.nft"\n'
+    (root / "etc/nftables/wan.nft").write_text("# changed by hand\n")
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert (root / "etc/sysconfig/nftables.conf").read_text() == conf  # added once
+    # the firewalld path (the default)
+    tmp2 = tmp_path / "fwd"
+    tmp2.mkdir()
+    root, tree, log, run = _rec_router(tmp2, shell, _sites(tmp2), "acme")
+    r = run()
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    assert calls[-4:] == ["firewall-cmd --reload", "systemctl daemon-reload", "systemctl enable wan-firewall",
+                          "systemctl restart wan-firewall"]
+    assert not (root / "etc/sysconfig/nftables.conf").exists()
