@@ -38,9 +38,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .uml_xstate import GUEST_GLIBC_TUNABLES
 
@@ -62,7 +62,8 @@ INITRAMFS_MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_p
 GUEST_BIN = "/run/wan-lab/bin"
 
 # The probe from the reference: adding an ESP SA fails on a kernel without ESP ("Requested type
-# not found", or "Requested AEAD algorithm not found" where GCM is missing too, as here). The key is a throw-away constant (20 bytes: 16 key + 4 salt), the addresses
+# not found", or "Requested AEAD algorithm not found" where GCM is missing too, as here). The key is
+# a throw-away constant (20 bytes: 16 key + 4 salt), the addresses
 # are from TEST-NET-1 and the namespace is deleted right after.
 ESP_PROBE_ARGV = ["ip", "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2",
                   "proto", "esp", "spi", "0x100", "mode", "tunnel",

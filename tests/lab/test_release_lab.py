@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from lab.run import run_lab
-
-from support import REPO
-
 pytestmark = pytest.mark.lab
 
 
-def test_routers_fetch_verify_apply_refuse_and_roll_back_on_uml(tmp_path):
-    outcome = run_lab(REPO / "tests/lab/wans/two", "uml", tmp_path / "results", timeout=900, release="full")
-    checks = outcome.result["checks"]
-    assert outcome.ok, outcome.result.get("error") or [c for c in checks if not c["ok"]]
-    rel = {(c["src"], c["dst"]): c["evidence"] for c in checks if c["kind"] == "release"}
+def test_routers_fetch_verify_apply_refuse_and_roll_back_on_uml(uml_labs):
+    outcome = uml_labs["release"]
+    checks = outcome.result.checks
+    assert outcome.ok, outcome.result.error or [c for c in checks if not c.ok]
+    rel = {(c.src, c.dst): c.evidence for c in checks if c.kind == "release"}
     # both routers enrolled by fetching v1.0.0; a ping crossed the new tunnel (acme initiates it)
     assert {("acme", "enrol"), ("home", "enrol")} <= set(rel)
     assert rel[("acme", "enrol")]["until_traffic_seconds"] is not None
@@ -32,4 +28,4 @@ def test_routers_fetch_verify_apply_refuse_and_roll_back_on_uml(tmp_path):
     for router in ("acme", "home"):
         assert "warning" not in rel[(router, "enrol")]["output"], rel[(router, "enrol")]["output"]
     # after all that the WAN works: tunnel, pings through ESP, DNS
-    assert {"tunnel", "ping", "dns", "capture"} <= {c["kind"] for c in checks if c["ok"]}
+    assert {"tunnel", "ping", "dns", "capture"} <= {c.kind for c in checks if c.ok}
