@@ -7,13 +7,18 @@ Each round runs, one lab kernel at a time (the machine lock held throughout):
 It prints every run, then the median of each and the ratio lab / bare.
 
     .venv/bin/python benchmarks/lab_vs_bare.py [--rounds 3] [--kernel uml] [--sites sites] [--starts gated,serial]
-        [--bare-sites 6] [--no-bare]
+        [--bare-sites 6] [--no-bare] [--before DIR]
+
+--before DIR: also run the lab of another checkout (e.g. `git archive <commit> | tar -x -C DIR`) in
+the same rounds, through its own run_lab(sites, kernel, results) (the API before LabRequest).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +39,18 @@ def bare(kind: str, n: int, share: Path) -> tuple[float, str]:
     return run.total_seconds, result
 
 
+def before(checkout: Path, kind: str, sites: str, results: Path) -> tuple[float, dict, str]:
+    """The lab of an older checkout, in a subprocess that imports that checkout's packages."""
+    code = ("import sys; from lab.run import run_lab; "
+            f"o = run_lab({sites!r}, {kind!r}, {str(results)!r}, timeout=1800, on_line=lambda line: None); "
+            "print('OK' if o.ok else 'FAIL')")
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True, timeout=2400)
+    r = json.loads((results / "result.json").read_text())
+    passed = sum(c["ok"] for c in r.get("checks", []))
+    return r.get("total_seconds", 0.0), r.get("timings", {}), f"{passed}/{len(r.get('checks', []))}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -42,6 +59,7 @@ def main() -> None:
     ap.add_argument("--starts", default="gated", help="router start modes to measure: gated, serial or both")
     ap.add_argument("--bare-sites", type=int, default=6)
     ap.add_argument("--no-bare", action="store_true")
+    ap.add_argument("--before", metavar="DIR", help="an older checkout whose lab runs in the same rounds")
     args = ap.parse_args()
     runs: dict[str, list[float]] = {}
     phases: dict[str, dict[str, list[float]]] = {}
@@ -52,7 +70,14 @@ def main() -> None:
                 secs, result = bare(args.kernel, args.bare_sites, tmp)
                 runs.setdefault("bare", []).append(secs)
                 print(f"round {k}: bare mesh of {args.bare_sites}: {secs:.1f} s  {result}", flush=True)
-            for start in args.starts.split(","):
+            if args.before:
+                secs, t, checks = before(Path(args.before).resolve(), args.kernel, args.sites, tmp / f"before-{k}")
+                runs.setdefault("lab before", []).append(secs)
+                for p in PHASES:
+                    phases.setdefault("before", {}).setdefault(p, []).append(t.get(p, 0.0))
+                print(f"round {k}: lab before: {secs:.1f} s, " + ", ".join(f"{p} {t.get(p, 0):.1f} s" for p in PHASES)
+                      + f"; {checks}", flush=True)
+            for start in [s for s in args.starts.split(",") if s]:
                 os.environ["WAN_LAB_START"] = start
                 o = run_lab(LabRequest(sites=Path(args.sites), kernel=args.kernel, results=tmp / f"lab-{start}-{k}",
                                        timeout=1800, on_line=lambda line: None, start=start))
