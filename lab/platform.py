@@ -40,7 +40,19 @@ def dnsmasq_base(s: SitePlan, isp_resolver: str, boot: Path) -> list[str]:
             f"pid-file={boot}/dnsmasq.pid", f"log-facility={boot}/dnsmasq.log", "log-queries"]
     if s.platform == "el":
         base.append("conf-dir=/etc/dnsmasq.d")
+    else:
+        # OpenWrt's stock /etc/config/dhcp ships `option rebind_protection 1` and `option
+        # rebind_localhost 1` (openwrt/openwrt package/network/services/dnsmasq/files/dhcp.conf; seen
+        # in builds that sed them off, the line itself not checked here); its init script makes
+        # them --stop-dns-rebind and --rebind-localhost-ok. EL's dnsmasq has neither by default.
+        base += ["stop-dns-rebind", "rebind-localhost-ok"]
     return base
+
+
+def rebind_protected(s: SitePlan) -> bool:
+    """Whether the router drops private answers from upstream: the rendered files turn it on in
+    forward mode; on OpenWrt the platform's stock setting does in any mode."""
+    return s.dns_mode == "forward" or s.platform == "openwrt"
 
 
 def dnsmasq_conf(platform: str, base: list[str], root: Path) -> str:
