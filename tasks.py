@@ -25,18 +25,17 @@ def validate(c, sites=SITES, format="text"):
     _exit(cli.validate(sites, format))
 
 
-@task(help={"sites": "the sites directory", "out": "where the router trees go (replaced atomically)",
-            "lab_secrets": "use a throw-away PSK master key (for the lab and for reviews)"})
-def render(c, sites=SITES, out=OUT, lab_secrets=False):
-    """Render every router's files into out/<router>/."""
+@task(help={"sites": "the sites directory", "out": "where the router trees go (replaced atomically)"})
+def render(c, sites=SITES, out=OUT):
+    """Render every router's files into out/<router>/ (public keys only: no secret is needed or written)."""
     from release import git
     from render import cli
-    _exit(cli.render(sites, out, lab_secrets=lab_secrets, revision=git.revision(Path(sites))))
+    _exit(cli.render(sites, out, revision=git.revision(Path(sites))))
 
 
 @task(help={"sites": "the sites directory", "out": "where the router trees go"})
 def check(c, sites=SITES, out=OUT):
-    """Render with throw-away secrets and check every file with the real tools."""
+    """Render and check every file with the real tools."""
     from release import git
     from render import cli
     _exit(cli.check(sites, out, revision=git.revision(Path(sites))))

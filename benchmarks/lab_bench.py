@@ -19,6 +19,8 @@ from pathlib import Path
 
 from lab.run import LabRequest, run_lab
 
+from render_bench import bench_key
+
 
 def generate(d: Path, n: int) -> Path:
     d.mkdir(parents=True)
@@ -28,7 +30,7 @@ def generate(d: Path, n: int) -> Path:
     for i in range(n):
         (d / f"s{i:02d}.yaml").write_text(
             f"name: s{i:02d}\nrouter:\n  platform: {'el' if i % 3 else 'openwrt'}\n  libreswan: 4\n"
-            f"  public_address: 198.18.0.{i + 1}\n  lan_address: 10.{i}.0.1\n"
+            f"  public_address: 198.18.0.{i + 1}\n  lan_address: 10.{i}.0.1\n{bench_key(i)}"
             f"lans: [10.{i}.0.0/24]\ndns:\n  domain: s{i:02d}.corp\n  server: 10.{i}.0.53\n"
             f"  records: {{host: 10.{i}.0.10}}\n")
     return d

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from release import signify
 from release.bundle import build
-from render.secrets import MasterKey
 from render.validate import load_sites
 
 from render_bench import generate
@@ -24,13 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def measure(sites: Path, repeat: int) -> tuple[float, float, int, int, int]:
-    key, signing = MasterKey(b"benchmark-master-key-not-real-000", "lab"), signify.generate()
+    signing = signify.generate()
     best = verify = float("inf")
     with tempfile.TemporaryDirectory(dir=REPO, prefix=".bench-") as tmp:
         for i in range(repeat):
             t = time.perf_counter()
             wan = load_sites(sites)
-            r = build(wan, key, signing, "v1.0.0", Path(tmp) / f"d{i}", "bench")
+            r = build(wan, signing, "v1.0.0", Path(tmp) / f"d{i}", "bench")
             best = min(best, time.perf_counter() - t)
         pub = Path(tmp) / "k.pub"
         pub.write_text(signing.public.text("bench"))

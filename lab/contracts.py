@@ -111,6 +111,9 @@ class SitePlan(Record):
     check_name: tuple[str, str]  # the name a remote LAN host asks for, and its answer
     tree: str  # the rendered tree (out/<router>)
     conns: dict[str, tuple[str, ...]]  # tunnel -> its conn names on this router
+    # the router's own NSS database holding the private halves of its lab keys (lab/keys.py),
+    # copied onto the router's disk at first boot; "": an empty database (a router with no key)
+    nss: str = ""
 
     def all_conns(self) -> set[str]:
         return {c for cs in self.conns.values() for c in cs}
@@ -224,6 +227,10 @@ class LabResult(Record):
     scenarios: dict[str, dict] = field(default_factory=dict)  # scenario name -> its report
     unjoined_pairs: list[tuple[str, str]] = field(default_factory=list)  # pairs no tunnel joins: not proven
     other_major: dict[str, str] = field(default_factory=dict)  # router -> "targets 5, ran a 4.x rendering"
+    # which keys the routers used: {"origin": "lab", "why": ..., "ckaids": {router: [CKAID, ...]}}
+    # (public fingerprints only; the private halves stay in the routers' NSS databases)
+    keys: dict = field(default_factory=dict)
+    key_generation_seconds: dict[str, list[float]] = field(default_factory=dict)  # keys made during this run
     kernel: str = ""
     routers: str = "netns"
     boot_seconds: float = 0.0

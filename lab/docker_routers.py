@@ -46,16 +46,30 @@ CAPS = ["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW", "CHOWN", "FOWNER", "DAC_OVER
         "SETPCAP", "AUDIT_WRITE"]
 
 
-def _tar(files: dict[str, tuple[bytes, int]], tree: Path) -> bytes:
-    """One archive for put_archive: the router tree's etc/ at /etc, plus the lab's own files."""
+NSS_INSIDE = "var/lib/ipsec/nss"  # Debian's and RHEL's NSS database, where pluto looks (lab/docker-router.sh)
+
+
+def _tar(files: dict[str, tuple[bytes, int]], tree: Path, nss: Path | None = None) -> bytes:
+    """One archive for put_archive: the router tree's etc/ at /etc, the router's own NSS database
+    (its lab key pair, lab/keys.py; directory 0700, files 0600) at /var/lib/ipsec/nss, plus the
+    lab's own files."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         def owned_by_root(ti: tarfile.TarInfo) -> tarfile.TarInfo:
             ti.uid = ti.gid = 0
             ti.uname = ti.gname = "root"
             return ti
+
+        def private(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+            ti.mode = 0o700 if ti.isdir() else 0o600
+            return owned_by_root(ti)
         for p in sorted((tree / "etc").rglob("*")):
             tar.add(p, arcname=str(p.relative_to(tree)), recursive=False, filter=owned_by_root)
+        if nss is not None:
+            tar.add(nss, arcname=NSS_INSIDE, recursive=False, filter=private)
+            for p in sorted(nss.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    tar.add(p, arcname=f"{NSS_INSIDE}/{p.name}", recursive=False, filter=private)
         for name, (data, mode) in files.items():
             ti = tarfile.TarInfo(name)
             ti.size, ti.mode, ti.mtime = len(data), mode, int(time.time())
@@ -94,7 +108,7 @@ class DockerRouter:
             f.plan.docker.image, name=f"{f.plan.prefix}-{self.name}", hostname=self.name,
             labels=f.label, network_mode="none", cap_drop=["ALL"], cap_add=CAPS,
             sysctls={"net.ipv4.ip_forward": "1"}, detach=True)
-        c.put_archive("/", _tar(files, Path(tree)))
+        c.put_archive("/", _tar(files, Path(tree), Path(self.site.nss) if self.site.nss else None))
         c.start()
         c.reload()
         self.container, self.pid = c, c.attrs["State"]["Pid"]

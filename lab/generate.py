@@ -9,6 +9,7 @@ Public addresses come from documentation ranges and, on purpose, from 100.64.0.0
 """
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,50 @@ def wans(**kw):
     return _wans()
 
 
+_SMALL_PRIMES = [p for p in range(3, 2000) if all(p % q for q in range(2, int(p ** 0.5) + 1))]
+
+
+def _prime(rng: random.Random, bits: int) -> int:
+    """A probable prime of exactly `bits` bits (top two bits set: p*q has 2*bits bits), Miller-Rabin
+    with 40 rounds on the candidates that pass trial division."""
+    while True:
+        n = rng.getrandbits(bits) | (3 << (bits - 2)) | 1
+        if any(n % p == 0 for p in _SMALL_PRIMES):
+            continue
+        d, r = n - 1, 0
+        while d % 2 == 0:
+            d, r = d // 2, r + 1
+        for _ in range(40):
+            x = pow(rng.randrange(2, n - 2), d, n)
+            if x in (1, n - 1):
+                continue
+            for _ in range(r - 1):
+                x = pow(x, 2, n)
+                if x == n - 1:
+                    break
+            else:
+                break
+        else:
+            if (n - 1) % 65537:  # e must be invertible mod p-1
+                return n
+
+
+@functools.cache
+def site_key(name: str) -> tuple[str, str]:
+    """(ckaid, rsasigkey) of a generated site's router: a real 2048-bit RSA public key derived from
+    the site's name, so a seed gives the same files byte for byte. Nobody keeps its private half:
+    the lab replaces every router's key with a pair of its own (lab/keys.py), and `check` needs
+    only the public half."""
+    from render.hostkey import ckaid_of, rsasigkey_from_numbers
+    rng = random.Random(f"wan-lab generated router key {name}")
+    while True:
+        p, q = _prime(rng, 1024), _prime(rng, 1024)
+        if p != q and (p * q).bit_length() == 2048:
+            break
+    text = rsasigkey_from_numbers(65537, p * q)
+    return ckaid_of(text), text
+
+
 def write(spec: WanSpec, d: Path) -> Path:
     """The sites directory of a spec (wan.yaml and one file per site)."""
     d.mkdir(parents=True, exist_ok=True)
@@ -116,7 +161,9 @@ def write(spec: WanSpec, d: Path) -> Path:
     (d / "wan.yaml").write_text("\n".join(lines) + "\n")
     for s in spec.sites:
         lines = [f"name: {s.name}", "router:", f"  platform: {s.platform}", f"  libreswan: {s.libreswan}",
-                 f"  public_address: {s.public}", f"  lan_address: {s.router}", "lans:"]
+                 f"  public_address: {s.public}", f"  lan_address: {s.router}"]
+        ckaid, rsasigkey = site_key(s.name)
+        lines += ["  key:", f"    ckaid: {ckaid}", f"    rsasigkey: {rsasigkey}", "lans:"]
         lines += [f"  - {lan}" for lan in s.lans]
         lines += ["dns:", f"  domain: {s.domain}", f"  server: {s.dns_server}"]
         if s.records:

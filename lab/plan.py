@@ -98,10 +98,11 @@ def start_order(wan: Wan) -> tuple[str, ...]:
 
 
 def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = None,
-             targets: dict[str, int] | None = None) -> WanView:
+             targets: dict[str, int] | None = None, nss: dict[str, str] | None = None) -> WanView:
     """The lab's view of one revision of the WAN. `index` numbers the sites (namespace and
     interface names) when several revisions share one lab; `targets`: the Libreswan major each
-    site's file asks for, where the lab renders another."""
+    site's file asks for, where the lab renders another; `nss`: each router's own NSS database
+    (its lab keys, lab/keys.py)."""
     sites = []
     manifests = {s.name: Manifest.read(out / s.name / paths.MANIFEST) for s in wan.sites}
     for s in wan.sites:
@@ -128,6 +129,7 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
             check_name=(sorted(records.items())[0] if records else probe),
             tree=str((out / s.name).resolve()),
             conns={t.name: tuple(manifests[s.name].tunnels[t.name].conns) for t in wan.tunnels_of(s.name)},
+            nss=(nss or {}).get(s.name, ""),
         ))
     return WanView(name=wan.name, topology=wan.topology, sites=tuple(sites),
                    tunnels=tuple(TunnelPlan(name=t.name, a=t.a, b=t.b, initiator=t.initiator) for t in wan.tunnels),

@@ -43,9 +43,11 @@ def make_nss(nssdir: Path) -> None:
 
 
 def prepare_nss(router: RouterHost, nssdir: Path, template: Path) -> None:
-    """The router's NSS database at first boot: a copy of an empty one. The seam for keys made on
-    the router (raw public keys): replace this function to create a key pair in `nssdir`."""
-    shutil.copytree(template, nssdir, dirs_exist_ok=True)
+    """The router's NSS database at first boot: a copy of the router's own lab database (its lab
+    key pair, made by lab/keys.py on the host; the plan names it in site.nss), else of an empty one.
+    A copy: the router may write to its database, the cache stays as it was."""
+    shutil.copytree(router.site.nss or template, nssdir, dirs_exist_ok=True)
+    os.chmod(nssdir, 0o700)
 
 
 class RouterHost(Protocol):

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from render.model import Wan
 from render.render import render_wan, write_trees
-from render.secrets import lab_key
 from render.validate import load_sites
 
 from . import console, docker_image, kernels, scenarios, substrate
 from .contracts import DockerPlan, LabPlan, LabResult, ScenarioCall
 from .docker_routers import cleanup_host_engine
+from .keys import LabKeys
 from .plan import pick_infra, wan_view
 from .proc import LabError
 
@@ -104,6 +104,7 @@ class _Prepared:
     names: list[str]
     notes: list[str]
     other_major: dict[str, str]
+    keys: LabKeys
 
 
 def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
@@ -124,17 +125,27 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
     results.mkdir(parents=True)
     wan, targets, notes = as_lab_version(req.wan or load_sites(req.sites), major)
     other_major = {s: f"targets Libreswan {t}; ran a {major}.x rendering" for s, t in targets.items() if t != major}
+    # the lab's own key pair per router (made in that router's own NSS database, lab/keys.py) in
+    # place of the site files' public keys, whose private halves only the real routers hold; one
+    # mapping for every revision of a change: an untouched tunnel renders byte-identical
+    lab_keys = LabKeys()
+    wan = lab_keys.apply(wan)
+    notes.append("the lab used its own key pair per router (made in each router's NSS database) in place of the "
+                 "public keys in the site files")
     out = results / "out"
-    key = lab_key()  # one key for every revision of a change: an untouched tunnel renders byte-identical
-    write_trees(render_wan(wan, key, "lab"), out)
+    write_trees(render_wan(wan, "lab"), out)
     if req.tamper:
         req.tamper(out)
     prefix = "w" + uuid.uuid4().hex[:5]
     loaded: dict[Path, tuple[Wan, dict[str, int], list[str]]] = {}
 
+    def nss() -> dict[str, str]:  # each router's own lab NSS database (read-only in the lab kernel: copied)
+        return {r: str(lab_keys.nss(r)) for r in lab_keys.routers}
+
     def load(sites: Path) -> tuple[Wan, list[str]]:
         if Path(sites) not in loaded:
-            loaded[Path(sites)] = as_lab_version(load_sites(sites), major)
+            w, t, n = as_lab_version(load_sites(sites), major)
+            loaded[Path(sites)] = (lab_keys.apply(w), t, n)
         w, t, n = loaded[Path(sites)]
         targets.update({k: v for k, v in t.items() if k not in targets})
         return w, n
@@ -146,8 +157,8 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
         notes.append("User-Mode Linux has no nftables ip/inet family: the firewall was NOT exercised (use --kernel qemu)")
     calls, install, serve, index, more = [], {}, False, None, []
     for n, opts in req.scenarios:
-        ctx = scenarios.PrepareContext(wan=wan, out=out, key=key, results=results, prefix=prefix, infra=infra, options=opts,
-                                       load=load, view=lambda w, o, i: wan_view(w, o, prefix, i, targets))
+        ctx = scenarios.PrepareContext(wan=wan, out=out, keys=lab_keys, results=results, prefix=prefix, infra=infra,
+                                       options=opts, load=load, view=lambda w, o, i: wan_view(w, o, prefix, i, targets, nss()))
         p = scenarios.load(n).prepare(ctx)
         calls.append(ScenarioCall(name=n, data=p.data))
         install.update(p.install)
@@ -158,7 +169,7 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
         if p.no_firewall and firewall:
             firewall = False
             notes.append(p.no_firewall)
-    view = wan_view(wan, out, prefix, index, targets)
+    view = wan_view(wan, out, prefix, index, targets, nss())
     network_sites = list(view.sites)
     for v in more:
         network_sites += [s for s in v.sites if s.name not in {x.name for x in network_sites}]
@@ -170,7 +181,7 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
                    start=start, tunnel_timeout=req.tunnel_timeout, hold=str(results / "control") if req.hold else None,
                    docker=docker)
     plan.write(results / "plan.json")
-    return _Prepared(req, plan, results, [s.name for s in wan.sites], notes, other_major)
+    return _Prepared(req, plan, results, [s.name for s in wan.sites], notes, other_major, lab_keys)
 
 
 def run_lab(request: LabRequest) -> LabOutcome:
@@ -242,6 +253,10 @@ def _collect(p: _Prepared, kind: str, guest: kernels.GuestRun, total: float | No
     result.notes = p.notes + [n for n in result.notes if n not in p.notes]
     result.other_major = p.other_major
     result.kernel, result.routers = kind, p.plan.routers
+    result.keys = {"origin": "lab", "why": "the lab made its own key pair per router in place of the routers' public "
+                   "keys in the site files (their private halves never leave the routers)",
+                   "ckaids": {r: [k.ckaid for k in v.keys] for r, v in sorted(p.keys.routers.items())}}
+    result.key_generation_seconds = p.keys.generation_seconds()
     if image_seconds is not None:
         result.timings = {"image": image_seconds, **result.timings}
     result.boot_seconds = round(guest.boot_seconds, 2)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from render.cli import print_problems
 from render.errors import WanError
-from render.secrets import find_master
 from render.validate import load_sites
 
 from . import git, keys, policy
@@ -37,8 +36,8 @@ def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_ol
         if refusal:
             print(refusal, file=sys.stderr)
             return 1
-        key = find_master(REPO)
-        r = build(wan, key, signing, tag, Path(dist), rev, git.commit_time(REPO, rev))
+        mtime = git.commit_time(REPO, rev)
+        r = build(wan, signing, tag, Path(dist), rev, mtime, date=policy.release_date(git.tag_time(REPO, tag), mtime))
     except WanError as e:
         return print_problems(e)
     problems = verify(r.dir, trusted)

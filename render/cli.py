@@ -13,7 +13,6 @@ from .errors import WanError
 from .graph import mermaid
 from .model import Wan
 from .render import render_wan, write_trees
-from .secrets import MasterKey, find_master, lab_key
 from .validate import load_sites
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,19 +37,19 @@ def validate(sites: str, fmt: str = "text") -> int:
     return 0
 
 
-def render(sites: str, out: str, lab_secrets: bool = False, key: MasterKey | None = None, revision: str = "unknown") -> int:
-    """Render every router into `out` (atomically); `revision` is stamped into each MANIFEST."""
+def render(sites: str, out: str, revision: str = "unknown") -> int:
+    """Render every router into `out` (atomically); `revision` is stamped into each MANIFEST.
+    No secret is needed: the trees hold the routers' public keys only."""
     try:
         wan = load_sites(sites)
-        key = key or (lab_key() if lab_secrets else find_master(REPO))
         t0 = time.perf_counter()
-        trees = render_wan(wan, key, revision)
+        trees = render_wan(wan, revision)
         write_trees(trees, Path(out))
     except WanError as e:
         return print_problems(e)
     files = sum(len(t) for t in trees.values())
     print(f"rendered {len(trees)} routers, {len(wan.tunnels)} tunnels, {files} files into {out}/ "
-          f"in {time.perf_counter() - t0:.2f} s (secrets: {key.origin})")
+          f"in {time.perf_counter() - t0:.2f} s")
     return 0
 
 
@@ -60,7 +59,7 @@ def check(sites: str, out: str, revision: str = "unknown") -> int:
         print(f"check needs {', '.join(missing)}: run ./run check (it installs them) or "
               "apt-get install libreswan dnsmasq-base nftables util-linux", file=sys.stderr)
         return 2
-    rc = render(sites, out, lab_secrets=True, revision=revision)
+    rc = render(sites, out, revision=revision)
     if rc:
         return rc
     failed = 0

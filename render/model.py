@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
 
+from .hostkey import HostKey
+
 
 @dataclass(frozen=True)
 class CryptoProfile:
@@ -32,6 +34,14 @@ class Router:
     public_address: IPv4Address
     lan_address: IPv4Address
     ike_id: str  # "@name" or the public address as text
+    key: HostKey  # the key it signs with (its private half is in the router's NSS database only)
+    next_key: HostKey | None = None  # rollover step 1: made, accepted by the peers, not used yet
+    previous_key: HostKey | None = None  # rollover step 2: no longer used, still accepted by the peers
+
+    @property
+    def extra_keys(self) -> tuple[HostKey, ...]:
+        """The keys its peers accept beside `key` during a rollover (whack --addkey on each peer)."""
+        return tuple(k for k in (self.previous_key, self.next_key) if k is not None)
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class Wan:
     sites: tuple[Site, ...]  # sorted by name
     tunnels: tuple[Tunnel, ...]  # sorted by name
     source_dir: str
+    release_valid_days: int = 90  # wan.yaml release.valid_days: how long a signed release stays valid
 
     @cached_property
     def _by_name(self) -> dict[str, Site]:

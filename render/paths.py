@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 IPSEC_CONF = "etc/ipsec.conf"
-IPSEC_SECRETS = "etc/ipsec.secrets"
 IPSEC_D = "etc/ipsec.d"
 MANIFEST = "MANIFEST.json"  # at the root of out/<router>/, not installed as a router file
 
 
 def tunnel_conf(name: str) -> str:
     return f"{IPSEC_D}/{name}.conf"
-
-
-def tunnel_secrets(name: str) -> str:
-    return f"{IPSEC_D}/{name}.secrets"
 
 
 # dnsmasq: a conf-dir file on EL (dnsmasq's default conf-dir=/etc/dnsmasq.d), a UCI batch on OpenWrt
@@ -35,9 +30,10 @@ FIREWALL_UCI_OPENWRT = "etc/wan/firewall.uci"
 RECONCILE = "etc/wan/reconcile"
 FETCH = "etc/wan/fetch"  # fetches, verifies and applies signed releases (router/fetch)
 PROGRAMS = {RECONCILE: "reconcile", FETCH: "fetch"}  # path in every tree -> the program's file in router/
-RELEASE_ENV = "etc/wan/release.env"  # only in release bundles: WAN_TAG, WAN_SERIAL, WAN_REVISION
+RELEASE_ENV = "etc/wan/release.env"  # only in release bundles: WAN_TAG, WAN_SERIAL, WAN_REVISION, WAN_DATE
 ROUTER_ENV = "etc/wan/router.env"
-TUNNELS_LIST = "etc/wan/tunnels.list"  # name conf_sha256 secret_sha256 initiator(1|0)
+TUNNELS_LIST = "etc/wan/tunnels.list"  # name conf_sha256 initiator(1|0)
+PEER_KEYS_LIST = "etc/wan/peer-keys.list"  # ike_id ckaid rsasigkey: keys accepted beside the conns' during a rollover
 FILES_LIST = "etc/wan/files.list"  # sha256 mode path, every installed file but itself
 
 # fetch's enrolment and state (router/fetch: LIB=$ROOT/etc/wan, CONF=$LIB/fetch.conf,

@@ -1,8 +1,9 @@
 """The plan: what a change of the sites does to each router, for reviewers and machines.
 
-Two revisions are rendered with the same throw-away key, so a secret shows as changed only when
-what it is derived from changed (the tunnel's IDs or name), never its value. Secrets are named,
-never shown.
+No secret is rendered (tunnels authenticate with the routers' public keys), so the plan shows
+everything; each router's key change is named by fingerprint (the key's CKAID): added (peers
+accept it beside the current one), rolled (the router signs with another key), retired (peers
+no longer accept it), and a change that skips the overlap is flagged as the flag day it is.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from .graph import mermaid
 from .manifest import Manifest, TunnelEntry
 from .model import Wan
 from .render import RenderedFile, Tree, render_wan, write_trees
-from .secrets import lab_key
 from .validate import load_sites
 
 TUNNEL_FILES = (paths.IPSEC_D + "/",)
@@ -36,11 +36,13 @@ class RouterPlan:
     commands: list[str] = field(default_factory=list)
     new_router: bool = False
     gone_router: bool = False
-    diff: str = ""  # unified diff of the configuration files (secrets and programs left out)
+    diff: str = ""  # unified diff of the configuration files (programs left out)
+    keys: list[str] = field(default_factory=list)  # this router's key changes, by fingerprint (CKAID)
 
     @property
     def touched(self) -> bool:
-        return bool(self.added or self.changed or self.removed or self.other_files or self.new_router or self.gone_router)
+        return bool(self.added or self.changed or self.removed or self.other_files or self.new_router or self.gone_router
+                    or self.keys)
 
 
 def _manifest(tree: Tree | None) -> Manifest | None:
@@ -56,8 +58,10 @@ def _reasons(old: TunnelEntry, new: TunnelEntry, old_conf: bytes, new_conf: byte
         why.append("crypto")
     if old.peer_address != new.peer_address:
         why.append("peer address")
-    if old.secret_sha256 != new.secret_sha256:
-        why.append("secret")
+    if old.peer_key != new.peer_key:
+        why.append(f"peer key {old.peer_key[:12]} -> {new.peer_key[:12]}")
+    if old.peer_ike_id != new.peer_ike_id:
+        why.append("peer IKE id")
     if old.conf_sha256 != new.conf_sha256 and not why:
         why.append("settings (" + ", ".join(_changed_keys(old_conf, new_conf)) + ")")
     return why
@@ -107,6 +111,7 @@ def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
         to, tn = (mo.tunnels if mo else {}), (mn.tunnels if mn else {})
         fo, fn = (mo.files if mo else {}), (mn.files if mn else {})
         p = RouterPlan(router, current.libreswan, new_router=o is None, gone_router=n is None)
+        p.keys = key_changes(mo, mn)
         for t in sorted(set(tn) | set(to)):
             if t not in to:
                 p.added.append(t)
@@ -114,7 +119,7 @@ def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
                 p.removed.append(t)
             else:
                 a, b = to[t], tn[t]
-                if (a.conf_sha256, a.secret_sha256) != (b.conf_sha256, b.secret_sha256):
+                if a.conf_sha256 != b.conf_sha256:
                     p.changed[t] = _reasons(a, b, o[paths.tunnel_conf(t)].content, n[paths.tunnel_conf(t)].content)
                 else:
                     p.unchanged += 1
@@ -130,10 +135,32 @@ def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
     return plans
 
 
+def key_changes(old: Manifest | None, new: Manifest | None) -> list[str]:
+    """One router's key changes between two revisions, each naming the key by its CKAID.
+
+    A router's peers accept its `key` and, during a rollover, its `next_key` or `previous_key`
+    (the manifest's extra_keys). Routers fetch a release each on its own schedule, so a change is
+    safe only when the key the router signs with on either side is accepted on both sides."""
+    if new is None:
+        return [f"retired {k} (the router leaves the WAN)" for k in ((old.key,) + old.extra_keys if old else ())]
+    if old is None:
+        return [f"added {k}" + (" (signs with it)" if k == new.key else " (accepted beside it)")
+                for k in (new.key,) + new.extra_keys]
+    accepted_old, accepted_new = {old.key, *old.extra_keys}, {new.key, *new.extra_keys}
+    out = [f"added {k} (its peers accept it beside {new.key})" for k in sorted(accepted_new - accepted_old)]
+    if old.key != new.key:
+        out.append(f"rolled {old.key} -> {new.key} (the router signs with the new key)")
+        if new.key not in accepted_old or old.key not in accepted_new:
+            out.append("WARNING: rolled without an overlap: a peer on the other release refuses this router until "
+                       "both have fetched (a flag day); add next_key in one release, roll in the next (docs/keys.md)")
+    out += [f"retired {k} (its peers refuse it from this release on)" for k in sorted(accepted_old - accepted_new)]
+    return out
+
+
 def _diff(old: Tree, new: Tree) -> str:
     out = []
     for f in sorted(set(old) | set(new)):
-        if f.endswith(".secrets") or f in (paths.MANIFEST, paths.FILES_LIST, paths.TUNNELS_LIST, paths.RECONCILE, paths.FETCH):
+        if f in (paths.MANIFEST, paths.FILES_LIST, paths.TUNNELS_LIST, paths.RECONCILE, paths.FETCH):
             continue
         a = old[f].content.decode(errors="replace").splitlines(keepends=True) if f in old else []
         b = new[f].content.decode(errors="replace").splitlines(keepends=True) if f in new else []
@@ -145,11 +172,10 @@ def _diff(old: Tree, new: Tree) -> str:
 def plan(base_sites: Path, sites: Path, base: str = "base") -> tuple[Wan, list[RouterPlan]]:
     """Per router, what the sites in `sites` change against the sites in `base_sites` (the same
     sites at revision `base`)."""
-    key = lab_key()  # the same throw-away key for both sides: secrets compare structurally
     old_wan = load_sites(base_sites)
-    old = render_wan(old_wan, key, base)
+    old = render_wan(old_wan, base)
     new_wan = load_sites(sites)
-    new = render_wan(new_wan, key, "work tree")
+    new = render_wan(new_wan, "work tree")
     return new_wan, plan_trees(old, new)
 
 
@@ -168,6 +194,7 @@ def as_text(plans: list[RouterPlan]) -> str:
         out += [f"  + {t}" for t in p.added]
         out += [f"  ~ {t} ({', '.join(w)})" for t, w in p.changed.items()]
         out += [f"  - {t}" for t in p.removed]
+        out += [f"  key {k}" for k in p.keys]
         out += [f"  file {f}" for f in p.other_files]
         out += [f"  $ {c}" for c in p.commands]
     return "\n".join(out) + "\n"
@@ -187,16 +214,17 @@ def as_markdown(wan: Wan, plans: list[RouterPlan], base: str) -> str:
              f"{len(touched)} of {len(plans)} routers change; tunnels changed or added are drawn thick.", "",
              *insecure_crypto(wan),
              "```mermaid", mermaid(wan, changed).rstrip(), "```", "",
-             "| router | added | changed (why) | removed | unchanged | other files |", "|---|---|---|---|---|---|"]
+             "| router | added | changed (why) | removed | unchanged | other files | key |", "|---|---|---|---|---|---|---|"]
     for p in plans:
         status = " (new)" if p.new_router else " (removed)" if p.gone_router else ""
         lines.append(f"| {p.router}{status} | {', '.join(p.added) or '-'} | "
                      + (", ".join(f"{t} ({'; '.join(w)})" for t, w in p.changed.items()) or "-")
-                     + f" | {', '.join(p.removed) or '-'} | {p.unchanged} | {', '.join(p.other_files) or '-'} |")
+                     + f" | {', '.join(p.removed) or '-'} | {p.unchanged} | {', '.join(p.other_files) or '-'} | "
+                     + ("<br>".join(p.keys) or "-") + " |")
     for p in touched:
         lines += ["", f"<details><summary>{p.router}: commands</summary>", "", "```sh", *p.commands, "```", "</details>"]
         if p.diff:
-            summary = f"{p.router}: file changes ({p.diff.count('+++ ')} files; secrets not shown)"
+            summary = f"{p.router}: file changes ({p.diff.count('+++ ')} files)"
             lines += ["", f"<details><summary>{summary}</summary>", "",
                       "```diff", p.diff.rstrip("\n").replace("```", "` ` `"), "```", "</details>"]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """Render the WAN model into each router's tree: out/<router>/ mirrors the router's / .
 
-Pure and deterministic: the same model, key and revision give byte-identical trees.
+Pure and deterministic: the same model and revision give byte-identical trees. No secret is
+rendered: tunnels authenticate with the routers' raw RSA public keys (render/hostkey.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import jinja2
 from . import paths
 from .manifest import FileEntry, Manifest, TunnelEntry
 from .model import Site, Tunnel, Wan
-from .secrets import MasterKey
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 ROUTER_PROGRAMS = Path(__file__).resolve().parent.parent / "router"
@@ -25,7 +25,7 @@ ROUTER_PROGRAMS = Path(__file__).resolve().parent.parent / "router"
 @dataclass(frozen=True)
 class RenderedFile:
     content: bytes
-    mode: int  # 0o644 or 0o600
+    mode: int  # 0o644, or 0o755 for the router programs
 
 
 # router name -> relative path -> file
@@ -77,7 +77,7 @@ def conn_names(t: Tunnel, me: Site, peer: Site) -> list[str]:
     return [t.name]
 
 
-def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: str | None = None) -> Tree:
+def render_router(wan: Wan, site: Site, revision: str, release: str | None = None) -> Tree:
     """Every file of one router, keyed by its path relative to the router's / (plus MANIFEST.json).
     `release`: the text of etc/wan/release.env when the tree goes into a release bundle."""
     e = env()
@@ -86,28 +86,25 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: 
     tunnels: dict[str, TunnelEntry] = {}
 
     files[paths.IPSEC_CONF] = RenderedFile(e.get_template("ipsec/ipsec.conf.j2").render().encode(), 0o644)
-    files[paths.IPSEC_SECRETS] = RenderedFile(e.get_template("ipsec/ipsec.secrets.j2").render().encode(), 0o600)
     conn_t = e.get_template("ipsec/conn.j2")
-    secret_t = e.get_template("ipsec/secrets.j2")
     my_tunnels = wan.tunnels_of(site.name)
     for t in my_tunnels:
         peer = wan.site(t.peer_of(site.name))
         initiator = t.initiator == site.name
-        conf = conn_t.render(source=source, t=t, me=site, peer=peer, initiator=initiator)
-        secret = secret_t.render(me=site, peer=peer, psk=key.psk(t.name))
-        conf_b, secret_b = conf.encode(), secret.encode()
+        conf_b = conn_t.render(source=source, t=t, me=site, peer=peer, initiator=initiator).encode()
         files[paths.tunnel_conf(t.name)] = RenderedFile(conf_b, 0o644)
-        files[paths.tunnel_secrets(t.name)] = RenderedFile(secret_b, 0o600)
         tunnels[t.name] = TunnelEntry(
             peer=peer.name,
             initiator=initiator,
             conns=tuple(conn_names(t, site, peer)),
             conf_sha256=hashlib.sha256(conf_b).hexdigest(),
-            secret_sha256=hashlib.sha256(secret_b).hexdigest(),
             peer_address=str(peer.router.public_address),
             local_subnets=tuple(str(n) for n in site.lans),
             remote_subnets=tuple(str(n) for n in peer.lans),
             crypto_profile=t.crypto.name,
+            peer_ike_id=peer.router.ike_id,
+            peer_key=peer.router.key.ckaid,
+            peer_extra_keys=tuple(k.ckaid for k in peer.router.extra_keys),
         )
 
     remote = [wan.site(t.peer_of(site.name)) for t in my_tunnels]
@@ -135,10 +132,16 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: 
     if release is not None:
         files[paths.RELEASE_ENV] = RenderedFile(release.encode(), 0o644)
     files[paths.ROUTER_ENV] = RenderedFile(
-        f"WAN_ROUTER={site.name}\nWAN_PLATFORM={site.router.platform}\nWAN_LIBRESWAN={site.router.libreswan}\n".encode(), 0o644)
+        f"WAN_ROUTER={site.name}\nWAN_PLATFORM={site.router.platform}\nWAN_LIBRESWAN={site.router.libreswan}\n"
+        f"WAN_CKAID={site.router.key.ckaid}\n".encode(), 0o644)
     files[paths.TUNNELS_LIST] = RenderedFile("".join(
-        f"{name} {t.conf_sha256} {t.secret_sha256} {1 if t.initiator else 0}\n"
+        f"{name} {t.conf_sha256} {1 if t.initiator else 0}\n"
         for name, t in sorted(tunnels.items())).encode(), 0o644)
+    # keys the peers accept beside the one in their conn during a rollover (docs/keys.md); loading a
+    # conn replaces the keys pluto holds for its IKE ids, so reconcile adds these after every add
+    files[paths.PEER_KEYS_LIST] = RenderedFile("".join(
+        f"{peer.router.ike_id} {k.ckaid} {k.rsasigkey}\n"
+        for peer in remote for k in peer.router.extra_keys).encode(), 0o644)
     files[paths.FILES_LIST] = RenderedFile("".join(
         f"{hashlib.sha256(f.content).hexdigest()} {f.mode:04o} {p}\n" for p, f in sorted(files.items())).encode(), 0o644)
 
@@ -148,7 +151,8 @@ def render_router(wan: Wan, site: Site, key: MasterKey, revision: str, release: 
         platform=site.router.platform,
         libreswan=site.router.libreswan,
         source_revision=revision,
-        secrets=key.origin if key.origin == "lab" else "master",
+        key=site.router.key.ckaid,
+        extra_keys=tuple(k.ckaid for k in site.router.extra_keys),
         lan_address=str(site.router.lan_address),
         public_address=str(site.router.public_address),
         files={p: FileEntry(hashlib.sha256(f.content).hexdigest(), f"{f.mode:04o}") for p, f in sorted(files.items())},
@@ -162,9 +166,9 @@ def _ip_key(text: str):
     return tuple(int(x) for x in text.split("."))
 
 
-def render_wan(wan: Wan, key: MasterKey, revision: str = "unknown", release: str | None = None) -> dict[str, Tree]:
+def render_wan(wan: Wan, revision: str = "unknown", release: str | None = None) -> dict[str, Tree]:
     """Every router's tree, keyed by router (site) name."""
-    return {s.name: render_router(wan, s, key, revision, release) for s in wan.sites}
+    return {s.name: render_router(wan, s, revision, release) for s in wan.sites}
 
 
 def write_trees(trees: dict[str, Tree], out: Path) -> None:

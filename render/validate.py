@@ -14,8 +14,9 @@ from pathlib import Path
 import jsonschema
 from referencing import Registry, Resource
 
-from . import crypto
+from . import crypto, hostkey
 from .errors import Problem, WanError, show
+from .hostkey import HostKey
 from .load import Document, load_yaml, printable, where
 from .model import CryptoProfile, Dns, Dpd, Router, Site, Wan
 from .topology import plan_tunnels
@@ -314,6 +315,7 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
     seen_public: dict[IPv4Address, Document] = {}
     seen_ids: dict[str, tuple[Document, str]] = {}
     seen_domains: dict[str, Document] = {}
+    seen_keys: dict[str, tuple[Document, str]] = {}  # CKAID -> the site file and the key's place in it
     all_lans: list[tuple[IPv4Network, Document, int]] = []
     records: list[tuple[str, Document, tuple]] = []  # (fully qualified name, doc, path)
     sites: list[Site] = []
@@ -393,9 +395,14 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
               f"IKE id {ike_id} is already {how} of {other.file}; each router needs its own IKE id "
               "(its peers pick the tunnel and the key by it): set a distinct router.ike_id")
         seen_ids.setdefault(ike_id, (doc, "the ike_id" if "ike_id" in r else "the IKE id (its public address)"))
+        keys = {field: _host_key(P, doc, field, r[field], seen_keys) for field in KEY_FIELDS if field in r}
+        if "next_key" in r and "previous_key" in r:
+            P(doc, ("router", "next_key"), "a rollover is under way (previous_key is set): retire previous_key in "
+              "one release before adding a next_key (docs/keys.md)")
         sites.append(Site(
             name=name, file=doc.file,
-            router=Router(r["platform"], r["libreswan"], public, lan_address, ike_id),
+            router=Router(r["platform"], r["libreswan"], public, lan_address, ike_id,
+                          keys["key"], keys.get("next_key"), keys.get("previous_key")),
             lans=tuple(lans),
             dns=Dns(domain, server, tuple(sorted((k, IPv4Address(v)) for k, v in dns.get("records", {}).items()))),
             crypto_profile=ov.get("crypto_profile"),
@@ -448,7 +455,34 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
     tunnels, tproblems = plan_tunnels(w["topology"], hubs, sites, profiles, defaults["crypto_profile"],
                                       {s.name: doc for s, doc in zip(sites, sorted(docs, key=lambda d: d.data["name"]))})
     problems.extend(tproblems)
-    return Wan(w["name"], w["topology"], hubs, tuple(sites), tunnels, shown), problems
+    return Wan(w["name"], w["topology"], hubs, tuple(sites), tunnels, shown,
+               release_valid_days=w.get("release", {}).get("valid_days", 90)), problems
+
+
+KEY_FIELDS = ("key", "next_key", "previous_key")
+
+
+def _host_key(P, doc: Document, field: str, value: dict, seen: dict[str, tuple[Document, str]]) -> HostKey:
+    """The router's key at router.<field>: a well-formed raw RSA key whose CKAID is the one given,
+    used by no other router (and not twice by this one). A private key is never asked for."""
+    path = ("router", field)
+    key = HostKey(value["rsasigkey"], value["ckaid"])
+    parsed = hostkey.parse_rsasigkey(key.rsasigkey)
+    if isinstance(parsed, str):
+        P(doc, path + ("rsasigkey",), f"the public key {parsed}; paste the rsasigkey line /etc/wan/enrol printed on "
+          "the router")
+        return key
+    real = hostkey.ckaid_of(key.rsasigkey)
+    if real != key.ckaid:
+        P(doc, path + ("ckaid",), f"ckaid {key.ckaid} is not the CKAID of this rsasigkey (that is {real}); paste both "
+          "lines from the same run of /etc/wan/enrol on this router")
+    if real in seen:
+        other, field_ = seen[real]
+        there = "this file" if other is doc else other.file
+        P(doc, path + ("rsasigkey",), f"this public key (ckaid {real}) is already used as {field_} in {there}; every "
+          "router makes its own keys on itself (/etc/wan/enrol), never a copy, and a rollover needs a new key")
+    seen.setdefault(real, (doc, f"router.{field}"))
+    return key
 
 
 def _edge(addr: IPv4Address, lans: list[IPv4Network]) -> IPv4Network | None:

@@ -13,7 +13,6 @@ from lab.generate import from_seed, wans, write
 from lab.plan import wan_view
 from render.check import check_out
 from render.render import render_wan, write_trees
-from render.secrets import lab_key
 from render.validate import load_sites
 
 
@@ -22,7 +21,7 @@ def _prove_offline(spec) -> None:
         sites = write(spec, Path(tmp) / "sites")
         wan = load_sites(sites)  # valid: the generator excludes only what validation refuses
         out = Path(tmp) / "out"
-        write_trees(render_wan(wan, lab_key(), "lab"), out)
+        write_trees(render_wan(wan, "lab"), out)
         failed = [str(r) for r in check_out(out) if not r.ok]
         assert failed == [], spec.describe()
         view = wan_view(wan, out, "wgen")

@@ -19,10 +19,9 @@ from hypothesis import strategies as st
 from render.check import check_dnsmasq, check_ipsec
 from render.errors import WanError
 from render.render import render_wan, write_trees
-from render.secrets import MasterKey
 from render.validate import load_sites
 
-from support import REPO
+from support import REPO, site_key
 
 WAN = {
     "name": "small", "topology": "mesh",
@@ -32,14 +31,15 @@ WAN = {
 }
 ACME = {
     "name": "acme",
-    "router": {"platform": "el", "libreswan": 4, "public_address": "192.0.2.10", "lan_address": "10.1.2.1"},
+    "router": {"platform": "el", "libreswan": 4, "public_address": "192.0.2.10", "lan_address": "10.1.2.1",
+               "key": site_key("acme")},
     "lans": ["10.1.2.0/24"],
     "dns": {"domain": "acme.inc", "server": "10.1.2.250", "records": {"hobbit": "10.1.2.42"}},
 }
 SITE = {
     "name": "paris",
     "router": {"platform": "el", "libreswan": 4, "public_address": "203.0.113.30", "lan_address": "10.2.0.1",
-               "ike_id": "@gw.paris.acme.fr"},
+               "ike_id": "@gw.paris.acme.fr", "key": site_key("paris")},
     "lans": ["10.2.0.0/24", "10.2.1.0/24"],
     "dns": {"domain": "paris.acme.fr", "server": "10.2.0.53", "records": {"files": "10.2.0.20"}},
     "overrides": {"crypto_profile": "modern", "dpd": {"delay": 10, "timeout": 60}, "dns_mode": "hosts"},
@@ -48,7 +48,8 @@ SITE = {
 RECORD_KEY = ("paris.yaml", ("dns", "records", "<key>"))
 FIELDS = [("paris.yaml", p) for p in (
     ("name",), ("router", "platform"), ("router", "libreswan"), ("router", "public_address"), ("router", "lan_address"),
-    ("router", "ike_id"), ("lans", 0), ("lans", 1), ("dns", "domain"), ("dns", "server"), ("dns", "records", "files"),
+    ("router", "ike_id"), ("router", "key", "ckaid"), ("router", "key", "rsasigkey"),
+    ("lans", 0), ("lans", 1), ("dns", "domain"), ("dns", "server"), ("dns", "records", "files"),
     ("overrides", "crypto_profile"), ("overrides", "dpd", "delay"), ("overrides", "dpd", "timeout"),
     ("overrides", "dns_mode"))] + [RECORD_KEY] + [("wan.yaml", p) for p in (
     ("name",), ("topology",), ("crypto_profiles", "modern", "ike", 0), ("crypto_profiles", "modern", "esp", 0),
@@ -99,6 +100,9 @@ ALTS = {  # by the field's last key: values that may be valid there
             "camellia128-sha2_256;modp3072"],
     "esp": ["aes_gcm128", "aes_ccm256", "chacha20poly1305", "camellia_ctr256-sha2", "aes256-sha2_512;dh19", "aes128-sha384"],
     "ikelifetime": [60, 3600, 86400], "salifetime": [60, 1800, 86400],
+    "ckaid": [site_key("extra1")["ckaid"], site_key("acme")["ckaid"], "0" * 40],
+    "rsasigkey": [site_key("extra1")["rsasigkey"], site_key("acme")["rsasigkey"], "0sAwEAAQ==",
+                  site_key("paris")["rsasigkey"][:200], site_key("paris")["rsasigkey"] + "\n\tauto=start"],
 }
 hostile = st.one_of(
     st.sampled_from(KNOWN), st.sampled_from(PLAUSIBLE),
@@ -153,7 +157,7 @@ def test_any_value_renders_checkable_files_or_is_refused_clearly(data):
                 assert text.isprintable() and text.isascii(), text  # nothing hostile reaches a terminal
             return
         event("rendered and checked")
-        write_trees(render_wan(wan, MasterKey(b"h" * 32, "lab"), "prop"), out)
+        write_trees(render_wan(wan, "prop"), out)
         for router in ("acme", "paris"):
             results = check_ipsec(router, out / router) + [check_dnsmasq(router, out / router)]
             assert all(r.ok for r in results), (field, value, [str(r) for r in results if not r.ok])

@@ -17,7 +17,6 @@ from lab import scenarios
 from lab.contracts import Check, LabPlan, LabResult
 from lab.plan import pick_infra, wan_view
 from render.render import render_wan, write_trees
-from render.secrets import lab_key
 from render.validate import load_sites
 
 from support import REPO
@@ -126,7 +125,7 @@ def test_scenarios_are_found_by_name_and_an_unknown_one_is_refused():
 def example_plan(tmp_path_factory) -> LabPlan:
     wan = load_sites(REPO / "sites")
     out = tmp_path_factory.mktemp("out")
-    write_trees(render_wan(wan, lab_key(), "lab"), out)
+    write_trees(render_wan(wan, "lab"), out)
     view = wan_view(wan, out, "wtest")
     return LabPlan(prefix="wtest", firewall=True, libreswan_major=4, routers="netns", infra=pick_infra([wan], "wtest"),
                    wan=view, network_sites=view.sites)
@@ -152,7 +151,7 @@ def test_hub_and_spoke_views_join_only_spokes_to_hubs(tmp_path):
     from lab.generate import write_generated
     sites = write_generated(3, tmp_path / "g", topology="hub-and-spoke", n_sites=4)
     wan = load_sites(sites)
-    write_trees(render_wan(wan, lab_key(), "lab"), tmp_path / "out")
+    write_trees(render_wan(wan, "lab"), tmp_path / "out")
     view = wan_view(wan, tmp_path / "out", "wtest")
     hubs = set(wan.hubs)
     assert all(s.name in hubs or o.name in hubs for s, o in view.joined_pairs())

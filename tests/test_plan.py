@@ -1,6 +1,7 @@
 """The plan between two revisions of the sites: per router, exactly what changes and why."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -13,12 +14,9 @@ from render import cli, paths
 from render.manifest import Manifest
 from render.plan import plan_trees
 from render.render import render_wan, write_trees
-from render.secrets import MasterKey
 from render.validate import load_sites
 
-from support import GOLDEN_KEY, REPO, sites_repo
-
-KEY = MasterKey(GOLDEN_KEY, "lab")
+from support import REPO, site_key, sites_repo
 
 
 def _wan(tmp: Path, name: str, edit=None) -> dict:
@@ -26,12 +24,21 @@ def _wan(tmp: Path, name: str, edit=None) -> dict:
     shutil.copytree(REPO / "sites", d)
     if edit:
         edit(d)
-    return render_wan(load_sites(d), KEY, name)
+    return render_wan(load_sites(d), name)
+
+
+def _with_key(text: str, field: str, key: dict) -> str:
+    """The site file's text with router.<field> set to `key` (replaced, or added under router:)."""
+    block = f"  {field}:\n    ckaid: {key['ckaid']}\n    rsasigkey: {key['rsasigkey']}\n"
+    if f"  {field}:\n" in text:
+        return re.sub(rf"  {field}:\n    ckaid: \S+\n    rsasigkey: \S+\n", block, text)
+    return text.replace("lans:", block + "lans:", 1)
 
 
 def _add_zurich(d: Path) -> None:
     text = (d / "rome.yaml").read_text()
-    (d / "zurich.yaml").write_text(text.replace("name: rome", "name: zurich").replace("203.0.113.60", "203.0.113.70")
+    (d / "zurich.yaml").write_text(_with_key(text, "key", site_key("zurich"))
+                                   .replace("name: rome", "name: zurich").replace("203.0.113.60", "203.0.113.70")
                                    .replace("10.5.0", "10.6.0").replace("rome.acme.it", "zurich.acme.ch"))
 
 
@@ -42,19 +49,19 @@ def test_adding_a_site_adds_one_tunnel_per_router_and_changes_none(tmp_path):
         assert plans[r].added == [f"{r}-zurich"] and plans[r].changed == {} and plans[r].removed == []
         assert plans[r].unchanged == 5
     reloads = ["systemctl try-restart dnsmasq", "nft -f /" + paths.NFT_EL]  # EL: a restart of dnsmasq, our own table
-    assert plans["acme"].commands == ["ipsec whack --rereadsecrets", "ipsec auto --add acme-zurich",
+    assert plans["acme"].commands == ["ipsec auto --add acme-zurich",
                                       "ipsec whack --initiate --asynchronous --name acme-zurich"] + reloads
-    assert plans["rome"].commands == ["ipsec whack --rereadsecrets", "ipsec auto --add rome-zurich",
+    assert plans["rome"].commands == ["ipsec auto --add rome-zurich",
                                       "ipsec whack --initiate --asynchronous --name rome-zurich"] + reloads
+    assert plans["zurich"].keys == [f"added {site_key('zurich')['ckaid']} (signs with it)"]
+    assert all(plans[r].keys == [] for r in ("acme", "berlin", "home", "oslo", "paris", "rome"))
 
 
-def test_removing_a_site_deletes_its_tunnels_and_rereads_the_secrets_after_their_files_are_gone(tmp_path):
+def test_removing_a_site_deletes_its_tunnels(tmp_path):
     plans = {p.router: p for p in plan_trees(_wan(tmp_path, "a"), _wan(tmp_path, "b", lambda d: (d / "oslo.yaml").unlink()))}
-    # reconcile rereads once for the changed secrets, and again once the removed tunnel's secrets file is gone
-    assert plans["acme"].commands[:3] == ["ipsec whack --rereadsecrets", "ipsec whack --delete --name acme-oslo",
-                                          "ipsec whack --rereadsecrets"]
+    assert plans["acme"].commands[:1] == ["ipsec whack --delete --name acme-oslo"]
     # OpenWrt: the UCI batch, then the platform's own reloads
-    assert plans["home"].commands[3:] == [f"sh -c uci batch < '/{paths.DHCP_UCI_OPENWRT}'", "/etc/init.d/dnsmasq reload",
+    assert plans["home"].commands[1:] == [f"sh -c uci batch < '/{paths.DHCP_UCI_OPENWRT}'", "/etc/init.d/dnsmasq reload",
                                           f"sh -c uci batch < '/{paths.FIREWALL_UCI_OPENWRT}'", "fw4 reload"]
     # a router that leaves gets no new tree, so nothing runs on it
     assert plans["oslo"].gone_router and plans["oslo"].removed and plans["oslo"].commands == []
@@ -71,7 +78,7 @@ def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
     _add_zurich(new_sites)
     p = new_sites / "berlin.yaml"
     p.write_text(p.read_text().replace("10.3.0.0/24", "10.3.0.0/23"))
-    old, new = render_wan(load_sites(old_sites), KEY, "a"), render_wan(load_sites(new_sites), KEY, "b")
+    old, new = render_wan(load_sites(old_sites), "a"), render_wan(load_sites(new_sites), "b")
     write_trees(old, tmp_path / "old")
     write_trees(new, tmp_path / "new")
     bin_ = tmp_path / "bin"
@@ -109,26 +116,71 @@ def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
     assert checked == 6  # every router but the one that left, zurich (new) among them
 
 
-def test_changing_a_lan_names_subnets_as_the_reason_and_no_secret_is_shown(tmp_path):
+def test_changing_a_lan_names_subnets_as_the_reason(tmp_path):
     def wider(d):
         p = d / "berlin.yaml"
         p.write_text(p.read_text().replace("10.3.0.0/24", "10.3.0.0/23"))
     plans = {p.router: p for p in plan_trees(_wan(tmp_path, "a"), _wan(tmp_path, "b", wider))}
     assert plans["acme"].changed == {"acme-berlin": ["subnets"]} and plans["acme"].unchanged == 4
     assert set(plans["berlin"].changed) == {"acme-berlin", "berlin-home", "berlin-oslo", "berlin-paris", "berlin-rome"}
-    assert "ipsec whack --rereadsecrets" not in plans["acme"].commands  # the secret did not change
-    # the folded diff shows the configuration lines that change, and never a secret
+    # the folded diff shows the configuration lines that change
     d = plans["acme"].diff
     assert "-\trightsubnet=10.3.0.0/24\n+\trightsubnet=10.3.0.0/23\n" in d and f"+++ b/{paths.tunnel_conf('acme-berlin')}" in d
-    assert f"+++ b/{paths.NFT_EL}" in d and "PSK" not in d and ".secrets" not in d
+    assert f"+++ b/{paths.NFT_EL}" in d
 
 
-def test_a_changed_peer_address_changes_the_secret_and_says_so(tmp_path):
+def test_a_changed_peer_address_says_so(tmp_path):
     def move(d):
         p = d / "oslo.yaml"
         p.write_text(p.read_text().replace("198.51.100.50", "198.51.100.51"))
     plans = {p.router: p for p in plan_trees(_wan(tmp_path, "a"), _wan(tmp_path, "b", move))}
-    assert plans["acme"].changed == {"acme-oslo": ["peer address", "secret"]}
+    # oslo's IKE id is its public address: the id changes with it
+    assert plans["acme"].changed == {"acme-oslo": ["peer address", "peer IKE id"]}
+
+
+def _rollover(tmp_path: Path):
+    """home's key rollover as three releases: add next_key, roll (key <- next, previous_key <- old),
+    retire previous_key. Returns the four rendered revisions and the two keys."""
+    old = load_sites(REPO / "sites").site("home").router.key
+    new = site_key("home_next")
+    old_d = {"ckaid": old.ckaid, "rsasigkey": old.rsasigkey}
+
+    def added(d):
+        (d / "home.yaml").write_text(_with_key((d / "home.yaml").read_text(), "next_key", new))
+
+    def rolled(d):
+        text = _with_key((d / "home.yaml").read_text(), "key", new)
+        (d / "home.yaml").write_text(_with_key(text, "previous_key", old_d))
+
+    def retired(d):
+        (d / "home.yaml").write_text(_with_key((d / "home.yaml").read_text(), "key", new))
+    return [_wan(tmp_path, "r0"), _wan(tmp_path, "r1", added), _wan(tmp_path, "r2", rolled),
+            _wan(tmp_path, "r3", retired)], old.ckaid, new["ckaid"]
+
+
+def test_a_key_rollover_is_named_by_fingerprint_in_three_steps(tmp_path):
+    (r0, r1, r2, r3), old, new = _rollover(tmp_path)
+    step1 = {p.router: p for p in plan_trees(r0, r1)}
+    assert step1["home"].keys == [f"added {new} (its peers accept it beside {old})"]
+    # the peers load the extra key (etc/wan/peer-keys.list) and keep their tunnel to home as it is
+    assert step1["acme"].changed == {} and step1["acme"].other_files == [paths.PEER_KEYS_LIST]
+    assert step1["home"].changed == {}
+    step2 = {p.router: p for p in plan_trees(r1, r2)}
+    assert step2["home"].keys == [f"rolled {old} -> {new} (the router signs with the new key)"]
+    assert step2["acme"].changed == {"acme-home": [f"peer key {old[:12]} -> {new[:12]}"]}
+    step3 = {p.router: p for p in plan_trees(r2, r3)}
+    assert step3["home"].keys == [f"retired {old} (its peers refuse it from this release on)"]
+    assert step3["acme"].changed == {} and step3["acme"].other_files == [paths.PEER_KEYS_LIST]
+    assert not any("WARNING" in k for s in (step1, step2, step3) for k in s["home"].keys)
+
+
+def test_a_key_replaced_without_overlap_is_flagged_as_a_flag_day(tmp_path):
+    (r0, _, _, r3), old, new = _rollover(tmp_path)
+    home = {p.router: p for p in plan_trees(r0, r3)}["home"]
+    assert home.keys[0] == f"added {new} (its peers accept it beside {new})"
+    assert f"rolled {old} -> {new} (the router signs with the new key)" in home.keys
+    assert any(k.startswith("WARNING: rolled without an overlap") for k in home.keys)
+    assert home.keys[-1] == f"retired {old} (its peers refuse it from this release on)"
 
 
 def test_plan_task_reads_the_base_from_git(tmp_path, capsys, monkeypatch):
@@ -139,7 +191,7 @@ def test_plan_task_reads_the_base_from_git(tmp_path, capsys, monkeypatch):
         assert cli.plan(str(repo / "sites"), base, "HEAD", "markdown") == 0
         out = capsys.readouterr().out
         assert "```mermaid" in out and "==>|acme-zurich|" in out and "| zurich (new) |" in out
-        assert "PSK" not in out
+        assert f"added {site_key('zurich')['ckaid']}" in out
         assert cli.plan(str(repo / "sites"), base, "HEAD", "json") == 0
         assert '"added"' in capsys.readouterr().out
 
@@ -158,7 +210,7 @@ def test_plan_task_refuses_an_unknown_base_in_one_sentence():
 
 
 def test_render_task_stamps_the_sites_revision_into_every_manifest(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "invoke", "render", "--lab-secrets", "--out", str(tmp_path / "out")],
+    r = subprocess.run([sys.executable, "-m", "invoke", "render", "--out", str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

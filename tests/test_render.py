@@ -1,4 +1,4 @@
-"""Rendering: golden trees, determinism, atomic writes, secrets handling, real-tool checks."""
+"""Rendering: golden trees, determinism, atomic writes, public keys (no secret), real-tool checks."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,16 +16,15 @@ from render import cli, paths
 from render.check import check_out
 from render.manifest import Manifest, ManifestError
 from render.render import render_wan, write_trees
-from render.secrets import MasterKey
 from render.validate import load_sites
 
-from support import GOLDEN_KEY, REPO
+from support import REPO
 
 GOLDEN = sorted(p.name for p in (REPO / "tests/golden").iterdir() if p.is_dir())
 
 
-def _render(sites: Path, out: Path, key=GOLDEN_KEY) -> None:
-    write_trees(render_wan(load_sites(sites), MasterKey(key, "lab"), "golden"), out)
+def _render(sites: Path, out: Path) -> None:
+    write_trees(render_wan(load_sites(sites), "golden"), out)
 
 
 def _tree(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -94,19 +93,23 @@ def test_rendering_twice_gives_byte_identical_trees(tmp_path):
     assert _tree(tmp_path / "one") == _tree(tmp_path / "two")
 
 
-def test_secrets_files_are_0600_programs_0755_and_everything_else_0644(tmp_path):
+def test_programs_are_0755_and_everything_else_0644(tmp_path):
     _render(Path("sites"), tmp_path / "out")
     for name, (_, mode) in _tree(tmp_path / "out").items():
-        want = 0o600 if name.endswith("secrets") else 0o755 if name.endswith((paths.RECONCILE, paths.FETCH)) else 0o644
+        want = 0o755 if name.endswith((paths.RECONCILE, paths.FETCH)) else 0o644
         assert mode == want, name
 
 
-def test_both_ends_of_a_tunnel_share_its_psk_and_tunnels_differ(tmp_path):
+def test_each_end_signs_with_its_own_key_and_expects_the_peers(tmp_path):
+    wan = load_sites("sites")
     _render(Path("sites"), tmp_path / "out")
-    a = (tmp_path / "out/acme" / paths.tunnel_secrets("acme-paris")).read_text().split('PSK "')[1]
-    b = (tmp_path / "out/paris" / paths.tunnel_secrets("acme-paris")).read_text().split('PSK "')[1]
-    c = (tmp_path / "out/acme" / paths.tunnel_secrets("acme-home")).read_text().split('PSK "')[1]
-    assert a == b and a != c
+    for t in wan.tunnels:
+        for me, peer in ((t.a, t.b), (t.b, t.a)):
+            conf = (tmp_path / "out" / me / paths.tunnel_conf(t.name)).read_text()
+            assert "\tauthby=rsasig\n" in conf
+            assert f"\tleftrsasigkey={wan.site(me).router.key.rsasigkey}\n" in conf
+            assert f"\trightrsasigkey={wan.site(peer).router.key.rsasigkey}\n" in conf
+    assert len({s.router.key.ckaid for s in wan.sites}) == len(wan.sites)
 
 
 def test_exactly_one_end_of_each_tunnel_initiates(tmp_path):
@@ -125,38 +128,47 @@ def test_spokes_initiate_towards_hubs():
             assert t.initiator not in wan.hubs, t.name
 
 
-def test_psks_never_reach_stdout_stderr_or_manifest(tmp_path, capfd):
-    key = MasterKey(b"k" * 32, "env")
-    rc = cli.render("sites", str(tmp_path / "out"), key=key)
-    assert rc == 0
-    printed = capfd.readouterr()
-    wan = load_sites("sites")
-    psks = [key.psk(t.name) for t in wan.tunnels]
-    texts = [printed.out, printed.err, repr(key)]
-    for p in (tmp_path / "out").rglob("*"):
-        if p.is_file() and not p.name.endswith(".secrets"):
-            texts.append(p.read_text())
-    for psk in psks:
-        assert not any(psk in t for t in texts)
-    # and they are in the secrets files, so the scan above could have found them
-    assert psks[0] in (tmp_path / "out/acme" / paths.tunnel_secrets(wan.tunnels[0].name)).read_text()
-
-
-def test_missing_master_key_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("WAN_PSK_MASTER", raising=False)
-    monkeypatch.setattr(cli, "REPO", tmp_path)
-    rc = cli.render("sites", str(tmp_path / "out"))
-    err = capsys.readouterr().err
-    assert rc == 1 and "WAN_PSK_MASTER" in err and "--lab-secrets" in err
-    assert not (tmp_path / "out").exists()
-
-
-def test_master_key_from_environment_is_used(tmp_path, monkeypatch):
-    monkeypatch.setenv("WAN_PSK_MASTER", "m" * 40)
+def test_no_tree_holds_a_secret_file_or_a_psk(tmp_path, capfd):
+    """Releases may be public: no secrets file, no PSK, no private key in any rendered tree."""
     assert cli.render("sites", str(tmp_path / "out")) == 0
-    assert Manifest.read(tmp_path / "out/acme" / paths.MANIFEST).secrets == "master"
-    expected = MasterKey(b"m" * 40, "env").psk("acme-paris")
-    assert expected in (tmp_path / "out/acme" / paths.tunnel_secrets("acme-paris")).read_text()
+    printed = capfd.readouterr()
+    assert "secrets:" not in printed.out + printed.err and "master" not in printed.out + printed.err
+    for p in (tmp_path / "out").rglob("*"):
+        if p.is_file():
+            text = p.read_text()
+            assert not p.name.endswith(".secrets") and p.name != "ipsec.secrets", p
+            assert "PSK" not in text and "PRIVATE KEY" not in text and "authby=secret" not in text, p
+    assert not any("secret" in line for line in (tmp_path / "out/acme" / paths.TUNNELS_LIST).read_text().splitlines())
+
+
+def test_router_env_names_the_ckaid_the_router_must_hold(tmp_path):
+    wan = load_sites("sites")
+    _render(Path("sites"), tmp_path / "out")
+    env = (tmp_path / "out/home" / paths.ROUTER_ENV).read_text()
+    assert f"WAN_CKAID={wan.site('home').router.key.ckaid}\n" in env
+    assert Manifest.read(tmp_path / "out/home" / paths.MANIFEST).key == wan.site("home").router.key.ckaid
+
+
+def test_a_rollover_key_is_listed_for_the_peers_only(tmp_path):
+    from support import site_key
+    sites = shutil.copytree("sites", tmp_path / "sites")
+    nxt = site_key("nextkey")
+    text = (sites / "home.yaml").read_text().replace("lans:", f"  next_key:\n    ckaid: {nxt['ckaid']}\n"
+                                                     f"    rsasigkey: {nxt['rsasigkey']}\nlans:", 1)
+    (sites / "home.yaml").write_text(text)
+    wan = load_sites(sites)
+    _render(sites, tmp_path / "out")
+    home = wan.site("home").router
+    for peer in ("acme", "paris"):
+        listed = (tmp_path / "out" / peer / paths.PEER_KEYS_LIST).read_text()
+        assert listed == f"{home.ike_id} {nxt['ckaid']} {nxt['rsasigkey']}\n"
+        m = Manifest.read(tmp_path / "out" / peer / paths.MANIFEST)
+        assert m.tunnels[f"{min(peer, 'home')}-{max(peer, 'home')}"].peer_extra_keys == (nxt["ckaid"],)
+    assert (tmp_path / "out/home" / paths.PEER_KEYS_LIST).read_text() == ""
+    # the conns do not change: a peer accepts the next key without touching its tunnel
+    _render(Path("sites"), tmp_path / "before")
+    assert (tmp_path / "out/acme" / paths.tunnel_conf("acme-home")).read_bytes() == \
+        (tmp_path / "before/acme" / paths.tunnel_conf("acme-home")).read_bytes()
 
 
 def test_a_failed_render_leaves_the_previous_out_untouched(tmp_path):
@@ -164,7 +176,7 @@ def test_a_failed_render_leaves_the_previous_out_untouched(tmp_path):
     _render(Path("sites"), out)
     before = _tree(out)
     broken = shutil.copytree("tests/errors/overlapping-lans/sites", tmp_path / "broken")
-    assert cli.render(str(broken), str(out), lab_secrets=True) == 1
+    assert cli.render(str(broken), str(out)) == 1
     assert _tree(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
@@ -188,8 +200,8 @@ def test_manifest_reads_back_what_it_wrote_and_refuses_anything_else(tmp_path):
     text = path.read_text()
     m = Manifest.from_json(text)
     assert m.to_json() == text and m.platform == "openwrt" and m.tunnels["home-paris"].initiator
-    path.write_text(dataclasses.replace(m, format=2).to_json())
-    with pytest.raises(ManifestError, match=r"MANIFEST.json: format 2, this code reads format 1"):
+    path.write_text(dataclasses.replace(m, format=1).to_json())
+    with pytest.raises(ManifestError, match=r"MANIFEST.json: format 1, this code reads format 2"):
         Manifest.read(path)
     path.write_text(text[: len(text) // 2])
     with pytest.raises(ManifestError, match="MANIFEST.json: not a MANIFEST.json this code wrote"):

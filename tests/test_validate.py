@@ -12,7 +12,7 @@ import pytest
 from render.errors import WanError
 from render.validate import load_sites
 
-from support import REPO
+from support import REPO, site_key
 
 CASES = sorted(p.name for p in (REPO / "tests/errors").iterdir() if p.is_dir())
 
@@ -83,6 +83,7 @@ def test_github_format_annotates_the_file_and_line(capsys):
 PATTERN_EXAMPLES = {  # one valid value per pattern in schema/*.json
     "name": "paris", "ipv4": "10.1.2.3", "ipv4_subnet": "10.1.2.0/24", "domain": "acme.inc",
     "record_name": "hobbit", "ike_id": "@gw.acme.inc", "proposal": "aes_gcm256", "wan_name": "acme-wan",
+    "ckaid": "79b228c57b942ecd10db91fdd9024024e1b8e64e", "rsasigkey": "0sAwEAAdqmFCTf2M1R5lQ0bWoamw==",
 }
 
 
@@ -132,8 +133,10 @@ def test_integers_are_integers():
 
 def _site(name: str, public: str, net: str, domain: str, platform: str = "el", extra: str = "") -> str:
     a, b, c, _ = net.split(".")
+    k = site_key(name)
     return (f"name: {name}\nrouter:\n  platform: {platform}\n  libreswan: 4\n  public_address: {public}\n"
-            f"  lan_address: {a}.{b}.{c}.1\n{extra}lans: [{net}/24]\ndns:\n  domain: {domain}\n  server: {a}.{b}.{c}.53\n")
+            f"  lan_address: {a}.{b}.{c}.1\n  key: {{ckaid: {k['ckaid']}, rsasigkey: '{k['rsasigkey']}'}}\n"
+            f"{extra}lans: [{net}/24]\ndns:\n  domain: {domain}\n  server: {a}.{b}.{c}.53\n")
 
 
 WAN_YAML = ("name: t\ntopology: mesh\ncrypto_profiles:\n  modern:\n    ike: [\"aes256-sha2_256;dh19\"]\n"
@@ -141,16 +144,16 @@ WAN_YAML = ("name: t\ntopology: mesh\ncrypto_profiles:\n  modern:\n    ike: [\"a
 
 
 def test_files_that_are_not_site_files_are_refused_unread(tmp_path, capsys):
-    """A symlink out of sites/ (to the master key, say), a FIFO, a directory and a key file copied in:
-    each refused as such; validate prints none of their content and never blocks on the FIFO."""
+    """A symlink out of sites/ (to the release signing key, say), a FIFO, a directory and a key file
+    copied in: each refused as such; validate prints none of their content and never blocks on the FIFO."""
     from render import cli
-    secret = "c2VjcmV0LW1hc3Rlci1rZXktbm90LWZvci1wcmludGluZw"
-    (tmp_path / ".wan-psk-master").write_text(secret + "\n")
+    secret = "RWRCSwAAAABzZWNyZXQtc2lnbmluZy1rZXktbm90LWZvci1wcmludGluZw"
+    (tmp_path / ".wan-release.sec").write_text("untrusted comment: wan release secret key\n" + secret + "\n")
     sites = tmp_path / "sites"
     sites.mkdir()
     (sites / "wan.yaml").write_text(WAN_YAML)
     (sites / "acme.yaml").write_text(_site("acme", "192.0.2.10", "10.1.2.0", "acme.inc"))
-    (sites / "paris.yaml").symlink_to(tmp_path / ".wan-psk-master")
+    (sites / "paris.yaml").symlink_to(tmp_path / ".wan-release.sec")
     (sites / "rome.yaml").write_text(secret + "\n")
     os.mkfifo(sites / "oslo.yaml")
     (sites / "home.yaml").mkdir()
@@ -183,7 +186,6 @@ def test_nested_site_domains_stay_valid_and_each_goes_to_its_own_server(tmp_path
     """`branch.corp.example` beside `corp.example`: every router forwards each domain to the server of
     the site that owns it (dnsmasq picks the longest matching domain), on EL and on OpenWrt."""
     from render.render import render_wan
-    from render.secrets import MasterKey
     sites = tmp_path / "sites"
     sites.mkdir()
     (sites / "wan.yaml").write_text(WAN_YAML)
@@ -191,7 +193,7 @@ def test_nested_site_domains_stay_valid_and_each_goes_to_its_own_server(tmp_path
     (sites / "branch.yaml").write_text(_site("branch", "203.0.113.30", "10.2.0.0", "branch.corp.example", "openwrt"))
     (sites / "shop.yaml").write_text(_site("shop", "198.51.100.7", "10.3.0.0", "shop.branch.corp.example"))
     wan = load_sites(sites)
-    trees = render_wan(wan, MasterKey(b"n" * 32, "lab"), "t")
+    trees = render_wan(wan, "t")
     owner = {"corp.example": "10.1.2.53", "branch.corp.example": "10.2.0.53", "shop.branch.corp.example": "10.3.0.53"}
     for router, tree in trees.items():
         me = wan.site(router)
@@ -236,8 +238,7 @@ def test_an_insecure_profile_is_allowed_on_purpose_and_marked(tmp_path):
     assert wan.tunnels[0].crypto.insecure == ("sha1",)
     from render.plan import as_markdown, plan_trees
     from render.render import render_wan
-    from render.secrets import MasterKey
-    trees = render_wan(wan, MasterKey(b"i" * 32, "lab"), "t")
+    trees = render_wan(wan, "t")
     assert b"insecure: sha1" in trees["acme"]["etc/ipsec.d/acme-paris.conf"].content
     md = as_markdown(wan, plan_trees(trees, trees), "main")
     assert "**Weak crypto on purpose:** profile `legacy` allows sha1 (tunnels: acme-paris)" in md

@@ -29,7 +29,7 @@ def test_the_workflows_pass_actionlint():
 def test_actionlint_finds_a_broken_workflow(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text((REPO / ".github/workflows/release.yml").read_text()
-                   .replace("runs-on:", "run-on:", 1).replace("secrets.WAN_PSK_MASTER", "secret.WAN_PSK_MASTER"))
+                   .replace("runs-on:", "run-on:", 1).replace("secrets.WAN_RELEASE_KEY", "secret.WAN_RELEASE_KEY"))
     r = actionlint(bad)
     assert r.returncode == 1
     assert '"runs-on" section is missing' in r.stdout and "undefined variable \"secret\"" in r.stdout, r.stdout
@@ -57,4 +57,6 @@ def test_tags_run_the_lab_then_release_signed_bundles():
     assert w[True]["push"]["tags"] == ["v*.*.*"] and w["jobs"]["release"]["needs"] == "lab"
     build = next(s for s in steps["release"] if "./run release --tag" in s.get("run", ""))
     assert build["env"]["WAN_RELEASE_KEY"] == "${{ secrets.WAN_RELEASE_KEY }}"
-    assert "--preserve-env=WAN_PSK_MASTER,WAN_RELEASE_KEY" in build["run"]
+    assert "--preserve-env=WAN_RELEASE_KEY" in build["run"]
+    # the signing key is the one secret left: no PSK master key anywhere in the workflows
+    assert not any("PSK" in (REPO / ".github/workflows" / w).read_text() for w in ("release.yml", "pull-request.yml"))

@@ -36,11 +36,11 @@ def load(name: str) -> ModuleType:
 @dataclass
 class PrepareContext:
     """What a scenario's host side gets: the WAN as the lab runs it, its rendering, the lab's
-    addresses and naming, the throw-away key, and helpers to load and render other revisions."""
+    addresses and naming, the lab's own router keys, and helpers to load and render other revisions."""
 
     wan: Any  # render.model.Wan, as the lab runs it (Libreswan major of the lab)
     out: Path  # its rendered trees
-    key: bytes  # the throw-away key of this lab run (one for every revision: untouched tunnels stay byte-identical)
+    keys: Any  # lab.keys.LabKeys: the lab's key pair per router (`load` applies them to other revisions too)
     results: Path
     prefix: str
     infra: Infra

@@ -58,7 +58,7 @@ def _digests(out: Path, wan) -> dict[str, list[tuple]]:
     d: dict[str, list[tuple]] = {}
     for s in wan.sites:
         for t, v in Manifest.read(out / s.name / paths.MANIFEST).tunnels.items():
-            d.setdefault(t, []).append((s.name, v.conf_sha256, v.secret_sha256))
+            d.setdefault(t, []).append((s.name, v.conf_sha256))
     return d
 
 
@@ -69,7 +69,7 @@ def prepare(ctx: PrepareContext) -> Prepared:
         wan, more = ctx.load(sites)
         notes += more
         out = ctx.results / f"out-after{k}"
-        write_trees(render_wan(wan, ctx.key, f"after{k}"), out)
+        write_trees(render_wan(wan, f"after{k}"), out)
         wans.append((wan, out))
     names = sorted({s.name for wan, _ in wans for s in wan.sites})
     index = {n: i for i, n in enumerate(names)}

@@ -3,8 +3,8 @@ fetch program, its settings) fetch a signed release from a release server inside
 it with the real verifier (signify-openbsd), apply it with reconcile against real pluto; then
 (options "negatives": true) the refusals and the rollback are played against one router.
 
-Host side: `prepare()` builds the releases (dist/<tag>/, with the lab's throw-away PSK key and a
-throw-away signing key) and the enrolment trees, and describes the steps as data.
+Host side: `prepare()` builds the releases (dist/<tag>/, rendered with the lab's own router keys,
+signed with a throw-away signing key) and the enrolment trees, and describes the steps as data.
 In the lab: `play(lab)` serves dist/ from the "internet" namespace and plays the steps; every
 step becomes a check row of kind "release".
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 from release import signify
 from release.bundle import build, release_env, resign
 from render.render import render_wan
-from render.secrets import lab_key
 
 from ..contracts import Check, Record
+from ..keys import with_wrong_peer_keys
 from ..network import ns_path, popen_ns
 from ..probes import ping_many
 from ..proc import LabError, progress
@@ -58,26 +58,34 @@ def prepare(ctx: PrepareContext) -> Prepared:
     negatives = bool(ctx.options.get("negatives", True))
     signing = signify.generate()
     dist = ctx.results / "releases"
-    build(ctx.wan, ctx.key, signing, GOOD, dist, "lab")
+    build(ctx.wan, signing, GOOD, dist, "lab")
     steps = [{"name": "enrol", "tag": GOOD}]
     first = ctx.wan.tunnels[0]
     victim = first.initiator  # it brings its own tunnel back after a rollback (no waiting on a peer)
     other = first.peer_of(victim)
     if negatives:
-        d = build(ctx.wan, ctx.key, signing, "v1.1.0", dist, "lab").dir
+        d = build(ctx.wan, signing, "v1.1.0", dist, "lab").dir
         b = bytearray((d / f"{victim}.tar.gz").read_bytes())
         b[len(b) // 2] ^= 0x01
         (d / f"{victim}.tar.gz").write_bytes(bytes(b))
-        build(ctx.wan, ctx.key, signify.generate(), "v1.2.0", dist, "lab")
-        d = build(ctx.wan, ctx.key, signing, "v1.3.0", dist, "lab").dir
+        build(ctx.wan, signify.generate(), "v1.2.0", dist, "lab")
+        d = build(ctx.wan, signing, "v1.3.0", dist, "lab").dir
         shutil.copy(d / f"{other}.tar.gz", d / f"{victim}.tar.gz")
         resign(d, signing)
-        build(ctx.wan, ctx.key, signing, "v0.9.0", dist, "lab")
-        d = build(ctx.wan, ctx.key, signing, "v1.4.0", dist, "lab").dir
+        build(ctx.wan, signing, "v0.9.0", dist, "lab")
+        d = build(ctx.wan, signing, "v1.4.0", dist, "lab").dir
         (d / ".break-off").write_text(f"{victim}.tar.gz {(d / f'{victim}.tar.gz').stat().st_size // 2}\n")
-        trees = render_wan(ctx.wan, ctx.key, "lab", release_env("v1.5.0", "lab"))
-        trees[victim] = render_wan(ctx.wan, lab_key(), "lab", release_env("v1.5.0", "lab"))[victim]  # other secrets
-        build(ctx.wan, ctx.key, signing, "v1.5.0", dist, "lab", trees=trees)
+        # signed and valid, but stale (its WAN_EXPIRES passed) or from the future (the router's clock
+        # is behind it): fetch exits 4 and 5, nothing changed (router/fetch, "freshness")
+        day = 86400
+        build(ctx.wan, signing, "v1.6.0", dist, "lab", date=int(time.time()) - (ctx.wan.release_valid_days + 2) * day)
+        build(ctx.wan, signing, "v1.7.0", dist, "lab", date=int(time.time()) + 2 * day)
+        # broken on the victim only: it holds a wrong public key for every peer (one nobody has the
+        # private half of), so none of its tunnels authenticates; its peers' trees are unchanged,
+        # so its peers.list shows no peer that changed too: fetch must roll back, not wait
+        trees = render_wan(ctx.wan, "lab", release_env("v1.8.0", "lab"))
+        trees[victim] = render_wan(with_wrong_peer_keys(ctx.wan, victim), "lab", release_env("v1.8.0", "lab"))[victim]
+        build(ctx.wan, signing, "v1.8.0", dist, "lab", trees=trees)
         steps += [
             {"name": "tampered bundle", "tag": "v1.1.0", "router": victim, "rc": 2,
              "words": f"{victim}.tar.gz does not match the signed SHA256SUMS"},
@@ -87,8 +95,12 @@ def prepare(ctx: PrepareContext) -> Prepared:
             {"name": "downgrade", "tag": "v0.9.0", "router": victim, "rc": 2, "words": f"older than the installed {GOOD}"},
             {"name": "download breaks off", "tag": "v1.4.0", "router": victim, "rc": 1, "words": "cannot download",
              "server_dies": True},
-            {"name": "broken release rolled back", "tag": "v1.5.0", "router": victim, "rc": 1,
-             "words": f"v1.5.0 was rolled back; {GOOD} is installed again and its tunnels are up", "rollback": True},
+            {"name": "expired release", "tag": "v1.6.0", "router": victim, "rc": 4,
+             "words": "EXPIRED: the newest release v1.6.0 expired"},
+            {"name": "clock behind the release", "tag": "v1.7.0", "router": victim, "rc": 5,
+             "words": "CLOCK: this router's clock says"},
+            {"name": "broken release rolled back", "tag": "v1.8.0", "router": victim, "rc": 1,
+             "words": f"v1.8.0 was rolled back; {GOOD} is installed again and its tunnels are up", "rollback": True},
         ]
     pub = ctx.results / "release.pub"
     pub.write_text(signing.public.text("lab release key (throw-away)"))
@@ -98,7 +110,7 @@ def prepare(ctx: PrepareContext) -> Prepared:
         tree = ctx.out / s.name
         for d in sorted(p for p in (tree / "etc").rglob("*") if p.is_dir()):
             (e / d.relative_to(tree)).mkdir(parents=True, exist_ok=True)
-        for f in ("etc/ipsec.conf", "etc/ipsec.secrets"):  # what the Libreswan package installs
+        for f in ("etc/ipsec.conf",):  # what the Libreswan package installs
             shutil.copy(tree / f, e / f)
         (e / "etc/wan").mkdir(parents=True, exist_ok=True)
         shutil.copy(pub, e / "etc/wan/release.pub")
@@ -163,7 +175,7 @@ def _fetch(lab, name: str) -> dict:
 
 def _snapshot(router) -> str:
     """Digests of the router's WAN files (fetch's own staging area left out)."""
-    script = ("cd /etc && find ipsec.conf ipsec.secrets ipsec.d wan dnsmasq.d nftables -type f 2>/dev/null "
+    script = ("cd /etc && find ipsec.conf ipsec.d wan dnsmasq.d nftables -type f 2>/dev/null "
               "| grep -v -e '^wan/releases/' -e '^wan/previous/' | sort | xargs sha256sum")
     return router.exec(["sh", "-c", script]).stdout
 

@@ -65,10 +65,16 @@ def oslo_wider(tmp: Path) -> Path:
     return d
 
 
+def wrong_peer_key(conf: Path) -> None:
+    """The conn expects a public key for its peer that the peer does not have."""
+    from lab.keys import stranger_key
+    conf.write_text(re.sub(r"^\trightrsasigkey=.*$", "\trightrsasigkey=" + stranger_key().rsasigkey, conf.read_text(),
+                           flags=re.M))
+
+
 def break_three_things(out: Path) -> None:
-    # 1. acme-berlin: berlin's end gets a different PSK
-    sec = out / "berlin" / paths.tunnel_secrets("acme-berlin")
-    sec.write_text(re.sub(r'PSK "[^"]+"', 'PSK "not-the-same-key-on-both-ends"', sec.read_text()))
+    # 1. acme-berlin: berlin's end holds a wrong public key for acme (one nobody has the private half of)
+    wrong_peer_key(out / "berlin" / paths.tunnel_conf("acme-berlin"))
     # 2. oslo's router loses leftsourceip on every tunnel
     for conf in (out / "oslo" / paths.IPSEC_D).glob("*.conf"):
         conf.write_text(re.sub(r"^\tleftsourceip=.*\n", "", conf.read_text(), flags=re.M))

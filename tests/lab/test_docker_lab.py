@@ -1,7 +1,7 @@
 """The lab with Docker routers: a container per site router, real pluto, real ESP.
 
 One lab run proves both sides at once (the Docker engine in User-Mode Linux is slow to start):
-three sites, where berlin's end of acme-berlin gets another PSK. The two good tunnels must pass
+three sites, where berlin's end of acme-berlin expects a wrong public key for acme. The two good tunnels must pass
 every check (tunnel, pings both ways, router pings, DNS); exactly the acme-berlin cells go red.
 """
 from __future__ import annotations
@@ -21,19 +21,21 @@ THREE = REPO / "tests/lab/wans/three"
 PAIR = {("acme", "berlin"), ("berlin", "acme")}
 
 
-def _mismatch_acme_berlin_secret(out: Path) -> None:
-    sec = out / "berlin" / paths.tunnel_secrets("acme-berlin")
-    sec.write_text(re.sub(r'PSK "[^"]+"', 'PSK "not-the-same-key-on-both-ends"', sec.read_text()))
+def _mismatch_acme_berlin_key(out: Path) -> None:
+    from lab.keys import stranger_key
+    conf = out / "berlin" / paths.tunnel_conf("acme-berlin")
+    conf.write_text(re.sub(r"^\trightrsasigkey=.*$", "\trightrsasigkey=" + stranger_key().rsasigkey, conf.read_text(),
+                           flags=re.M))
 
 
 def red(outcome, kind: str) -> set[tuple[str, str]]:
     return {(c.src, c.dst) for c in outcome.result.checks if c.kind == kind and not c.ok}
 
 
-def test_docker_routers_prove_a_three_site_wan_and_a_mismatched_secret_turns_exactly_its_cells_red(tmp_path, monkeypatch):
+def test_docker_routers_prove_a_three_site_wan_and_a_wrong_public_key_turns_exactly_its_cells_red(tmp_path, monkeypatch):
     # the good tunnels come up while the routers start; the broken one never will: bound the wait
     monkeypatch.setenv("WAN_LAB_TUNNEL_TIMEOUT", "30")
-    outcome = run_lab(LabRequest(sites=THREE, results=tmp_path / "results", timeout=1200, tamper=_mismatch_acme_berlin_secret,
+    outcome = run_lab(LabRequest(sites=THREE, results=tmp_path / "results", timeout=1200, tamper=_mismatch_acme_berlin_key,
                                  routers="docker"))
     r = outcome.result
     assert r.routers == "docker" and not r.error, r.error
@@ -63,6 +65,8 @@ def test_docker_routers_prove_a_three_site_wan_and_a_mismatched_secret_turns_exa
     assert any(n.startswith("routers: 3 containers of wan-lab-router:") for n in outcome.notes), outcome.notes
     for router in ("acme", "berlin"):
         assert not re.search(r"0x[0-9a-f]{16,}", (diag / router / "ip-xfrm-state.txt").read_text())
-    assert "PSK" not in r.to_json()
+    assert "PSK" not in r.to_json() and "PRIVATE" not in r.to_json()
+    # each container authenticated with the lab key pair from its own NSS database
+    assert r.keys["origin"] == "lab" and set(r.keys["ckaids"]) == {"acme", "berlin", "home"}
     # the timings name the Docker phases
     assert {"image", "engine start", "containers", "tunnels", "checks"} <= set(r.timings)

@@ -41,8 +41,14 @@ def test_two_site_smoke_on_uml(uml_labs):
     assert capture.evidence["esp_packets"] > 0 and capture.evidence["plain_icmp_between_lans"] == 0
     junit = (outcome.results_dir / "junit.xml").read_text()
     assert 'failures="0"' in junit and "ping acme -&gt; home" in junit
-    # no key material leaves the lab
-    assert "PSK" not in outcome.result.to_json()
+    # no key material leaves the lab; the result says the lab used its own key pairs (one per router,
+    # from that router's own NSS database)
+    text = outcome.result.to_json()
+    assert "PSK" not in text and "PRIVATE" not in text
+    keys = outcome.result.keys
+    assert keys["origin"] == "lab" and set(keys["ckaids"]) == {"acme", "home"}
+    assert all(len(v) == 1 and len(v[0]) == 40 for v in keys["ckaids"].values())
+    assert any("its own key pair per router" in n for n in outcome.notes)
 
 
 def test_router_primitives_kill_stop_cut_and_reboot_each_recover(uml_labs):
@@ -59,7 +65,7 @@ def test_router_primitives_kill_stop_cut_and_reboot_each_recover(uml_labs):
     assert report["router"] == "acme" and report["reboot"]["seconds_until_traffic"] > 0
 
 
-def test_broken_psk_missing_leftsourceip_and_wrong_dns_forward_turn_exactly_their_cells_red(uml_labs):
+def test_wrong_peer_key_missing_leftsourceip_and_wrong_dns_forward_turn_exactly_their_cells_red(uml_labs):
     outcome = uml_labs["four-broken"]
     assert not outcome.ok and not outcome.result.error, outcome.result.error
     assert red(outcome, "tunnel") == {("acme", "berlin")}
