@@ -72,7 +72,7 @@ class Server:
         while not portfile.exists():
             assert self.proc.poll() is None and time.monotonic() < end, self.log.read_text()
             time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{portfile.read_text().strip()}/releases"
+        self.url = f"http://127.0.0.1:{portfile.read_text().split()[0]}/releases"
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
