@@ -118,14 +118,19 @@ def down(c):
 
 @task(help={"tag": "the release tag, vMAJOR.MINOR.PATCH (it must grow)", "sites": "the sites directory",
             "dist": "where dist/<tag>/ goes", "allow_dirty": "release sites with uncommitted changes (a try-out)",
-            "allow_older": "a tag older than one released already"}, default=True, name="build", positional=[])
-def release_build(c, tag=None, sites=SITES, dist="dist", allow_dirty=False, allow_older=False):
+            "allow_older": "a tag older than one released already",
+            "on": "refuse unless the released commit is reachable from this ref (CI: origin/main)",
+            "lab_result": "attach this lab result.json of the released commit (refused if it failed or proved another commit)",
+            "plan": "attach plan.md: what changes on which router since the previous tag"},
+      default=True, name="build", positional=[])
+def release_build(c, tag=None, sites=SITES, dist="dist", allow_dirty=False, allow_older=False, on=None, lab_result=None,
+                  plan=False):
     """Signed per-router bundles for a tag: dist/<tag>/<router>.tar.gz, RELEASE, SHA256SUMS(.sig)."""
     # --tag is a flag, not a positional: a positional would swallow --help as the tag
     if not tag:
         raise Exit("release: --tag vMAJOR.MINOR.PATCH is required (see ./run release --help)", code=2)
     from release import cli
-    _exit(cli.release(sites, tag, dist, allow_dirty, allow_older))
+    _exit(cli.release(sites, tag, dist, allow_dirty, allow_older, on, lab_result, plan))
 
 
 @task(help={"force": "replace an existing pair (every router must then be given the new public key)"})

@@ -285,6 +285,9 @@ def run_lab(sites: str | Path = "sites", kernel: str | None = None, results: str
     result["keys"] = {"origin": "lab", "why": "the lab made its own key pair per router in place of the routers' "
                       "public keys in the site files (their private halves never leave the routers)",
                       "ckaids": {r: [k.ckaid for k in v.keys] for r, v in sorted(lab_keys.routers.items())}}
+    # which commit and which site files this result proves (a release attaches it: release/provenance.py)
+    from release.provenance import source
+    result["source"] = source(Path(sites))
     result["boot_seconds"] = round(run.boot_seconds, 2)
     result["total_seconds"] = round(time.monotonic() - t0, 2)
     (results / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

@@ -11,14 +11,18 @@ from render.cli import print_problems
 from render.errors import WanError
 from render.validate import load_sites
 
-from . import git, keys, policy
+from . import git, keys, policy, provenance
 from .bundle import build, verify
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_older: bool = False) -> int:
-    """Signed per-router bundles for `tag` in dist/<tag>/, refused when policy says so."""
+def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_older: bool = False,
+            on: str | None = None, lab_result: str | None = None, with_plan: bool = False) -> int:
+    """Signed per-router bundles for `tag` in dist/<tag>/, refused when policy says so.
+    `on`: a ref (origin/main) the released commit must be reachable from; `lab_result`: the lab's
+    result.json of this commit, attached as lab-result.json; `with_plan`: plan.md since the
+    previous tag attached. Both are listed in the signed SHA256SUMS."""
     try:
         n = policy.serial(tag)
         wan = load_sites(sites)
@@ -30,15 +34,35 @@ def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_ol
             print(refusal, file=sys.stderr)
             return 1
         rev = policy.revision_of_release(rev, tracked)
+        if on:
+            reachable = git.reachable_from(REPO, rev, on)
+            if not reachable:
+                print(f"--on {on}: " + ("git does not know this ref (fetch it first)" if reachable is None else
+                      f"the released commit {rev} is not reachable from {on}: only reviewed commits on {on} are released"),
+                      file=sys.stderr)
+                return 1
+        extras = {}
+        if lab_result:
+            problems = provenance.lab_result_problems(Path(lab_result), rev, Path(sites))
+            if problems:
+                print("\n".join(problems), file=sys.stderr)
+                return 1
+            extras[provenance.LAB_RESULT] = Path(lab_result).read_bytes()
+        if with_plan:
+            previous = provenance.previous_tag(tag, git.released_tags(REPO))
+            extras[provenance.PLAN] = provenance.plan_markdown(Path(sites), tag, previous).encode()
         trusted = keys.trusted_key(REPO)
         signing = keys.find_signing_key(REPO)
         refusal = policy.refuse_foreign_key(signing, trusted)
         if refusal:
             print(refusal, file=sys.stderr)
             return 1
-        r = build(wan, signing, tag, Path(dist), rev, git.commit_time(REPO, rev))
+        r = build(wan, signing, tag, Path(dist), rev, git.commit_time(REPO, rev), extras=extras)
     except WanError as e:
         return print_problems(e)
+    except git.GitError as e:
+        print(f"release: {e}", file=sys.stderr)
+        return 1
     problems = verify(r.dir, trusted)
     verifier = shutil.which("signify-openbsd") or shutil.which("signify")
     if verifier and not problems:
