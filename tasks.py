@@ -149,6 +149,25 @@ def image(c, base=None, engine=None):
     _exit(build_docker_image(base, engine))
 
 
+@task(help={"serial": "the program release's number (it must grow)", "dist": "where dist/programs-<serial>/ goes",
+            "key": "the program secret key file (default .wan-programs.sec; it lives offline)",
+            "allow_dirty": "uncommitted changes (a try-out)"}, default=True, name="release", positional=[])
+def programs_release(c, serial=0, dist="dist", key=None, allow_dirty=False):
+    """A program release (fetch, reconcile, enrol, the trusted keys) signed by the offline program key."""
+    if int(serial) <= 0:
+        raise Exit("programs: --serial N is required (a whole number above the last one; see ./run programs --help)", code=2)
+    from release import cli
+    _exit(cli.programs_release(int(serial), dist, key, allow_dirty))
+
+
+@task(help={"force": "replace an existing pair (every router must then be re-enrolled by hand)"}, name="keygen")
+def programs_keygen(c, force=False):
+    """Make the program key pair: release/wan-programs.pub (commit) and .wan-programs.sec (offline, never CI)."""
+    from release import cli
+    _exit(cli.programs_keygen(force))
+
+
 lab = Collection("lab", lab_run, up, shell, down, image)
 release = Collection("release", release_build, keygen)
-ns = Collection(validate, render, check, graph, plan, test, lab, release)
+programs = Collection("programs", programs_release, programs_keygen)
+ns = Collection(validate, render, check, graph, plan, test, lab, release, programs)

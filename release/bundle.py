@@ -2,7 +2,8 @@
 
 dist/<tag>/
   <router>.tar.gz     the router's tree (as out/<router>/) plus etc/wan/release.env
-  RELEASE             WAN_TAG, WAN_SERIAL, WAN_REVISION, WAN_NAME (what `fetch` reads first)
+  RELEASE             WAN_TAG, WAN_SERIAL, WAN_REVISION, WAN_NAME (what `fetch` reads first), and
+                      WAN_PROGRAMS: the program release to run (release/programs.py)
   lab-result.json     the lab's result of the released commit (CI; release/provenance.py)
   plan.md             what changes on which router since the previous tag (CI)
   SHA256SUMS          sha256 of every file above ("HASH  NAME", as sha256sum writes it)
@@ -69,15 +70,18 @@ class Release:
 
 
 def build(wan: Wan, signing: signify.SecretKey, tag: str, dist: Path, revision: str,
-          mtime: int = 0, trees: dict[str, Tree] | None = None, extras: dict[str, bytes] | None = None) -> Release:
+          mtime: int = 0, trees: dict[str, Tree] | None = None, extras: dict[str, bytes] | None = None,
+          programs: int = 0) -> Release:
     """Render every router, pack, checksum and sign into dist/<tag>/ (replaced atomically).
     `trees` may be given instead of rendering (tests build deliberately broken releases this way);
-    `extras` (name -> content: the lab result, the plan) are attached and listed in SHA256SUMS."""
+    `extras` (name -> content: the lab result, the plan) are attached and listed in SHA256SUMS;
+    `programs`, when set, is the program release routers should run (RELEASE's WAN_PROGRAMS)."""
     t0 = time.perf_counter()
     n = serial(tag)
     trees = trees if trees is not None else render_wan(wan, revision, release_env(tag, revision))
     files: dict[str, bytes] = {f"{name}.tar.gz": pack(tree, mtime) for name, tree in sorted(trees.items())}
-    files["RELEASE"] = f"WAN_TAG={tag}\nWAN_SERIAL={n}\nWAN_REVISION={revision}\nWAN_NAME={wan.name}\n".encode()
+    files["RELEASE"] = (f"WAN_TAG={tag}\nWAN_SERIAL={n}\nWAN_REVISION={revision}\nWAN_NAME={wan.name}\n"
+                        + (f"WAN_PROGRAMS={programs}\n" if programs else "")).encode()
     files.update(extras or {})
     files.update(sign_sums(files, signing))
     dist.mkdir(parents=True, exist_ok=True)
