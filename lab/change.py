@@ -1,7 +1,8 @@
 """A change in the running lab: every router gets its new tree the way a real router would.
 
-mode "reconcile": the router's own program (etc/wan/reconcile from the new tree) runs in the
-router's namespaces, against real pluto; new routers start; removed routers stop.
+mode "reconcile": the router's own program (router/reconcile, as a program release installs it;
+trees carry no program) runs in the router's namespaces, against real pluto; new routers start;
+removed routers stop.
 mode "restart": for contrast, the new files are copied in and pluto is restarted everywhere
 (what the racoon-era WAN had to do).
 Evidence: the SPIs of every tunnel the change does not touch (they must survive), a ping stream
@@ -13,8 +14,11 @@ import re
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from lab.probes import ping_many
+
+RECONCILE = Path(__file__).resolve().parent.parent / "router" / "reconcile"
 
 
 def spis(lab, name: str) -> dict[str, set[str]]:
@@ -67,7 +71,7 @@ def _reconcile(lab, s: dict) -> dict:
     elif s["platform"] == "openwrt":
         env.append(f"WAN_RELOAD_FIREWALL=nft -f {fw}")  # fw4's composite, rebuilt from the new snippets
     argv = ["nsenter", "-t", str(lab.holders[s["name"]].pid), "-m", "-n", "--", "env", *env,
-            "sh", f"{tree}/etc/wan/reconcile", tree]
+            "sh", str(RECONCILE), tree]
     t = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     return {"rc": r.returncode, "seconds": round(time.monotonic() - t, 2), "output": (r.stdout + r.stderr)[-4000:]}

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 SERVER = "100.64.0.80"
 URL = f"http://{SERVER}/releases"
 GOOD = "v1.0.0"
@@ -27,6 +28,7 @@ def scenario(wan, out: Path, results: Path, negatives: bool = True) -> dict:
     """Releases, enrolment trees and the steps. `negatives=False`: only the enrolment fetch."""
     from release import signify
     from release.bundle import build, release_env, resign
+    from release.programs import key_id
     from render.render import render_wan
 
     from .keys import with_wrong_peer_keys
@@ -57,7 +59,8 @@ def scenario(wan, out: Path, results: Path, negatives: bool = True) -> dict:
         steps += [
             {"name": "tampered bundle", "tag": "v1.1.0", "router": victim, "rc": 2,
              "words": f"{victim}.tar.gz does not match the signed SHA256SUMS"},
-            {"name": "bad signature", "tag": "v1.2.0", "router": victim, "rc": 2, "words": "is not signed by the trusted key"},
+            {"name": "bad signature", "tag": "v1.2.0", "router": victim, "rc": 2,
+             "words": "is not signed by a trusted release key"},
             {"name": "bundle for another router", "tag": "v1.3.0", "router": victim, "rc": 2,
              "words": f"the bundle is for router '{other}'"},
             {"name": "downgrade", "tag": "v0.9.0", "router": victim, "rc": 2, "words": f"older than the installed {GOOD}"},
@@ -77,8 +80,11 @@ def scenario(wan, out: Path, results: Path, negatives: bool = True) -> dict:
         for f in ("etc/ipsec.conf",):  # what the Libreswan package installs
             shutil.copy(tree / f, e / f)
         (e / "etc/wan").mkdir(parents=True, exist_ok=True)
-        shutil.copy(pub, e / "etc/wan/release.pub")
-        shutil.copy(tree / "etc/wan/fetch", e / "etc/wan/fetch")
+        # as `enrol --install` leaves a router: the trusted key set and the programs (bundles carry none)
+        (e / "etc/wan/keys/release").mkdir(parents=True, exist_ok=True)
+        shutil.copy(pub, e / "etc/wan/keys/release" / key_id(signing.public))
+        for program in ("fetch", "reconcile", "enrol"):
+            shutil.copy(REPO / "router" / program, e / "etc/wan" / program)
         downloader = "wget" if s.router.platform == "openwrt" else "curl"
         (e / "etc/wan/fetch.conf").write_text(
             f"WAN_RELEASE_URL={URL}\nWAN_ROUTER={s.name}\nWAN_HEALTH_TIMEOUT={HEALTH_TIMEOUT}\n"

@@ -24,6 +24,7 @@ import pytest
 from lab.keys import stranger_key, with_wrong_peer_keys
 from release import signify
 from release.bundle import build, pack, release_env, resign
+from release.programs import key_id
 from render.render import render_wan
 from render.validate import load_sites
 
@@ -40,8 +41,10 @@ STUB_IPSEC = """#!/bin/sh
 # stand-in for ipsec (see the module's docstring)
 echo "ipsec $*" >> "$STUB_LOG"
 case "$1" in
+  showhostkey) echo "< 1> RSA keyid: AwEAAstub ckaid: $STUB_CKAID" ;;
   whack)
     case "$2" in
+      --listpubkeys) cat "$STUB_PUBKEYS" 2>/dev/null ;;
       --trafficstatus) for f in "$STUB_STATE"/*; do [ -e "$f" ] && echo "006 #2: \\"${f##*/}\\", type=ESP, add_time=1, inBytes=0, outBytes=0, id='x'"; done ;;
       --delete) rm -f "$STUB_STATE/$4" ;;
     esac ;;
@@ -92,8 +95,14 @@ class World:
         self.dist.mkdir()
         self.server = Server(self.dist, tmp / "server.log")
         self.root = tmp / "root"
-        (self.root / "etc/wan").mkdir(parents=True)
-        (self.root / "etc/wan/release.pub").write_text(self.key.public.text("test key"))
+        (self.root / "etc/wan/keys/release").mkdir(parents=True)
+        (self.root / "etc/wan/keys/programs").mkdir(parents=True)
+        # as enrol --install leaves it: the trusted key set and the programs (bundles carry none)
+        (self.root / "etc/wan/keys/release" / key_id(self.key.public)).write_text(self.key.public.text("test key"))
+        self.program_key = signify.generate()
+        (self.root / "etc/wan/keys/programs" / key_id(self.program_key.public)).write_text(self.program_key.public.text("p"))
+        for name in ("reconcile", "fetch", "enrol"):
+            shutil.copy(REPO / "router" / name, self.root / "etc/wan" / name)
         conf = [f"WAN_RELEASE_URL={self.server.url}", "WAN_ROUTER=acme", "WAN_HEALTH_TIMEOUT=3", "WAN_FETCH_TIMEOUT=10",
                 f"WAN_DOWNLOADER={downloader}", "WAN_KEEP=2"]
         (self.root / "etc/wan/fetch.conf").write_text("\n".join(conf) + "\n")
@@ -113,7 +122,8 @@ class World:
         self.log = tmp / "ipsec.log"
         self.env = {"PATH": f"{bin_}:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": str(tmp), "STUB_LOG": str(self.log),
                     "STUB_STATE": str(self.state), "STUB_ROOT": str(self.root), "STUB_PEERS": str(self.peers),
-                    "WAN_RELOAD_DNS": "true", "WAN_RELOAD_FIREWALL": "true"}
+                    "WAN_RELOAD_DNS": "true", "WAN_RELOAD_FIREWALL": "true",
+                    "STUB_CKAID": self.wan.site("acme").router.key.ckaid, "STUB_PUBKEYS": str(tmp / "pubkeys")}
 
     def release(self, tag: str, signing: signify.SecretKey | None = None, latest: bool = True, trees=None) -> Path:
         r = build(self.wan, signing or self.key, tag, self.dist, "test", trees=trees)
@@ -182,7 +192,7 @@ def test_refusals_change_nothing(world):
     refused(2, "acme.tar.gz does not match the signed SHA256SUMS")
 
     world.release("v1.2.0", signing=signify.generate())  # signed by a key the router does not trust
-    refused(2, "SHA256SUMS is not signed by the trusted key")
+    refused(2, "SHA256SUMS is not signed by a trusted release key")
 
     d = world.release("v1.3.0")  # validly signed, but acme's bundle is home's
     shutil.copy(d / "home.tar.gz", d / "acme.tar.gz")
@@ -259,7 +269,7 @@ def test_bundles_are_reproducible_and_verify_with_signify(tmp_path):
     # the bundle: the rendered tree plus release.env, root-owned, modes kept
     t = subprocess.run(["tar", "-tvzf", str(a / "acme.tar.gz")], capture_output=True, text=True).stdout
     assert "-rw-r--r-- root/root" in next(line for line in t.splitlines() if line.endswith("acme-home.conf"))
-    assert "-rwxr-xr-x root/root" in next(line for line in t.splitlines() if line.endswith("etc/wan/fetch"))
+    assert "etc/wan/fetch" not in t and "etc/wan/reconcile" not in t  # programs come only from a program release
     assert "etc/wan/release.env" in t and ".secrets" not in t
     other = with_wrong_peer_keys(wan, "acme")
     assert pack(render_wan(wan, "abc")["acme"], 0) != pack(render_wan(other, "abc")["acme"], 0)
