@@ -32,6 +32,7 @@ from release.programs import key_id
 from support import REPO
 
 TOKEN = "ghp_fetchTEST0123456789abcdef"
+REAL_IPSEC = shutil.which("ipsec", path="/usr/local/sbin:/usr/sbin:/sbin") or "/usr/sbin/ipsec"
 pytestmark = pytest.mark.skipif(not shutil.which("signify-openbsd") or not shutil.which("curl"), reason="needs signify and curl")
 
 
@@ -259,3 +260,85 @@ def test_rollover_keys_pluto_lost_are_added_back_when_the_release_is_current(wor
         f"000        ID_FQDN '{peer.ike_id}'\n")
     r = world.fetch()
     assert r.returncode == 0 and not [c for c in world.calls() if "--addkey" in c], r.stderr
+
+
+class Pluto:
+    """A real pluto (Libreswan's IKE daemon) in a network namespace of its own, with its own run
+    directory and NSS database: enough to hold and list public keys (this kernel has no ESP, so no
+    tunnel comes up here; only the key handling is under test)."""
+
+    def __init__(self, tmp: Path):
+        import uuid
+        self.ns, self.dir = f"wank2{uuid.uuid4().hex[:6]}", tmp / "pluto-real"
+        (self.dir / "run").mkdir(parents=True)
+        (self.dir / "nss").mkdir()
+        subprocess.run(["certutil", "-N", "-d", f"sql:{self.dir}/nss", "--empty-password"], check=True)
+        subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        self.start()
+
+    def start(self) -> None:
+        subprocess.run(["ip", "netns", "exec", self.ns, "/usr/libexec/ipsec/pluto", "--config", "/dev/null",
+                        "--rundir", f"{self.dir}/run", "--nssdir", f"{self.dir}/nss", "--secretsfile", "/dev/null",
+                        "--ipsecdir", str(self.dir), "--logfile", f"{self.dir}/pluto.log"], check=True, capture_output=True)
+        end = time.monotonic() + 20
+        while not (self.dir / "run/pluto.ctl").exists():
+            assert time.monotonic() < end, (self.dir / "pluto.log").read_text()[-2000:]
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        pid = (self.dir / "run/pluto.pid").read_text().strip()
+        os.kill(int(pid), 15)
+        end = time.monotonic() + 20
+        while (self.dir / "run/pluto.ctl").exists() or Path(f"/proc/{pid}").exists():
+            assert time.monotonic() < end
+            time.sleep(0.05)
+
+    def keys(self) -> str:
+        return subprocess.run([REAL_IPSEC, "whack", "--ctlsocket", f"{self.dir}/run/pluto.ctl", "--listpubkeys"],
+                              capture_output=True, text=True).stdout
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            subprocess.run(["ip", "netns", "del", self.ns])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/libexec/ipsec/pluto").exists(), reason="needs root and pluto")
+def test_rollover_keys_with_real_pluto_are_added_back_once_after_a_restart(world):
+    world.release("v1.0.0")
+    assert world.fetch().returncode == 0
+    pluto = Pluto(world.tmp)
+    try:
+        # the key handling goes to the real pluto; everything else stays with the stand-in
+        stub = world.tmp / "bin/ipsec-stub"
+        (world.tmp / "bin/ipsec").rename(stub)
+        (world.tmp / "bin/ipsec").write_text(
+            "#!/bin/sh\n"
+            f'case "$1 $2" in "whack --listpubkeys"|"whack --keyid") echo "ipsec $*" >> "$STUB_LOG"; '
+            f'shift; exec {REAL_IPSEC} whack --ctlsocket {pluto.dir}/run/pluto.ctl "$@" ;; esac\n'
+            f'exec {stub} "$@"\n')
+        (world.tmp / "bin/ipsec").chmod(0o755)
+        from lab.keys import stranger_key
+        k = stranger_key()
+        peer = world.wan.site("home").router.ike_id
+        (world.root / "etc/wan/peer-keys.list").write_text(f"{peer} {k.ckaid} {k.rsasigkey}\n")
+        kid = k.rsasigkey[2:11]
+
+        def held() -> int:
+            lines = pluto.keys().splitlines()
+            return sum(1 for a, b in zip(lines, lines[1:], strict=False) if f"Key {kid} " in a and f"'{peer}'" in b)
+
+        assert held() == 0
+        for _ in range(2):  # added once, and not again by the next run
+            r = world.fetch()
+            assert r.returncode == 0 and "nothing to do" in r.stderr, r.stderr
+            assert held() == 1, pluto.keys()
+        pluto.stop()  # a restart mid-rollover loses the --addkey keys
+        pluto.start()
+        assert held() == 0
+        r = world.fetch()
+        assert r.returncode == 0 and "pluto lacks the rollover key" in r.stderr, r.stderr
+        assert held() == 1
+    finally:
+        pluto.close()
