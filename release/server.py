@@ -20,7 +20,9 @@ takes its own signed query string; as S3 does, it refuses a request that also ca
 that leaks its token there is seen.
 
 ROOT/.private holding a token makes the repository private: the download addresses answer 404 and
-the API wants `Authorization: Bearer <token>` (or `token <token>`). The token is never logged.
+the API wants `Authorization: Bearer <token>` (or `token <token>`). ROOT/.mirror-token makes the
+download addresses want `Authorization: Bearer <token>` (a mirror behind a token; 401 without it).
+Tokens are never logged.
 
 A download can be made to break off: ROOT/<tag>/.break-off holding "<file> <bytes>" makes the
 server send the full Content-Length, then only that many bytes, then stop (the whole process
@@ -112,6 +114,12 @@ def handler(root: Path, storage_base: str = ""):
             except OSError:
                 return None
 
+        def mirror_token(self) -> str | None:
+            try:
+                return (self.root / ".mirror-token").read_text().strip() or None
+            except OSError:
+                return None
+
         def do_GET(self):
             path = self.path.split("?")[0]
             m = API.match(path)
@@ -119,6 +127,9 @@ def handler(root: Path, storage_base: str = ""):
                 return self.api(m)
             if self.private_token():  # a private repository's downloads need a browser session
                 return self.send_error(404)
+            mirror = self.mirror_token()
+            if mirror and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {mirror}".encode()):
+                return self.send_error(401)
             parts = path.strip("/").split("/")
             if parts[:3] == ["releases", "latest", "download"] and len(parts) == 4 and SAFE.match(parts[3]):
                 try:

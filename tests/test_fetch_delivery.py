@@ -84,6 +84,20 @@ def test_a_private_github_repository_through_the_api(world):
     assert "GET /repos/acme-corp/wan/releases/tags/v1.1.0" in world.server.log.read_text()
 
 
+def test_a_mirror_behind_a_token_gets_it_from_curl_privately(world):
+    (world.dist / ".mirror-token").write_text(TOKEN + "\n")
+    world.release("v1.0.0")
+    r = world.fetch()
+    assert r.returncode == 1 and "cannot download" in r.stderr, r.stderr  # 401 without the token
+    tok = world.root / "etc/wan/token"
+    tok.write_text(TOKEN + "\n")
+    tok.chmod(0o600)
+    r = world.fetch()
+    assert r.returncode == 0, r.stderr
+    argv = (world.tmp / "curl.argv").read_text()
+    assert TOKEN not in argv + r.stderr and " -K " in argv
+
+
 def test_a_private_repository_without_a_token_is_not_found_and_nothing_changes(world):
     private(world)
     (world.root / "etc/wan/token").unlink()
