@@ -59,8 +59,9 @@ def release(sites: str, tag: str, dist: str, allow_dirty: bool = False, allow_ol
         if refusal:
             print(refusal, file=sys.stderr)
             return 1
-        r = build(wan, signing, tag, Path(dist), rev, git.commit_time(REPO, rev), extras=extras,
-                  programs=programs.current_serial(REPO))
+        mtime = git.commit_time(REPO, rev)
+        r = build(wan, signing, tag, Path(dist), rev, mtime, date=policy.release_date(git.tag_time(REPO, tag), mtime),
+                  extras=extras, programs=programs.current_serial(REPO))
     except WanError as e:
         return print_problems(e)
     except git.GitError as e:

@@ -1,6 +1,6 @@
 """Every question asked of git: the revision of the sites (stamped into each MANIFEST and
-release), the sites as they were at another revision (the plan's base), released tags and commit
-times (releases). render/ never runs git: the tasks ask here and hand render/ plain values.
+release), the sites as they were at another revision (the plan's base), released tags, commit
+times and tag dates (releases). render/ never runs git: the tasks ask here and hand render/ plain values.
 """
 from __future__ import annotations
 
@@ -67,6 +67,14 @@ def commit_time(repo: Path, revision: str) -> int:
     """The commit time of `revision` (a '+dirty' suffix ignored); 0 when git does not know it."""
     r = _git("-C", str(repo), "log", "-1", "--format=%ct", revision.split("+")[0])
     return int(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip().isdigit() else 0
+
+
+def tag_time(repo: Path, tag: str) -> int:
+    """The date of an annotated tag (its tagger date); 0 for a lightweight or missing one
+    (policy.release_date then takes the commit's time)."""
+    r = _git("-C", str(repo), "for-each-ref", "--format=%(objecttype) %(taggerdate:unix)", f"refs/tags/{tag}")
+    kind, _, when = r.stdout.strip().partition(" ")
+    return int(when) if r.returncode == 0 and kind == "tag" and when.isdigit() else 0
 
 
 def released_tags(repo: Path) -> list[str]:

@@ -26,6 +26,20 @@ def serial(tag: str) -> int:
     return major * 1_000_000 + minor * 1_000 + patch
 
 
+def release_date(tag_time: int, commit_time: int) -> int | None:
+    """The date a release carries (WAN_DATE), from which it expires: the annotated tag's date, else
+    the tagged commit's time (a lightweight tag), else None (bundle.build then takes now). The same
+    tag always gives the same bytes, and a new annotated patch tag of the same commit
+    (`git tag -a v1.4.1 -m renew v1.4.0^{}`) renews a release before it expires."""
+    return tag_time or commit_time or None
+
+
+def expires(date: int, valid_days: int) -> int:
+    """WAN_EXPIRES: `valid_days` (wan.yaml release.valid_days) after the release's date; routers
+    refuse the release from then on (fetch exits 4)."""
+    return date + valid_days * 86400
+
+
 def is_tag(name: str) -> bool:
     return bool(TAG.match(name))
 

@@ -85,6 +85,7 @@ class Wan:
     sites: tuple[Site, ...]  # sorted by name
     tunnels: tuple[Tunnel, ...]  # sorted by name
     source_dir: str
+    release_valid_days: int = 90  # wan.yaml release.valid_days: how long a signed release stays valid
 
     @cached_property
     def _by_name(self) -> dict[str, Site]:

@@ -455,7 +455,8 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
     tunnels, tproblems = plan_tunnels(w["topology"], hubs, sites, profiles, defaults["crypto_profile"],
                                       {s.name: doc for s, doc in zip(sites, sorted(docs, key=lambda d: d.data["name"]))})
     problems.extend(tproblems)
-    return Wan(w["name"], w["topology"], hubs, tuple(sites), tunnels, shown), problems
+    return Wan(w["name"], w["topology"], hubs, tuple(sites), tunnels, shown,
+               release_valid_days=w.get("release", {}).get("valid_days", 90)), problems
 
 
 KEY_FIELDS = ("key", "next_key", "previous_key")

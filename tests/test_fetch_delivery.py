@@ -248,7 +248,7 @@ def test_a_stolen_release_key_cannot_install_programs(world):
 
 
 def test_a_router_without_the_private_key_of_its_bundle_is_refused_before_anything_changes(world):
-    world.env["STUB_CKAID"] = "0" * 40  # the NSS database holds another key than the site file's
+    (world.state / "nss").write_text("0" * 40 + "\n")  # the NSS database holds another key than the site file's
     world.release("v1.0.0")
     before = world.snapshot()
     r = world.fetch()
@@ -268,14 +268,15 @@ def test_rollover_keys_pluto_lost_are_added_back_when_the_release_is_current(wor
     r = world.fetch()  # pluto (the stand-in) holds no key: the run adds it back
     assert r.returncode == 0 and "nothing to do" in r.stderr
     assert f"ipsec whack --keyid {peer.ike_id} --addkey --pubkeyrsa {k.rsasigkey}" in world.calls(), r.stderr
-    # as pluto 4.10 lists it once held (whack --listpubkeys): not added twice
-    (world.tmp / "pubkeys").write_text(
-        "000 List of Public Keys:\n000  \n"
-        f"000 Nov 27 17:43:37 2026, 2048 RSA Key {k.rsasigkey[2:11]} (no private key), "
-        "until --- -- --:--:-- ---- ok (expires never)\n"
-        f"000        ID_FQDN '{peer.ike_id}'\n")
+    # the stand-in now holds it (and lists it as pluto 4.10 does): not added twice
     r = world.fetch()
     assert r.returncode == 0 and not [c for c in world.calls() if "--addkey" in c], r.stderr
+    # a pluto restart: the conns come back from their files, the --addkey key does not
+    for f in (world.state / "keys").iterdir():
+        f.write_text("\n".join(x for x in f.read_text().splitlines() if x != k.rsasigkey) + "\n")
+    r = world.fetch()
+    assert r.returncode == 0 and "pluto lacks the rollover key" in r.stderr
+    assert k.rsasigkey in (world.state / "keys" / peer.ike_id).read_text().split()
 
 
 class Pluto:

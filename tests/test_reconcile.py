@@ -6,6 +6,7 @@ Every case runs under BusyBox ash (OpenWrt's shell) and bash (RHEL's).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from render import paths
 from render.render import render_wan, write_trees
 from render.validate import load_sites
 
-from support import REPO
+from support import REPO, site_key
 
 SHELLS = [s for s in (["busybox", "sh"], ["bash"]) if shutil.which(s[0])]
 RECONCILE = REPO / "router" / "reconcile"
@@ -57,7 +58,8 @@ class Router:
         (bin_ / "ipsec").write_text(f'#!/bin/sh\necho "ipsec $*" >> {self.log}\n')
         (bin_ / "ipsec").chmod(0o755)
         self.env = {"PATH": f"{bin_}:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": str(tmp),
-                    "WAN_RELOAD_DNS": f"echo reload-dns >> {self.log}", "WAN_RELOAD_FIREWALL": f"echo reload-firewall >> {self.log}"}
+                    "WAN_RELOAD_DNS": f"echo reload-dns >> {self.log}",
+                    "WAN_RELOAD_FIREWALL": f"echo reload-firewall >> {self.log}"}
         self.shell = shell
 
     def reconcile(self, staged: Path, *args: str) -> subprocess.CompletedProcess:
@@ -70,7 +72,8 @@ class Router:
 
     def files(self) -> dict[str, tuple[bytes, int]]:
         return {str(p.relative_to(self.root)): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
-                for p in self.root.rglob("*") if p.is_file() and "previous" not in p.parts}
+                for p in self.root.rglob("*")
+                if p.is_file() and "previous" not in p.parts and p.parts[len(self.root.parts)] != "var"}
 
 
 def _expected(tree: Path) -> dict[str, tuple[bytes, int]]:
@@ -178,12 +181,9 @@ def test_a_failing_step_exits_nonzero_keeps_the_old_state_and_the_previous_tree(
     assert (r.root / "etc/wan/previous.new/etc/ipsec.d/acme-home.conf").exists()
 
 
-def test_a_key_rollover_adds_and_retires_the_extra_key_without_touching_the_tunnel(tmp_path, shell):
-    """Step 1 (home gets next_key): acme adds it beside the conn's key with whack --addkey and keeps
-    its tunnel. Step 2 (home rolls): acme re-adds acme-home (rightrsasigkey changed), then adds the
-    previous key again (the add replaced pluto's keys for home's id). Step 3 (retired): acme puts
-    the conn's key back alone (whack --keyid without --addkey replaces) and keeps its tunnel."""
-    from support import site_key
+def _rollover_trees(tmp: Path) -> list[Path]:
+    """acme's rendered tree at the four points of home's key rollover (docs/keys.md): 0 before,
+    1 next_key added, 2 rolled (previous_key kept), 3 previous key retired."""
     old = re.search(r"ckaid: (\S+)\n\s+rsasigkey: (\S+)", (REPO / "sites/home.yaml").read_text()).groups()
     new = site_key("home_next")
 
@@ -201,26 +201,182 @@ def test_a_key_rollover_adds_and_retires_the_extra_key_without_touching_the_tunn
     ]
     outs = []
     for i, change in enumerate(steps):
-        outs.append(tmp_path / f"out{i}")
-        _render(_sites(tmp_path, ["acme", "home", "paris"], change), outs[-1])
+        outs.append(tmp / f"out{i}")
+        _render(_sites(tmp, ["acme", "home", "paris"], change), outs[-1])
+    return [o / "acme" for o in outs]
+
+
+def test_a_key_rollover_adds_and_retires_the_extra_key_without_touching_the_tunnel(tmp_path, shell):
+    """Step 1 (home gets next_key): acme adds it beside the conn's key with whack --addkey and keeps
+    its tunnel. Step 2 (home rolls): acme re-adds acme-home (rightrsasigkey changed), then adds the
+    previous key again (the add replaced pluto's keys for home's id). Step 3 (retired): acme puts
+    the conn's key back alone (whack --keyid without --addkey replaces) and keeps its tunnel."""
+    old = re.search(r"ckaid: (\S+)\n\s+rsasigkey: (\S+)", (REPO / "sites/home.yaml").read_text()).groups()
+    new = site_key("home_next")  # the same key _rollover_trees gives home (tests/data/site-keys.json)
+    trees = _rollover_trees(tmp_path)
     r = Router(tmp_path, shell)
-    assert r.reconcile(outs[0] / "acme").returncode == 0
+    assert r.reconcile(trees[0]).returncode == 0
     ike = "198.51.100.20"  # home's IKE id: its public address
-    res = r.reconcile(outs[1] / "acme")
+    res = r.reconcile(trees[1])
     assert res.returncode == 0, res.stderr
     added = f"ipsec whack --keyid {ike} --addkey --pubkeyrsa {new['rsasigkey']}"
     assert [c for c in r.calls() if c.startswith("ipsec")] == [added]
-    res = r.reconcile(outs[2] / "acme")
+    res = r.reconcile(trees[2])
     assert res.returncode == 0, res.stderr
     assert [c for c in r.calls() if c.startswith("ipsec")] == [
         "ipsec whack --delete --name acme-home", "ipsec auto --add acme-home",
         f"ipsec whack --keyid {ike} --addkey --pubkeyrsa {old[1]}",
         "ipsec whack --initiate --asynchronous --name acme-home"]  # after the key: home may still sign with it
-    res = r.reconcile(outs[3] / "acme")
+    res = r.reconcile(trees[3])
     assert res.returncode == 0, res.stderr
     assert [c for c in r.calls() if c.startswith("ipsec")] == [f"ipsec whack --keyid {ike} --pubkeyrsa {new['rsasigkey']}"]
-    assert r.files() == _expected(outs[3] / "acme")
-    assert r.reconcile(outs[3] / "acme").returncode == 0 and r.calls() == []
+    assert r.files() == _expected(trees[3])
+    assert r.reconcile(trees[3]).returncode == 0 and r.calls() == []
+
+
+@pytest.mark.parametrize("line, words", [
+    ("0" * 64 + " 0755 ../evil", "../evil is not a plain relative path"),
+    ("0" * 64 + " 4755 etc/wan/x", "mode 4755 of etc/wan/x is above 0755"),
+    ("0" * 64 + " 0644 /etc/passwd", "/etc/passwd is not a plain relative path"),
+])
+def test_unsafe_lists_are_refused_by_the_same_check_fetch_runs(tmp_path, shell, line, words):
+    out = tmp_path / "out"
+    _render(_sites(tmp_path, ["acme", "home"]), out)
+    fl = out / "acme/etc/wan/files.list"
+    os.chmod(fl, 0o644)
+    fl.write_text(fl.read_text() + line + "\n")
+    r = Router(tmp_path, shell)
+    for args in (["--verify"], []):
+        res = r.reconcile(out / "acme", *args)
+        assert res.returncode == 2 and words in res.stderr, res.stderr
+    assert r.files() == {} and r.calls() == []
+
+
+def test_a_signal_stops_reconcile_and_the_next_run_redoes_what_it_began(tmp_path, shell):
+    """SIGTERM after a changed tunnel was deleted and before it was added again: reconcile stops
+    (exit 143, the POSIX sh trap exits instead of carrying on), keeps its journal and the old lists;
+    the next run deletes and adds that tunnel again (then the peers' keys) and writes the lists."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    _render(_sites(tmp_path, ["acme", "home", "paris"]), before)
+    _render(_sites(tmp_path, ["acme", "home", "paris"],
+                   lambda n, t: t.replace("192.168.2.0/24", "192.168.2.0/23") if n == "home" else t), after)
+    r = Router(tmp_path, shell)
+    assert r.reconcile(before / "acme").returncode == 0
+    old_list = (r.root / paths.TUNNELS_LIST).read_text()
+    (r.root / "etc/wan/test-hooks").write_text("")
+    r.env.update(WAN_TEST_STOP_AT="reconcile:replace-deleted", WAN_TEST_SIGNAL="TERM")
+    res = r.reconcile(after / "acme")
+    assert res.returncode == 143 and "stopped by SIGTERM at step replace-deleted" in res.stderr, res.stderr
+    assert "applied" not in res.stderr.split("WAN-TEST")[1]
+    assert r.calls()[-1] == "ipsec whack --delete --name acme-home"  # nothing ran after the signal
+    assert (r.root / paths.TUNNELS_LIST).read_text() == old_list
+    assert "tunnel acme-home" in (r.root / "etc/wan/reconcile.journal").read_text()
+    del r.env["WAN_TEST_STOP_AT"]
+    res = r.reconcile(after / "acme")
+    assert res.returncode == 0, res.stderr
+    assert [c for c in r.calls() if c.startswith("ipsec")] == [
+        "ipsec whack --delete --name acme-home", "ipsec auto --add acme-home",
+        "ipsec whack --initiate --asynchronous --name acme-home"]
+    assert not (r.root / "etc/wan/reconcile.journal").exists()
+    assert r.files() == {k: v for k, v in _expected(after / "acme").items()} | {"etc/wan/test-hooks": (b"", 0o644)}
+    assert r.reconcile(after / "acme").stderr.count("nothing to do") == 1
+
+
+def test_a_second_reconcile_while_one_runs_is_refused(tmp_path, shell):
+    out = tmp_path / "out"
+    _render(_sites(tmp_path, ["acme", "home"]), out)
+    r = Router(tmp_path, shell)
+    (r.root / "var/run").mkdir(parents=True)
+    holder = subprocess.Popen(["flock", str(r.root / "var/run/wan-acme.lock"), "sleep", "30"], start_new_session=True)
+    try:
+        import time
+        time.sleep(0.3)
+        res = r.reconcile(out / "acme")
+        assert res.returncode == 2 and "holds" in res.stderr and r.calls() == [], res.stderr
+    finally:
+        os.killpg(holder.pid, 9)  # flock and the sleep that holds the lock
+        holder.wait()
+    assert r.reconcile(out / "acme").returncode == 0
+
+
+@pytest.mark.parametrize("program", ["fetch", "reconcile"])
+def test_help_is_the_whole_header_and_nothing_else(program):
+    text = subprocess.run(["sh", str(REPO / "router" / program), "--help"], capture_output=True, text=True).stdout
+    header = (REPO / "router" / program).read_text().split("\nset -u\n")[0].splitlines()[1:]
+    assert text.splitlines() == header
+
+
+def test_a_key_rollover_killed_at_any_step_is_finished_by_the_next_run(tmp_path, shell):
+    """Each step of the rollover (next key added, rolled, previous retired, and back from the roll)
+    with reconcile stopped by kill -9 or SIGTERM at every step it names: the next run leaves the
+    stand-in pluto (tests/support.py: it keeps the conf each conn was added from and the public keys
+    per IKE id, as pluto does) holding exactly the keys the files on disk name for home's IKE id:
+    the conn's and peer-keys.list's, a retired key gone even when the killed run had already
+    installed the new list. Real pluto is not started here (a pluto start per kill point); the
+    three rollover steps run against real pluto in the lab's key rollover."""
+    import concurrent.futures
+
+    from support import STUB_IPSEC, pluto_expected_keys
+    trees = _rollover_trees(tmp_path)
+    steps = list(dict.fromkeys(re.findall(r"^\s*step ([a-z0-9-]+)\s*$", RECONCILE.read_text(), re.M)))
+    assert "peer-keys" in steps and steps.index("add-new") < steps.index("peer-keys") < steps.index("initiate")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "ipsec").write_text(STUB_IPSEC)
+    (bin_ / "ipsec").chmod(0o755)
+
+    def run(d: Path, staged: Path, **extra) -> subprocess.CompletedProcess:
+        env = {"PATH": f"{bin_}:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": str(d), "STUB_LOG": str(d / "calls.log"),
+               "STUB_STATE": str(d / "pluto"), "STUB_ROOT": str(d / "root"), "STUB_PEER": str(d / "peer"),
+               "WAN_RELOAD_DNS": "true", "WAN_RELOAD_FIREWALL": "true", **extra}
+        (d / "calls.log").write_text("")
+        return subprocess.run(shell + [str(RECONCILE), "--root", str(d / "root"), str(staged)],
+                              capture_output=True, text=True, env=env, timeout=60, start_new_session=True)
+
+    templates = {}
+    for a, b in ((0, 1), (1, 2), (2, 3), (2, 1)):
+        t = tmp_path / f"from{a}to{b}"
+        (t / "root").mkdir(parents=True)
+        for i in range(a + 1):
+            assert run(t, trees[i]).returncode == 0  # the rollover as it happened up to `a`
+        (t / "root/etc/wan/test-hooks").write_text("")
+        templates[a, b] = t
+
+    def one(i: int, a: int, b: int, step: str, sig: str) -> str | None:
+        d = tmp_path / f"point-{i}"
+        shutil.copytree(templates[a, b], d, symlinks=True)
+        killed = run(d, trees[b], WAN_TEST_STOP_AT=f"reconcile:{step}", WAN_TEST_SIGNAL=sig)
+        if f"WAN-TEST: at reconcile:{step}" not in killed.stderr:
+            shutil.rmtree(d)
+            return "not reached"
+        res = run(d, trees[b])
+        root, state = d / "root", d / "pluto"
+        try:
+            assert res.returncode == 0, f"rc {res.returncode}"
+            for conf in (root / "etc/ipsec.d").glob("*.conf"):
+                assert (state / "loaded" / conf.stem).read_text().strip() == hashlib.sha256(conf.read_bytes()).hexdigest(), \
+                    f"{conf.stem}: pluto has an old conf"
+            for ike_id, keys in pluto_expected_keys(root).items():
+                held = set((state / "keys" / ike_id).read_text().split()) if (state / "keys" / ike_id).exists() else set()
+                assert held == keys, f"{ike_id}: pluto holds {len(held)} keys, the files on disk name {len(keys)}"
+            assert not (root / "etc/wan/reconcile.journal").exists(), "journal left"
+            again = run(d, trees[b])
+            assert again.returncode == 0 and "nothing to do" in again.stderr
+            assert (d / "calls.log").read_text() == "", "a further run ran ipsec"
+        except AssertionError as e:
+            return f"{a}->{b} at {step} ({sig}): {e}\n--- killed:\n{killed.stderr}\n--- next:\n{res.stderr}"
+        shutil.rmtree(d)
+        return None
+
+    points = [(a, b, s, sig) for (a, b) in templates for s in steps for sig in ("KILL", "TERM")]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda p: one(*p), [(i, *p) for i, p in enumerate(points)]))
+    reached = {p[2] for p, r in zip(points, results, strict=True) if r != "not reached"}
+    failures = [r for r in results if r not in (None, "not reached")]
+    print(f"\n{' '.join(shell)}: {len(points)} kill points over 4 rollover steps, {len(reached)} of {len(steps)} steps reached, "
+          f"{len([r for r in results if r is None])} converged")
+    assert "peer-keys" in reached and "initiate" in reached and "install-files" in reached, reached
+    assert not failures, f"{len(failures)} of {len(points)} kill points did not converge:\n" + "\n\n".join(failures[:3])
 
 
 @pytest.mark.parametrize("case", ["sites", "tests/golden/mesh-example/sites", "tests/golden/hub-v5/sites"])
@@ -243,7 +399,7 @@ def test_every_rendered_path_is_on_the_allowlist(case, tmp_path, shell):
     ("etc/wan/token", "0600", "is not one of the WAN's own files"),
     ("etc/wan/programs.env", "0644", "is not one of the WAN's own files"),
     ("etc/crontabs/root", "0644", "is not one of the WAN's own files"),
-    ("etc/ipsec.d/../../root/.ssh/authorized_keys", "0644", "is not one of the WAN's own files"),
+    ("etc/ipsec.d/../../root/.ssh/authorized_keys", "0644", "is not a plain relative path"),
     ("etc/ipsec.d/x.secrets", "0600", "is not one of the WAN's own files"),
     ("etc/ipsec.d/acme-home.conf", "4755", "is above 0755 or sets setuid"),
 ])
