@@ -141,14 +141,19 @@ def down(c):
 
 @task(help={"tag": "the release tag, vMAJOR.MINOR.PATCH (it must grow)", "sites": "the sites directory",
             "dist": "where dist/<tag>/ goes", "allow_dirty": "release sites with uncommitted changes (a try-out)",
-            "allow_older": "a tag older than one released already"}, default=True, name="build", positional=[])
-def release_build(c, tag=None, sites=SITES, dist="dist", allow_dirty=False, allow_older=False):
+            "allow_older": "a tag older than one released already",
+            "on": "refuse unless the released commit is reachable from this ref (CI: origin/main)",
+            "lab_result": "attach this lab result.json of the released commit (refused if it failed or proved another commit)",
+            "plan": "attach plan.md: what changes on which router since the previous tag"},
+      default=True, name="build", positional=[])
+def release_build(c, tag=None, sites=SITES, dist="dist", allow_dirty=False, allow_older=False, on=None, lab_result=None,
+                  plan=False):
     """Signed per-router bundles for a tag: dist/<tag>/<router>.tar.gz, RELEASE, SHA256SUMS(.sig)."""
     # --tag is a flag, not a positional: a positional would swallow --help as the tag
     if not tag:
         raise Exit("release: --tag vMAJOR.MINOR.PATCH is required (see ./run release --help)", code=2)
     from release import cli
-    _exit(cli.release(sites, tag, dist, allow_dirty, allow_older))
+    _exit(cli.release(sites, tag, dist, allow_dirty, allow_older, on, lab_result, plan))
 
 
 @task(help={"force": "replace an existing pair (every router must then be given the new public key)"})
@@ -167,6 +172,25 @@ def image(c, base=None, engine=None):
     _exit(_lab_errors(lambda: build_docker_image(base, engine)))
 
 
+@task(help={"serial": "the program release's number (it must grow)", "dist": "where dist/programs-<serial>/ goes",
+            "key": "the program secret key file (default .wan-programs.sec; it lives offline)",
+            "allow_dirty": "uncommitted changes (a try-out)"}, default=True, name="release", positional=[])
+def programs_release(c, serial=0, dist="dist", key=None, allow_dirty=False):
+    """A program release (fetch, reconcile, enrol, the trusted keys) signed by the offline program key."""
+    if int(serial) <= 0:
+        raise Exit("programs: --serial N is required (a whole number above the last one; see ./run programs --help)", code=2)
+    from release import cli
+    _exit(cli.programs_release(int(serial), dist, key, allow_dirty))
+
+
+@task(help={"force": "replace an existing pair (every router must then be re-enrolled by hand)"}, name="keygen")
+def programs_keygen(c, force=False):
+    """Make the program key pair: release/wan-programs.pub (commit) and .wan-programs.sec (offline, never CI)."""
+    from release import cli
+    _exit(cli.programs_keygen(force))
+
+
 lab = Collection("lab", lab_run, up, shell, down, image)
 release = Collection("release", release_build, keygen)
-ns = Collection(validate, render, check, graph, plan, test, lab, release)
+programs = Collection("programs", programs_release, programs_keygen)
+ns = Collection(validate, render, check, graph, plan, test, lab, release, programs)

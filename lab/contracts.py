@@ -231,6 +231,8 @@ class LabResult(Record):
     # (public fingerprints only; the private halves stay in the routers' NSS databases)
     keys: dict = field(default_factory=dict)
     key_generation_seconds: dict[str, list[float]] = field(default_factory=dict)  # keys made during this run
+    # the commit and the digest of the site files this result proves: {"revision", "sites_digest"}
+    source: dict = field(default_factory=dict)
     kernel: str = ""
     routers: str = "netns"
     boot_seconds: float = 0.0

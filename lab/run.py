@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from release.provenance import source
 from render.model import Wan
 from render.render import render_wan, write_trees
 from render.validate import load_sites
@@ -257,6 +258,8 @@ def _collect(p: _Prepared, kind: str, guest: kernels.GuestRun, total: float | No
                    "keys in the site files (their private halves never leave the routers)",
                    "ckaids": {r: [k.ckaid for k in v.keys] for r, v in sorted(p.keys.routers.items())}}
     result.key_generation_seconds = p.keys.generation_seconds()
+    # which commit and which site files this result proves (a release attaches it: release/provenance.py)
+    result.source = source(p.request.sites)
     if image_seconds is not None:
         result.timings = {"image": image_seconds, **result.timings}
     result.boot_seconds = round(guest.boot_seconds, 2)

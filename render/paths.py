@@ -26,10 +26,15 @@ def fw4_snippet(chain: str) -> str:
 
 FIREWALL_UCI_OPENWRT = "etc/wan/firewall.uci"
 
-# the router-side program and the plain-text state it compares (POSIX sh reads these, not JSON)
+# the router-side programs: installed by enrol and program releases only, never in a rendered tree
+# or a bundle (router/reconcile refuses them in a files.list: docs/trust.md)
 RECONCILE = "etc/wan/reconcile"
 FETCH = "etc/wan/fetch"  # fetches, verifies and applies signed releases (router/fetch)
-PROGRAMS = {RECONCILE: "reconcile", FETCH: "fetch"}  # path in every tree -> the program's file in router/
+ENROL = "etc/wan/enrol"
+PROGRAMS = {RECONCILE: "reconcile", FETCH: "fetch", ENROL: "enrol"}  # path on the router -> the program's file in router/
+KEYS = "etc/wan/keys"  # the trusted release and program keys (keys/release/<id>, keys/programs/<id>)
+TOKEN = "etc/wan/token"  # fetch's API token (a private repository), mode 0600
+PROGRAMS_ENV = "etc/wan/programs.env"
 RELEASE_ENV = "etc/wan/release.env"  # only in release bundles: WAN_TAG, WAN_SERIAL, WAN_REVISION, WAN_DATE
 ROUTER_ENV = "etc/wan/router.env"
 TUNNELS_LIST = "etc/wan/tunnels.list"  # name conf_sha256 initiator(1|0)

@@ -18,7 +18,7 @@ from . import paths
 from .graph import mermaid
 from .manifest import Manifest, TunnelEntry
 from .model import Wan
-from .render import RenderedFile, Tree, render_wan, write_trees
+from .render import ROUTER_PROGRAMS, RenderedFile, Tree, render_wan, write_trees
 from .validate import load_sites
 
 TUNNEL_FILES = (paths.IPSEC_D + "/",)
@@ -89,7 +89,8 @@ def reconcile_commands(old: Tree | None, new: Tree) -> list[str]:
         write_trees({"root": old or {paths.FILES_LIST: _EMPTY, paths.TUNNELS_LIST: _EMPTY}, "staged": new}, work / "trees")
         root, staged = work / "trees/root", work / "trees/staged"
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": tmp, "LC_ALL": "C"}
-        r = subprocess.run(["sh", str(staged / paths.RECONCILE), "--dry-run", "--root", str(root), str(staged)],
+        reconcile = ROUTER_PROGRAMS / paths.PROGRAMS[paths.RECONCILE]  # the program routers run (trees carry none)
+        r = subprocess.run(["sh", str(reconcile), "--dry-run", "--root", str(root), str(staged)],
                            capture_output=True, text=True, env=env, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"reconcile --dry-run exited {r.returncode}: {r.stderr.strip()}")

@@ -103,7 +103,7 @@ def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
         ow = Manifest.from_json(new[p.router][paths.MANIFEST].content).platform == "openwrt"
         env = {"PATH": f"{bin_}:/usr/bin:/bin", "TMPDIR": str(tmp_path), **(openwrt if ow else {})}
         log.write_text("")
-        r = subprocess.run(["sh", str(tmp_path / "new" / p.router / paths.RECONCILE), "--root", str(root),
+        r = subprocess.run(["sh", str(REPO / "router/reconcile"), "--root", str(root),
                             str(tmp_path / "new" / p.router)], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
         calls = log.read_text().splitlines()

@@ -1,7 +1,7 @@
 """A change in the running lab: every router gets its new tree the way a real router would.
 
-mode "reconcile": the router's own program (etc/wan/reconcile from the new tree) runs in the
-router, against real pluto; new routers start; removed routers stop.
+mode "reconcile": the router's own program (router/reconcile, as a program release installs it; trees
+carry no program) runs in the router, against real pluto; new routers start; removed routers stop.
 mode "restart": for contrast, the new files are copied in and pluto is restarted everywhere
 (what the racoon-era WAN had to do).
 Several changes may follow each other in one lab (options "to": a list of sites directories).
@@ -25,6 +25,8 @@ from ..probes import ping_many
 from . import PrepareContext, Prepared
 
 STAGE = "after_tunnels"
+
+RECONCILE = Path(__file__).resolve().parents[2] / "router" / "reconcile"
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class PingStream:
 
 def _reconcile(router, tree: str) -> dict:
     t = time.monotonic()
-    r = router.exec(["sh", f"{tree}/etc/wan/reconcile", tree], env=router.reload_env(), timeout=300)
+    r = router.exec(["sh", str(RECONCILE), tree], env=router.reload_env(), timeout=300)
     return {"rc": r.returncode, "seconds": round(time.monotonic() - t, 2), "output": (r.stdout + r.stderr)[-4000:]}
 
 

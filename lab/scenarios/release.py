@@ -19,6 +19,7 @@ from pathlib import Path
 
 from release import signify
 from release.bundle import build, release_env, resign
+from release.programs import key_id
 from render.render import render_wan
 
 from ..contracts import Check, Record
@@ -32,6 +33,8 @@ from . import PrepareContext, Prepared
 STAGE = "before_tunnels"
 GOOD = "v1.0.0"
 HEALTH_TIMEOUT = 20
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ def prepare(ctx: PrepareContext) -> Prepared:
         steps += [
             {"name": "tampered bundle", "tag": "v1.1.0", "router": victim, "rc": 2,
              "words": f"{victim}.tar.gz does not match the signed SHA256SUMS"},
-            {"name": "bad signature", "tag": "v1.2.0", "router": victim, "rc": 2, "words": "is not signed by the trusted key"},
+            {"name": "bad signature", "tag": "v1.2.0", "router": victim, "rc": 2,
+             "words": "is not signed by a trusted release key"},
             {"name": "bundle for another router", "tag": "v1.3.0", "router": victim, "rc": 2,
              "words": f"the bundle is for router '{other}'"},
             {"name": "downgrade", "tag": "v0.9.0", "router": victim, "rc": 2, "words": f"older than the installed {GOOD}"},
@@ -113,8 +117,11 @@ def prepare(ctx: PrepareContext) -> Prepared:
         for f in ("etc/ipsec.conf",):  # what the Libreswan package installs
             shutil.copy(tree / f, e / f)
         (e / "etc/wan").mkdir(parents=True, exist_ok=True)
-        shutil.copy(pub, e / "etc/wan/release.pub")
-        shutil.copy(tree / "etc/wan/fetch", e / "etc/wan/fetch")
+        # as `enrol --install` leaves a router: the trusted key set and the programs (bundles carry none)
+        (e / "etc/wan/keys/release").mkdir(parents=True, exist_ok=True)
+        shutil.copy(pub, e / "etc/wan/keys/release" / key_id(signing.public))
+        for program in ("fetch", "reconcile", "enrol"):
+            shutil.copy(REPO / "router" / program, e / "etc/wan" / program)
         downloader = "wget" if s.router.platform == "openwrt" else "curl"
         (e / "etc/wan/fetch.conf").write_text(
             f"WAN_RELEASE_URL=http://{ctx.infra.release_server}/releases\nWAN_ROUTER={s.name}\nWAN_HEALTH_TIMEOUT={HEALTH_TIMEOUT}\n"
