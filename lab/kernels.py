@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .uml_xstate import GUEST_GLIBC_TUNABLES
+from .uml_xstate import GUEST_GLIBC_TUNABLES, GUEST_GODEBUG
 
 KINDS = ("host", "qemu", "uml")
 
@@ -419,6 +419,7 @@ def _command_script(argv: list[str], cwd: Path, env: dict[str, str], guest: bool
         env["PATH"] = GUEST_BIN + ":" + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     if uml and uml_needs_xstate_guard():
         env.setdefault("GLIBC_TUNABLES", GUEST_GLIBC_TUNABLES)
+        env.setdefault("GODEBUG", GUEST_GODEBUG)
     assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
     return (f"cd {shlex.quote(str(cwd))} || exit 127\n"
             f"exec /usr/bin/env -i {assignments} {shlex.join(argv)}\n")
@@ -437,7 +438,7 @@ def uml_needs_xstate_guard() -> bool:
 def _uml_argv(init_args: list[str], mem_mb: int, umid: str, uml_dir: Path) -> list[str]:
     guard = [sys.executable, str(UML_XSTATE)] if uml_needs_xstate_guard() else []
     # unknown NAME=value parameters reach init's environment: every guest process gets the tunables
-    tunables = [f"GLIBC_TUNABLES={GUEST_GLIBC_TUNABLES}"] if guard else []
+    tunables = [f"GLIBC_TUNABLES={GUEST_GLIBC_TUNABLES}", f"GODEBUG={GUEST_GODEBUG}"] if guard else []
     return [*guard, UML_BINARY, *tunables, f"mem={mem_mb}M", "rootfstype=hostfs", "rootflags=/", "ro",
             f"umid={umid}", f"uml_dir={uml_dir}", "con0=fd:0,fd:1", "con=null", "quiet",
             "init=/bin/sh", "--", *init_args]

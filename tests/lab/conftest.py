@@ -17,8 +17,9 @@ import pytest
 from lab.generate import write_generated
 from lab.run import LabRequest, run_labs
 from render import paths
+from render.validate import load_sites
 
-from support import REPO
+from support import REPO, site_key
 
 WANS = REPO / "tests/lab/wans"
 # two generated WANs per run; WAN_LAB_SEEDS=a,b reproduces a run (the seeds are printed)
@@ -51,6 +52,9 @@ def seven(tmp: Path) -> Path:
     d = tmp / "seven"
     shutil.copytree(REPO / "sites", d)
     text = (d / "rome.yaml").read_text()
+    # zurich's router has a key of its own (validation refuses a copy of rome's)
+    rome, zurich = load_sites(REPO / "sites").site("rome").router.key, site_key("zurich")
+    text = text.replace(rome.ckaid, zurich["ckaid"]).replace(rome.rsasigkey, zurich["rsasigkey"])
     (d / "zurich.yaml").write_text(text.replace("name: rome", "name: zurich").replace("203.0.113.60", "203.0.113.70")
                                    .replace("10.5.0", "10.6.0").replace("rome.acme.it", "zurich.acme.ch"))
     return d
