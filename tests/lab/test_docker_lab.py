@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lab.kernels import uml_needs_xstate_guard
 from lab.run import LabRequest, run_lab
+from lab.substrate import choose_docker_kernel
 from render import paths
 
 from support import REPO
@@ -33,6 +35,16 @@ def red(outcome, kind: str) -> set[tuple[str, str]]:
 
 
 def test_docker_routers_prove_a_three_site_wan_and_a_wrong_public_key_turns_exactly_its_cells_red(tmp_path, monkeypatch):
+    if choose_docker_kernel(None) == "uml" and uml_needs_xstate_guard():
+        # Measured on the project's AVX-512/AMX machines: with lab/uml_xstate.py, GLIBC_TUNABLES and
+        # GODEBUG=cpu.all=off, dockerd starts inside UML (restore 4.3 s, start 2.5 s), but every
+        # container start fails in `runc init` ("read init-p: connection reset by peer"): runc
+        # re-executes itself for init with an environment of its own, so the workarounds do not
+        # reach it and its Go runtime uses vector state UML 6.1 cannot carry there. Not a pass:
+        # reported as xfail, and it runs where the host kernel has ESP (the host's engine) or the
+        # CPU needs no guard.
+        pytest.xfail("Docker routers cannot start inside User-Mode Linux 6.1 on an AVX-512/AMX host "
+                     "(runc init crashes; see lab/uml_xstate.py)")
     # the good tunnels come up while the routers start; the broken one never will: bound the wait
     monkeypatch.setenv("WAN_LAB_TUNNEL_TIMEOUT", "30")
     outcome = run_lab(LabRequest(sites=THREE, results=tmp_path / "results", timeout=1200, tamper=_mismatch_acme_berlin_key,
