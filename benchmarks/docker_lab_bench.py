@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from lab.run import run_lab
+from lab.run import LabRequest, run_lab
 
 from lab_bench import generate
 
@@ -22,13 +22,13 @@ COLS = ("image", "engine restore", "engine start", "containers", "setup", "tunne
 
 
 def row(n: int, routers: str, o) -> str:
-    t = o.result.get("timings", {})
+    t = o.result.timings
     setup = t.get("network", 0) + t.get("dns servers", 0) + t.get("routers", 0)
     vals = [t.get("image"), t.get("engine restore"), t.get("engine start"), t.get("containers"), setup,
             t.get("tunnels"), t.get("checks")]
     cells = " ".join(f"{v:>10.1f}" if isinstance(v, (int, float)) else f"{'-':>10}" for v in vals)
     return (f"{n:>5} {routers:>7} {o.kernel:>5} {o.boot_seconds:>6.1f} {cells} {o.total_seconds:>8.1f}  "
-            f"{'PASS' if o.ok else 'FAIL'} {o.result.get('error') or ''}")
+            f"{'PASS' if o.ok else 'FAIL'} {o.result.error or ''}")
 
 
 def main() -> None:
@@ -43,8 +43,8 @@ def main() -> None:
         for n in (int(x) for x in args.sizes.split(",") if x):
             sites = generate(tmp / f"mesh{n}", n)
             for routers in args.routers.split(","):
-                o = run_lab(sites, args.kernel, tmp / f"res{n}-{routers}", timeout=3600, on_line=lambda line: None,
-                            routers=routers)
+                o = run_lab(LabRequest(sites=sites, kernel=args.kernel, results=tmp / f"res{n}-{routers}", timeout=3600,
+                                       on_line=lambda line: None, routers=routers))
                 print(row(n, routers, o), flush=True)
 
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lab.run import run_lab
+from lab.run import LabRequest, run_lab
 
 from render_bench import bench_key
 
@@ -37,7 +37,7 @@ def generate(d: Path, n: int) -> Path:
 
 
 def row(label: str, o) -> str:
-    t = o.result.get("timings", {})
+    t = o.result.timings
     setup = t.get("network", 0) + t.get("dns servers", 0) + t.get("routers", 0)
     return (f"{label:>24} {o.kernel:>5} {o.boot_seconds:>6.1f} {setup:>7.1f} {t.get('tunnels', 0):>8.1f} "
             f"{t.get('checks', 0):>7.1f} {o.total_seconds:>7.1f}  {'PASS' if o.ok else 'FAIL'}")
@@ -65,7 +65,8 @@ def main() -> None:
     with scratch as tmp:
         tmp = Path(tmp)
         for n in (int(x) for x in args.sizes.split(",") if x):
-            o = run_lab(generate(tmp / f"mesh{n}", n), args.kernel, tmp / f"res{n}", timeout=3600, on_line=quiet)
+            o = run_lab(LabRequest(sites=generate(tmp / f"mesh{n}", n), kernel=args.kernel, results=tmp / f"res{n}", timeout=3600,
+                                  on_line=quiet))
             print(row(f"mesh of {n} ({n * (n - 1) // 2} tunnels)", o), flush=True)
         if args.change:
             repo = Path(__file__).resolve().parent.parent
@@ -82,9 +83,9 @@ def main() -> None:
                                                    .replace("10.5.0", "10.6.0").replace("rome.acme.it", "zurich.acme.ch"))
                 what = "a 7th site"
             for mode in (m for m in args.change_modes.split(",") if m):
-                o = run_lab(before, args.kernel, tmp / f"chg-{mode}", timeout=3600, on_line=quiet,
-                            change_to=after, change_mode=mode)
-                c = o.result.get("change") or {}
+                o = run_lab(LabRequest(sites=before, kernel=args.kernel, results=tmp / f"chg-{mode}", timeout=3600, on_line=quiet,
+                                       scenarios=(("change", {"to": [str(after)], "mode": mode}),)))
+                c = (o.result.scenarios.get("change") or {"steps": [{}]})["steps"][0]
                 routers = c.get("routers", {})
                 print(row(f"{mode}: lab", o), flush=True)
                 print(f"add {what} by {mode}: change {c.get('seconds')} s; unrelated SAs disturbed "

@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from lab.run import run_lab
+from lab.run import LabRequest, run_lab
 
 
 def main() -> None:
@@ -23,8 +23,9 @@ def main() -> None:
     ap.add_argument("--kernel", default="uml")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.cwd(), prefix=".bench-") as tmp:
-        o = run_lab(args.sites, args.kernel, Path(tmp) / "res", timeout=3600, on_line=lambda line: None, release="enrol")
-    enrol = o.result.get("release", {}).get("enrol", {})
+        o = run_lab(LabRequest(sites=Path(args.sites), kernel=args.kernel, results=Path(tmp) / "res", timeout=3600,
+                               on_line=lambda line: None, scenarios=(("release", {"negatives": False}),)))
+    enrol = o.result.scenarios.get("release", {}).get("enrol", {})
     print(f"{'router':>10} {'fetch':>8} {'until traffic':>14}")
     for name, e in enrol.items():
         t = e["until_traffic"]
@@ -34,7 +35,7 @@ def main() -> None:
         print(f"fetch: median {statistics.median(fetches):.1f} s, max {max(fetches):.1f} s; lab {'PASS' if o.ok else 'FAIL'} "
               f"in {o.total_seconds:.1f} s ({o.kernel})")
     else:
-        print(f"no release data: {o.result.get('error')}")
+        print(f"no release data: {o.result.error}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ fail() { echo "router setup failed: $*"; echo "$*" > "$d/failed"; exec sleep 214
 mkfifo "$d/wired" "$d/go" || fail "mkfifo"
 echo started > "$d/started"
 read -r _ < "$d/wired"
+# the router's own NSS database (its lab key pair) is copied in by the lab before the start; a
+# router without one gets an empty database, as `ipsec --checknss` makes it
 [ -f /var/lib/ipsec/nss/cert9.db ] || ipsec initnss || fail "ipsec initnss"
 if [ -s "$d/firewall.nft" ]; then
     nft -f "$d/firewall.nft" || fail "nft -f firewall"

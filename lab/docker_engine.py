@@ -149,7 +149,8 @@ def snapshot(rootfs: Path, out: Path) -> None:
     t = time.monotonic()
     tmp = out.with_name(f".{out.name}.tmp")
     # containerd's runtime state is not part of an image store: leave the engine's contents only
-    _sh(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(STATE / "data"), "-cf", str(tmp), "."], timeout=900)
+    _sh(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(STATE / "data"), "-cf", str(tmp), "."],
+        timeout=900)
     os.replace(tmp, out)
     print(f"lab: data-root saved ({out.stat().st_size // 2**20} MiB) in {time.monotonic() - t:.1f} s", flush=True)
 

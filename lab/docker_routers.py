@@ -1,6 +1,6 @@
 """Docker routers for the lab: every site router is a container of the lab's router image.
 
-The rest of the lab is the netns lab's (lab/inner.py): the same plan, the same "internet",
+The rest of the lab is the netns lab's (lab/engine.py): the same plan, the same "internet",
 LAN hosts and DNS servers (network namespaces), the same probes, checks, report and diagnostics.
 What differs is the router:
 
@@ -22,13 +22,18 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lab import docker_engine, docker_image
-from lab.inner import Lab, log, progress, run
+from . import docker_engine, docker_image
+from .contracts import LabPlan, SitePlan
+from .network import Network
+from .platform import dnsmasq_base, dnsmasq_conf, enrolled_files, firewall_text
+from .proc import LabError, log, progress, run
+from .routers import ESTABLISHED_RE, STALE_LOCK, WHACK, parse_spis, parse_traffic, pids_in_mount_ns
 
 HERE = Path(__file__).resolve().parent
 INSIDE = Path("/run/wan-lab")  # the lab's files inside a router container
@@ -41,34 +46,30 @@ CAPS = ["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW", "CHOWN", "FOWNER", "DAC_OVER
         "SETPCAP", "AUDIT_WRITE"]
 
 
-class ContainerHolder:
-    """What the netns lab keeps of a router holder process: its PID (the container's init, seen
-    from the lab), whether it still runs."""
-
-    def __init__(self, container, pid: int):
-        self.container = container
-        self.pid = pid
-
-    def poll(self):
-        return None if Path(f"/proc/{self.pid}").exists() else 1
-
-    def kill(self) -> None:  # containers are removed by label in teardown
-        pass
-
-    def wait(self) -> None:
-        pass
+NSS_INSIDE = "var/lib/ipsec/nss"  # Debian's and RHEL's NSS database, where pluto looks (lab/docker-router.sh)
 
 
-def _tar(files: dict[str, tuple[bytes, int]], tree: Path) -> bytes:
-    """One archive for put_archive: the router tree's etc/ at /etc, plus the lab's own files."""
+def _tar(files: dict[str, tuple[bytes, int]], tree: Path, nss: Path | None = None) -> bytes:
+    """One archive for put_archive: the router tree's etc/ at /etc, the router's own NSS database
+    (its lab key pair, lab/keys.py; directory 0700, files 0600) at /var/lib/ipsec/nss, plus the
+    lab's own files."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         def owned_by_root(ti: tarfile.TarInfo) -> tarfile.TarInfo:
             ti.uid = ti.gid = 0
             ti.uname = ti.gname = "root"
             return ti
+
+        def private(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+            ti.mode = 0o700 if ti.isdir() else 0o600
+            return owned_by_root(ti)
         for p in sorted((tree / "etc").rglob("*")):
             tar.add(p, arcname=str(p.relative_to(tree)), recursive=False, filter=owned_by_root)
+        if nss is not None:
+            tar.add(nss, arcname=NSS_INSIDE, recursive=False, filter=private)
+            for p in sorted(nss.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    tar.add(p, arcname=f"{NSS_INSIDE}/{p.name}", recursive=False, filter=private)
         for name, (data, mode) in files.items():
             ti = tarfile.TarInfo(name)
             ti.size, ti.mode, ti.mtime = len(data), mode, int(time.time())
@@ -76,119 +77,214 @@ def _tar(files: dict[str, tuple[bytes, int]], tree: Path) -> bytes:
     return buf.getvalue()
 
 
-class DockerLab(Lab):
-    ROUTER_NS_MADE_HERE = False
+class DockerRouter:
+    """A RouterHost in a container: its PID 1 is lab/docker-router.sh; the lab enters it by that PID."""
 
-    def __init__(self, plan: dict, results: Path):
-        super().__init__(plan, results)
-        self.engine: docker_engine.Engine | None = None
-        self.label = {docker_image.LABEL: plan["prefix"]}
+    def __init__(self, site: SitePlan, fleet: DockerFleet):
+        self.site = site
+        self.fleet = fleet
+        self.container = None
+        self.pid = 0
+        self.log_offset = 0
 
-    def router_dir(self, name: str) -> Path:
-        holder = self.holders.get(name)
-        return Path(f"/proc/{holder.pid}/root{INSIDE}") if holder else self.state / f"router-{name}"
+    @property
+    def name(self) -> str:
+        return self.site.name
 
-    def setup_phases(self) -> list:
-        return [("engine", self.start_engine), ("containers", self.start_containers)] + super().setup_phases()
+    @property
+    def dir(self) -> Path:
+        return Path(f"/proc/{self.pid}/root{INSIDE}")
 
-    # ---- the engine and the containers ------------------------------------------------------
-    def start_engine(self) -> None:
-        d = self.plan["docker"]
-        if d["engine"] == "guest":
-            self.engine = docker_engine.start_guest_engine(Path(d["data_root"]), say=lambda m: print(m, flush=True))
-        else:
-            client, why = docker_engine.host_engine()
-            if client is None:
-                raise RuntimeError(why)
-            docker_image.ensure_image(client, say=lambda m: print(m, flush=True))
-            self.engine = docker_engine.Engine(client, "host")
-        self.timings.update(self.engine.timings)
-
-    def _sweep(self, prefix: str) -> None:
-        """Remove this lab's containers (label wan-lab=<prefix>) and nothing else."""
-        for c in self.engine.client.containers.list(all=True, filters={"label": f"{docker_image.LABEL}={prefix}"}):
-            c.remove(force=True)
-
-    def _container(self, s: dict):
-        d = self.router_dir(s["name"])  # the lab's side, before start: a scratch directory
-        d.mkdir(parents=True, exist_ok=True)
-        dnsconf = self._router_dnsmasq_conf(s, d, inside=INSIDE).read_bytes()
+    def install(self, tree: str) -> None:
+        """Create and start the container with the router's tree at its real paths."""
+        f = self.fleet
+        base = dnsmasq_base(self.site, f.plan.infra.isp_resolver, INSIDE)
         files = {f"{str(INSIDE)[1:]}/router.sh": ((HERE / "docker-router.sh").read_bytes(), 0o755),
-                 f"{str(INSIDE)[1:]}/dnsmasq.conf": (dnsconf, 0o644)}
-        fw = self._router_firewall_text(s)
-        if fw is not None:
+                 f"{str(INSIDE)[1:]}/dnsmasq.conf": (dnsmasq_conf(self.site.platform, base, Path(tree)).encode(), 0o644)}
+        files |= enrolled_files(self.site.platform)  # the programs (and OpenWrt's hooks), as enrol leaves them
+        if f.plan.firewall:
+            fw = firewall_text(self.site.platform, Path(tree), tuple(lan.bridge for lan in self.site.lans))
             files[f"{str(INSIDE)[1:]}/firewall.nft"] = (fw.encode(), 0o644)
-        c = self.engine.client.containers.create(
-            self.plan["docker"]["image"], name=f"{self.plan['prefix']}-{s['name']}", hostname=s["name"],
-            labels=self.label, network_mode="none", cap_drop=["ALL"], cap_add=CAPS,
+        c = f.engine.client.containers.create(
+            f.plan.docker.image, name=f"{f.plan.prefix}-{self.name}", hostname=self.name,
+            labels=f.label, network_mode="none", cap_drop=["ALL"], cap_add=CAPS,
             sysctls={"net.ipv4.ip_forward": "1"}, detach=True)
-        c.put_archive("/", _tar(files, Path(s["tree"])))
+        c.put_archive("/", _tar(files, Path(tree), Path(self.site.nss) if self.site.nss else None))
         c.start()
         c.reload()
-        return c, c.attrs["State"]["Pid"]
+        self.container, self.pid = c, c.attrs["State"]["Pid"]
 
-    def start_containers(self) -> None:
-        sites = self.plan.get("network_sites", self.plan["sites"])
-        with ThreadPoolExecutor(max_workers=4) as ex:
-            made = list(ex.map(self._container, sites))
-        for k, (s, (c, pid)) in enumerate(zip(sites, made), 1):
-            self.holders[s["name"]] = ContainerHolder(c, pid)
-            progress("containers", k, len(sites), s["name"])
-        self.notes.append(f"routers: {len(sites)} containers of {self.plan['docker']['image']} "
-                          f"({'the host' if self.engine.where == 'host' else 'an engine inside the lab kernel'}), "
-                          f"capabilities {','.join(CAPS)}")
-        for s in sites:
-            self._wait_file(s["name"], "started")
-        # the router's namespace is the container's: give it the name the netns lab uses
-        run(["ip", "-batch", "-"], input="".join(f"netns attach {s['router_ns']} {self.holders[s['name']].pid}\n" for s in sites))
-        self.namespaces += [s["router_ns"] for s in sites]
+    def wait_started(self, timeout: float = 60) -> None:
+        self._wait_for(lambda: (self.dir / "started").exists(), "started", timeout)
 
-    def start_routers(self, order: list[str] | None = None) -> None:
-        """The links are in place: every router prepares at once (NSS, firewall, dnsmasq), then
-        the plutos start one by one, responders first, as in the netns lab."""
-        order = order or self.plan["start_order"]
-        for name in order:
-            self._tell(name, "wired")
-        for k, name in enumerate(order, 1):
-            self._wait_file(name, "prepared")
-            progress("routers prepared", k, len(order), name)
-        for k, name in enumerate(order, 1):
-            self._tell(name, "go")
-            self._wait_loaded(name, self.router_dir(name))
-            self._wait_initiated(name)
-            progress("routers", k, len(order), name)
+    def boot(self) -> None:
+        self._tell("wired")
 
-    def _tell(self, name: str, fifo: str, timeout: float = 60) -> None:
+    def _wait_for(self, what, label: str, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while not what():
+            if not self.alive():
+                raise LabError(f"router {self.name} failed to start: {self.logs().get('setup.log', '')[-2000:]}")
+            if time.monotonic() > end:
+                raise LabError(f"router {self.name}: {label} not within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def wait_prepared(self, timeout: float = 60) -> None:
+        self._wait_for(lambda: (self.dir / "prepared").exists(), "prepared", timeout)
+
+    def start_pluto(self) -> None:
+        self._tell("go")
+
+    def _pluto_log(self) -> str:
+        try:
+            return (self.dir / "pluto.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_loaded(self, timeout: float = 60) -> None:
+        want = sum(len(c) for c in self.site.conns.values())
+        self._wait_for(lambda: len(re.findall(r"added IKEv2 connection", self._pluto_log())) >= want,
+                       f"pluto loading its {want} connections", timeout)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        self._wait_for(lambda: (self.dir / "ready").exists(), "pluto started", timeout)
+
+    def alive(self) -> bool:
+        return bool(self.pid) and Path(f"/proc/{self.pid}").exists() and not (self.dir / "failed").exists()
+
+    def enter(self) -> list[str]:
+        return ["nsenter", "-t", str(self.pid), "-m", "-n", "--"]
+
+    def exec(self, argv, *, check=False, timeout=60, env=None):
+        pre = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
+        return run(["nsenter", "-t", str(self.pid), "-m", "-n", "--", *pre, *argv], check=check, timeout=timeout)
+
+    def whack(self, *args: str, timeout: float = 60):
+        return run([WHACK, "--ctlsocket", f"/proc/{self.pid}/root/run/pluto/pluto.ctl", *args], check=False, timeout=timeout)
+
+    def traffic(self) -> dict[str, dict]:
+        return parse_traffic(self.whack("--trafficstatus").stdout)
+
+    def spis(self) -> dict[str, set[str]]:
+        return parse_spis(self.whack("--status").stdout)
+
+    def established(self) -> set[str]:
+        return set(ESTABLISHED_RE.findall(self._pluto_log()))
+
+    def pids(self, process: str) -> list[int]:
+        return pids_in_mount_ns(self.pid, process) + ([self.pid] if process == "router.sh" else [])
+
+    def logs(self) -> dict[str, str]:
+        out = {}
+        for f in ("pluto.log", "dnsmasq.log", "setup.log"):
+            try:
+                out[f] = (self.dir / f).read_text(errors="replace")
+            except (FileNotFoundError, PermissionError):
+                pass
+        return out
+
+    def reload_env(self) -> dict[str, str]:
+        raise LabError("fetch and reconcile run on netns routers only (the change and release scenarios)")
+
+    def stop(self) -> None:
+        self.whack("--shutdown")
+
+    def start_ipsec(self) -> None:
+        pluto = f"exec /usr/libexec/ipsec/pluto --config /etc/ipsec.conf --logfile {INSIDE}/pluto.log"
+        self.exec(["sh", "-c", STALE_LOCK + pluto],
+                  check=True)
+
+    def kill(self, process: str) -> list[int]:
+        pids = self.pids(process)
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def reboot(self) -> None:
+        raise LabError("reboot is offered for netns routers only (a container restart makes a new namespace)")
+
+    def cut_wan(self) -> None:
+        self.fleet.network.cut_wan(self.site)
+
+    def restore_wan(self) -> None:
+        self.fleet.network.restore_wan(self.site)
+
+    def teardown(self) -> None:
+        pass  # the fleet removes the containers by label
+
+    def _tell(self, fifo: str, timeout: float = 60) -> None:
         """Write to one of the router script's FIFOs without hanging on a script that died."""
-        path = self.router_dir(name) / fifo
+        path = self.dir / fifo
         end = time.monotonic() + timeout
         while True:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
                 break
             except OSError as e:  # ENXIO: nobody reads yet
-                if e.errno != errno.ENXIO or self.holders[name].poll() is not None or time.monotonic() > end \
-                        or (self.router_dir(name) / "failed").exists():
-                    raise RuntimeError(f"router {name}: its setup does not wait for '{fifo}' ({e})") from e
+                if e.errno != errno.ENXIO or not self.alive() or time.monotonic() > end:
+                    raise LabError(f"router {self.name}: its setup does not wait for '{fifo}' ({e})") from e
                 time.sleep(0.05)
         try:
             os.write(fd, f"{fifo}\n".encode())
         finally:
             os.close(fd)
 
-    # ---- teardown ---------------------------------------------------------------------------
+
+class DockerFleet:
+    """The engine and the containers of a Docker lab; the routers' namespaces are attached under
+    the names the netns lab uses, so the network is wired exactly as for netns routers."""
+
+    def __init__(self, plan: LabPlan, network: Network):
+        self.plan = plan
+        self.network = network
+        self.engine: docker_engine.Engine | None = None
+        self.label = {docker_image.LABEL: plan.prefix}
+        self.timings: dict[str, float] = {}
+
+    def start_engine(self) -> None:
+        d = self.plan.docker
+        if d.engine == "guest":
+            self.engine = docker_engine.start_guest_engine(Path(d.data_root), say=lambda m: print(m, flush=True))
+        else:
+            client, why = docker_engine.host_engine()
+            if client is None:
+                raise LabError(why)
+            docker_image.ensure_image(client, say=lambda m: print(m, flush=True))
+            self.engine = docker_engine.Engine(client, "host")
+        self.timings.update(self.engine.timings)
+
+    def start_containers(self, trees: dict[str, str]) -> dict[str, DockerRouter]:
+        sites = self.plan.network_sites
+        routers = {s.name: DockerRouter(s, self) for s in sites}
+        with ThreadPoolExecutor(max_workers=4) as ex:
+            list(ex.map(lambda s: routers[s.name].install(trees.get(s.name, s.tree)), sites))
+        for k, s in enumerate(sites, 1):
+            routers[s.name].wait_started()
+            progress("containers", k, len(sites), s.name)
+        # the router's namespace is the container's: give it the name the netns lab uses
+        run(["ip", "-batch", "-"], input="".join(f"netns attach {s.router_ns} {routers[s.name].pid}\n" for s in sites))
+        self.network.namespaces += [s.router_ns for s in sites]
+        return routers
+
+    def note(self) -> str:
+        return (f"routers: {len(self.plan.network_sites)} containers of {self.plan.docker.image} "
+                f"({'the host' if self.engine.where == 'host' else 'an engine inside the lab kernel'}), "
+                f"capabilities {','.join(CAPS)}")
+
     def teardown(self) -> None:
-        """Containers by label first (their namespaces go with them), then the lab's namespaces,
-        then our own engine (inside the lab kernel; the host's engine keeps running)."""
-        if self.engine is not None:
-            try:
-                self._sweep(self.plan["prefix"])
-            except Exception as e:
-                log(f"removing the lab's containers failed: {e}")
-        self.holders = {}
-        super().teardown()
-        if self.engine is not None:
-            self.engine.stop()
+        """Containers by label (their namespaces go with them), then our own engine (inside the lab
+        kernel; the host's engine keeps running)."""
+        if self.engine is None:
+            return
+        try:
+            for c in self.engine.client.containers.list(all=True, filters={"label": f"{docker_image.LABEL}={self.plan.prefix}"}):
+                c.remove(force=True)
+        except Exception as e:  # the lab's own namespaces and the engine must still go
+            log(f"removing the lab's containers failed: {e}")
+        self.engine.stop()
 
 
 def cleanup_host_engine(prefix: str) -> None:

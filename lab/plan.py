@@ -1,7 +1,9 @@
-"""The lab's plan: from the WAN model and the rendered trees to plain data the lab kernel runs.
+"""The lab's plan: from the WAN model and the rendered trees to the typed plan the lab kernel runs.
 
 Addresses: every router's WAN veth holds its public address /32 and routes through an "internet"
-namespace (100.64.0.1 on its side of every link); an ISP resolver sits at 100.64.0.53 there.
+namespace (the lab's gateway address on its side of every link); an ISP resolver and, for the
+release scenario, a release server sit there too. The lab's own addresses are picked per run
+around the WAN's (`pick_infra`): a WAN may use 100.64.0.0/10 (CGNAT) or 198.18.0.0/15 itself.
 Each LAN is a bridge in the router's namespace with the router, one LAN host and (in the LAN that
 holds it) the site's DNS server host.
 """
@@ -14,12 +16,60 @@ from render import paths
 from render.manifest import Manifest
 from render.model import Wan
 
-INET_GW = "100.64.0.1"
-ISP_RESOLVER = "100.64.0.53"
-ISP_ANSWER = "198.18.0.1"  # what the ISP resolver answers for any name outside the WAN
+from .contracts import Infra, LanPlan, SitePlan, TunnelPlan, WanView
+
 REBIND_NAME = "rebind-test.example"  # the ISP answers it with a private address: must be blocked
-REBIND_ANSWER = "10.66.66.66"
 OUTSIDE_NAME = "outside-the-wan.example"
+
+# Where the lab's own addresses come from, in order of preference (the first free one wins).
+INFRA_POOL = IPv4Network("100.64.0.0/10")  # the internet's side: gateway, ISP resolver, release server
+ANSWER_POOL = IPv4Network("198.18.0.0/15")  # a public answer for names outside the WAN (benchmarking range)
+REBIND_POOL = IPv4Network("10.0.0.0/8")  # a private answer from outside (must be dropped by rebind protection)
+
+
+class AddressesExhausted(ValueError):
+    pass
+
+
+def wan_addresses(wans: list[Wan]) -> tuple[set[IPv4Address], list[IPv4Network]]:
+    """Every address and network the WANs use (public, LAN, DNS server, records, IKE ids)."""
+    addrs: set[IPv4Address] = set()
+    nets: list[IPv4Network] = []
+    for wan in wans:
+        for s in wan.sites:
+            addrs |= {s.router.public_address, s.router.lan_address, s.dns.server} | {a for _, a in s.dns.records}
+            nets += list(s.lans)
+    return addrs, nets
+
+
+def _free(pool: IPv4Network, taken: set[IPv4Address], nets: list[IPv4Network], start: int, n: int) -> list[IPv4Address]:
+    """n addresses of `pool` from offset `start` on, none in `taken` nor inside a WAN network."""
+    got = []
+    for k in range(start, pool.num_addresses - 1):
+        a = pool.network_address + k
+        if a in taken or any(a in net for net in nets) or a == pool.broadcast_address:
+            continue
+        got.append(a)
+        if len(got) == n:
+            return got
+    raise AddressesExhausted(f"no free lab address in {pool} around the WAN's addresses")
+
+
+def pick_infra(wans: list[Wan], prefix: str) -> Infra:
+    """The lab's addresses: 100.64.0.1 / .53 / .80, 198.18.0.1 and 10.66.66.66 where the WAN leaves
+    them free, else the next free ones of the same ranges."""
+    taken, nets = wan_addresses(wans)
+    gw, resolver, server = _free(INFRA_POOL, taken, nets, 1, 1)[0], None, None
+    taken.add(gw)
+    resolver = _free(INFRA_POOL, taken, nets, 53, 1)[0]
+    taken.add(resolver)
+    server = _free(INFRA_POOL, taken, nets, 80, 1)[0]
+    taken.add(server)
+    answer = _free(ANSWER_POOL, taken, nets, 1, 1)[0]
+    rebind = _free(REBIND_POOL, taken, nets, (66 << 16) + (66 << 8) + 66, 1)[0]
+    return Infra(inet_ns=f"{prefix}inet", inet_gw=str(gw), isp_resolver=str(resolver), isp_answer=str(answer),
+                 rebind_name=REBIND_NAME, rebind_answer=str(rebind), outside_name=OUTSIDE_NAME,
+                 release_server=str(server))
 
 
 def _free_host(net: IPv4Network, taken: set[IPv4Address]) -> IPv4Address:
@@ -30,37 +80,8 @@ def _free_host(net: IPv4Network, taken: set[IPv4Address]) -> IPv4Address:
     raise ValueError(f"no free address for a lab host in {net}")
 
 
-def lab_plan(wan: Wan, out: Path, prefix: str, firewall: bool, libreswan_major: int,
-             index: dict[str, int] | None = None) -> dict:
-    """Everything the in-kernel lab needs, as JSON-able data. `index` numbers the sites (namespace
-    and interface names) when two revisions of a WAN share one lab."""
-    sites = []
-    manifests = {s.name: Manifest.read(out / s.name / paths.MANIFEST) for s in wan.sites}
-    for s in wan.sites:
-        i = index[s.name] if index else wan.sites.index(s)
-        lans = []
-        for j, net in enumerate(s.lans):
-            taken = {s.router.lan_address, s.dns.server} | {a for _, a in s.dns.records}
-            router_addr = s.router.lan_address if s.router.lan_address in net else next(h for h in net.hosts() if h not in taken)
-            taken.add(router_addr)
-            host = _free_host(net, taken)
-            lans.append({"subnet": str(net), "prefixlen": net.prefixlen, "bridge": "br-lan" if j == 0 else f"br-lan{j}",
-                         "router_address": str(router_addr), "host": str(host), "host_ns": f"{prefix}h{i}x{j}",
-                         "has_dns": s.dns.server in net})
-        records = {f"{name}.{s.dns.domain}": str(addr) for name, addr in s.dns.records}
-        probe = f"lab-probe.{s.dns.domain}"
-        sites.append({
-            "name": s.name, "index": i, "platform": s.router.platform, "libreswan": s.router.libreswan,
-            "public": str(s.router.public_address), "lan_address": str(s.router.lan_address),
-            "router_ns": f"{prefix}r{i}", "dns_ns": f"{prefix}d{i}", "inet_if": f"r{i}",
-            "lans": lans, "domain": s.dns.domain, "dns_server": str(s.dns.server), "dns_mode": s.dns_mode,
-            "records": records, "probe_record": [probe, lans[0]["host"]],
-            # the name a remote LAN host asks for: a real record where the router can know it
-            "check_name": (sorted(records.items())[0] if records else (probe, lans[0]["host"])),
-            "tree": str((out / s.name).resolve()),
-            "conns": {t.name: list(manifests[s.name].tunnels[t.name].conns) for t in wan.tunnels_of(s.name)},
-        })
-    # responders start before their initiators, so no first IKE_SA_INIT meets an unloaded peer
+def start_order(wan: Wan) -> tuple[str, ...]:
+    """Responders before their initiators, so no first IKE_SA_INIT meets an unloaded peer (serial start)."""
     order, started = [], set()
     pending = [s.name for s in wan.sites]
     while pending:
@@ -73,43 +94,43 @@ def lab_plan(wan: Wan, out: Path, prefix: str, firewall: bool, libreswan_major: 
         else:  # a cycle cannot happen with the topology's initiator rule; start the rest anyway
             order.extend(pending)
             break
-    return {
-        "prefix": prefix, "firewall": firewall, "wan": wan.name, "libreswan_major": libreswan_major,
-        "inet_ns": f"{prefix}inet", "inet_gw": INET_GW, "isp_resolver": ISP_RESOLVER, "isp_answer": ISP_ANSWER,
-        "rebind": [REBIND_NAME, REBIND_ANSWER], "outside_name": OUTSIDE_NAME,
-        "sites": sites, "start_order": order,
-        "tunnels": [{"name": t.name, "a": t.a, "b": t.b, "initiator": t.initiator} for t in wan.tunnels],
-    }
+    return tuple(order)
 
 
-def change_plan(before: Wan, out_before: Path, after: Wan, out_after: Path, prefix: str, firewall: bool,
-                libreswan_major: int, mode: str) -> dict:
-    """A lab that starts as `before`, then changes to `after` by `mode` ("reconcile" on every
-    router, or "restart": new files and a pluto restart everywhere, for contrast)."""
-    names = sorted({s.name for s in before.sites} | {s.name for s in after.sites})
-    index = {n: i for i, n in enumerate(names)}
-    pb = lab_plan(before, out_before, prefix, firewall, libreswan_major, index)
-    pa = lab_plan(after, out_after, prefix, firewall, libreswan_major, index)
-    by_name = {s["name"]: s for s in pb["sites"]} | {s["name"]: s for s in pa["sites"]}
-    old = {t["name"]: t for t in pb["tunnels"]}
-    digests = {}
-    for out, wan in ((out_before, before), (out_after, after)):
-        for s in wan.sites:
-            for t, v in Manifest.read(out / s.name / paths.MANIFEST).tunnels.items():
-                digests.setdefault(t, []).append((s.name, v.conf_sha256))
-    unchanged = [t["name"] for t in pa["tunnels"] if t["name"] in old
-                 and sorted(digests[t["name"]][:2]) == sorted(digests[t["name"]][2:])]
-    # a ping stream across a tunnel the change does not touch: it must lose nothing
-    stream = None
-    for t in unchanged:
-        a, b = old[t]["a"], old[t]["b"]
-        stream = {"tunnel": t, "from_ns": by_name[a]["lans"][0]["host_ns"], "to": by_name[b]["lans"][0]["host"]}
-        break
-    pb["network_sites"] = [by_name[n] for n in names]
-    pb["change"] = {
-        "mode": mode, "sites": pa["sites"], "tunnels": pa["tunnels"], "start_order": pa["start_order"],
-        "new": sorted(set(s.name for s in after.sites) - set(s.name for s in before.sites)),
-        "gone": sorted(set(s.name for s in before.sites) - set(s.name for s in after.sites)),
-        "unchanged_tunnels": unchanged, "stream": stream,
-    }
-    return pb
+def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = None,
+             targets: dict[str, int] | None = None, nss: dict[str, str] | None = None) -> WanView:
+    """The lab's view of one revision of the WAN. `index` numbers the sites (namespace and
+    interface names) when several revisions share one lab; `targets`: the Libreswan major each
+    site's file asks for, where the lab renders another; `nss`: each router's own NSS database
+    (its lab keys, lab/keys.py)."""
+    sites = []
+    manifests = {s.name: Manifest.read(out / s.name / paths.MANIFEST) for s in wan.sites}
+    for s in wan.sites:
+        i = index[s.name] if index else wan.sites.index(s)
+        lans = []
+        for j, net in enumerate(s.lans):
+            taken = {s.router.lan_address, s.dns.server} | {a for _, a in s.dns.records}
+            router_addr = s.router.lan_address if s.router.lan_address in net else next(h for h in net.hosts() if h not in taken)
+            taken.add(router_addr)
+            host = _free_host(net, taken)
+            lans.append(LanPlan(subnet=str(net), prefixlen=net.prefixlen, bridge="br-lan" if j == 0 else f"br-lan{j}",
+                                router_address=str(router_addr), host=str(host), host_ns=f"{prefix}h{i}x{j}",
+                                has_dns=s.dns.server in net))
+        records = {f"{name}.{s.dns.domain}": str(addr) for name, addr in s.dns.records}
+        probe = (f"lab-probe.{s.dns.domain}", lans[0].host)
+        sites.append(SitePlan(
+            name=s.name, index=i, platform=s.router.platform, libreswan=s.router.libreswan,
+            target_libreswan=(targets or {}).get(s.name, s.router.libreswan),
+            public=str(s.router.public_address), lan_address=str(s.router.lan_address),
+            router_ns=f"{prefix}r{i}", dns_ns=f"{prefix}d{i}", inet_if=f"r{i}", lans=tuple(lans),
+            domain=s.dns.domain, dns_server=str(s.dns.server), dns_mode=s.dns_mode, records=records,
+            probe_record=probe,
+            # the name a remote LAN host asks for: a real record where the router can know it
+            check_name=(sorted(records.items())[0] if records else probe),
+            tree=str((out / s.name).resolve()),
+            conns={t.name: tuple(manifests[s.name].tunnels[t.name].conns) for t in wan.tunnels_of(s.name)},
+            nss=(nss or {}).get(s.name, ""),
+        ))
+    return WanView(name=wan.name, topology=wan.topology, sites=tuple(sites),
+                   tunnels=tuple(TunnelPlan(name=t.name, a=t.a, b=t.b, initiator=t.initiator) for t in wan.tunnels),
+                   start_order=start_order(wan))

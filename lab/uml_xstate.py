@@ -23,6 +23,14 @@ import os
 import struct
 import sys
 
+# Go programs (dockerd, containerd, runc in the Docker lab) pick AVX/AVX2/AVX-512 code paths
+# themselves from CPUID, not through glibc: GODEBUG=cpu.all=off turns off every optional x86
+# feature Go's internal/cpu knows (processOptions in src/internal/cpu/cpu.go: "If env contains
+# cpu.all=off then all cpu features referenced through the options variable are disabled";
+# SSE2, required on amd64, is not among them). Read from Go's sources via the search index, not
+# checked against the exact Go release Debian's docker.io was built with.
+GUEST_GODEBUG = "cpu.all=off"
+
 GUEST_GLIBC_TUNABLES = ("glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512BW,-AVX512VL,-AVX512DQ,-AVX512CD,"
                         "-ERMS,-FMA,-RTM,-FSRM,-BMI1,-BMI2,-SSE4_2,-SSE4_1")
 

@@ -7,6 +7,9 @@ dist/<tag>/
                       WAN_UNPACKED_<router> (the bundle's bytes, gzipped and as tar: routers cap
                       their downloads at these)
   (each bundle also carries peers.list at its root: see with_peers())
+  lab-result.json     the lab's result of the released commit (CI; release/provenance.py)
+  plan.md             what changes on which router since the previous tag (CI)
+  (RELEASE also names WAN_PROGRAMS, the program release routers should run: release/programs.py)
   SHA256SUMS          sha256 of every file above ("HASH  NAME", as sha256sum writes it)
   SHA256SUMS.sig      Ed25519 signature over SHA256SUMS, usign/signify format
 
@@ -104,18 +107,23 @@ class Release:
 
 
 def build(wan: Wan, signing: signify.SecretKey, tag: str, dist: Path, revision: str,
-          mtime: int = 0, trees: dict[str, Tree] | None = None, date: int | None = None) -> Release:
+          mtime: int = 0, trees: dict[str, Tree] | None = None, date: int | None = None,
+          extras: dict[str, bytes] | None = None, programs: int = 0) -> Release:
     """Render every router, pack, checksum and sign into dist/<tag>/ (replaced atomically).
     `trees` may be given instead of rendering (tests build deliberately broken releases this way).
     `date` (the release's date, from which it expires: policy.release_date) defaults to `mtime`
     (the commit's time, so the same commit and tag give the same bytes), or now when that is
-    unknown (0)."""
+    unknown (0). `extras` (name -> content: the lab result, the plan) are attached and listed in
+    SHA256SUMS; `programs`, when set, is the program release routers should run (WAN_PROGRAMS)."""
     t0 = time.perf_counter()
     serial(tag)
     date = date if date is not None else (mtime or int(time.time()))
     trees = trees if trees is not None else render_wan(wan, revision, release_env(tag, revision, date))
     files: dict[str, bytes] = {f"{name}.tar.gz": pack(tree, mtime) for name, tree in sorted(with_peers(trees).items())}
     files["RELEASE"] = release_text(wan, tag, revision, date, files)
+    if programs:
+        files["RELEASE"] += f"WAN_PROGRAMS={programs}\n".encode()
+    files.update(extras or {})
     files.update(sign_sums(files, signing))
     dist.mkdir(parents=True, exist_ok=True)
     target = dist / tag

@@ -80,3 +80,10 @@ def tag_time(repo: Path, tag: str) -> int:
 def released_tags(repo: Path) -> list[str]:
     """The release tags (vMAJOR.MINOR.PATCH) the repository holds."""
     return [t for t in _git("-C", str(repo), "tag", "--list", "v*").stdout.split() if is_tag(t)]
+
+
+def reachable_from(repo: Path, revision: str, ref: str) -> bool | None:
+    """Whether commit `revision` is an ancestor of (or is) `ref`; None when git does not know `ref`."""
+    if _git("-C", str(repo), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").returncode != 0:
+        return None
+    return _git("-C", str(repo), "merge-base", "--is-ancestor", revision.split("+")[0], ref).returncode == 0

@@ -43,31 +43,29 @@ def fw4_snippet(chain: str) -> str:
 
 FIREWALL_UCI_OPENWRT = "etc/wan/firewall.uci"
 
-# the router-side program and the plain-text state it compares (POSIX sh reads these, not JSON)
+# the router-side programs: installed by enrol and program releases only, never in a rendered tree
+# or a bundle (router/reconcile refuses them in a files.list: docs/trust.md)
 RECONCILE = "etc/wan/reconcile"
 FETCH = "etc/wan/fetch"  # fetches, verifies and applies signed releases (router/fetch)
-PROGRAMS = {RECONCILE: "reconcile", FETCH: "fetch"}  # path in every tree -> the program's file in router/
-# OpenWrt's own: the source-route hook its 24.10 updown needs, the DNS placement and its boot script
-OPENWRT_PROGRAMS = {
-    "etc/hotplug.d/libreswan/50-wan-sourceip": "openwrt-sourceip",
-    "etc/wan/openwrt-dns": "openwrt-dns",
-    "etc/init.d/wan": "openwrt-init",
-}
-OPENWRT_2305_IPSEC = "etc/wan/openwrt-23.05-ipsec"  # the in-place edit of 23.05's stock ipsec.conf/secrets
-OPENWRT_2305_PROGRAMS = {OPENWRT_2305_IPSEC: "openwrt-23.05-ipsec"}
-
-
-def programs(platform: str, release: str) -> dict[str, str]:
-    """Every router program a router of this platform and release carries: path -> file in router/."""
-    out = dict(PROGRAMS)
-    if platform == "openwrt":
-        out.update(OPENWRT_PROGRAMS)
-        if release == "23.05":
-            out.update(OPENWRT_2305_PROGRAMS)
-    return out
-
-
-ALL_PROGRAMS = {**PROGRAMS, **OPENWRT_PROGRAMS, **OPENWRT_2305_PROGRAMS}
+ENROL = "etc/wan/enrol"
+# OpenWrt's own helpers: the DNS placement (openwrt-dns), its boot script (openwrt-init), the source
+# route hook 24.10's updown needs (openwrt-sourceip) and the in-place edit of 23.05's stock
+# ipsec.conf/secrets (openwrt-23.05-ipsec). Code run as root, so they come with the programs (signed by
+# the offline program key), never with a release; every router gets all of them (one program release
+# for every platform) and only OpenWrt routers use them.
+OPENWRT_DNS = "etc/wan/openwrt-dns"
+OPENWRT_INIT = "etc/wan/openwrt-init"
+OPENWRT_SOURCEIP = "etc/wan/openwrt-sourceip"
+OPENWRT_2305_IPSEC = "etc/wan/openwrt-23.05-ipsec"
+PROGRAMS = {RECONCILE: "reconcile", FETCH: "fetch", ENROL: "enrol",  # path on the router -> the program's file in router/
+            OPENWRT_DNS: "openwrt-dns", OPENWRT_INIT: "openwrt-init", OPENWRT_SOURCEIP: "openwrt-sourceip",
+            OPENWRT_2305_IPSEC: "openwrt-23.05-ipsec"}
+# where OpenWrt looks for the two hooks: reconcile (step platform-hooks) keeps a copy of the installed
+# program there (rc.common's /etc/init.d, hotplug-call's /etc/hotplug.d/<subsystem>/)
+OPENWRT_HOOKS = {"etc/init.d/wan": OPENWRT_INIT, "etc/hotplug.d/libreswan/50-wan-sourceip": OPENWRT_SOURCEIP}
+KEYS = "etc/wan/keys"  # the trusted release and program keys (keys/release/<id>, keys/programs/<id>)
+TOKEN = "etc/wan/token"  # fetch's API token (a private repository), mode 0600
+PROGRAMS_ENV = "etc/wan/programs.env"
 RELEASE_ENV = "etc/wan/release.env"  # only in release bundles: WAN_TAG, WAN_SERIAL, WAN_REVISION, WAN_DATE
 ROUTER_ENV = "etc/wan/router.env"
 TUNNELS_LIST = "etc/wan/tunnels.list"  # name conf_sha256 initiator(1|0)

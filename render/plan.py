@@ -18,7 +18,7 @@ from . import paths
 from .graph import mermaid
 from .manifest import Manifest, TunnelEntry
 from .model import Wan
-from .render import RenderedFile, Tree, render_wan, write_trees
+from .render import ROUTER_PROGRAMS, RenderedFile, Tree, render_wan, write_trees
 from .validate import load_sites
 
 TUNNEL_FILES = (paths.IPSEC_D + "/",)
@@ -86,10 +86,16 @@ def reconcile_commands(old: Tree | None, new: Tree) -> list[str]:
     `would run: CMD` line of its output is one command, with ROOT taken out of the paths."""
     with tempfile.TemporaryDirectory(prefix="wan-plan-") as tmp:
         work = Path(tmp)
-        write_trees({"root": old or {paths.FILES_LIST: _EMPTY, paths.TUNNELS_LIST: _EMPTY}, "staged": new}, work / "trees")
+        # the root is a router as enrol left it: every program in /etc/wan and OpenWrt's hooks in place
+        # (render/paths.py PROGRAMS, OPENWRT_HOOKS), with the old tree installed on top
+        programs = {path: RenderedFile((ROUTER_PROGRAMS / name).read_bytes(), 0o755) for path, name in paths.PROGRAMS.items()}
+        programs |= {hook: programs[program] for hook, program in paths.OPENWRT_HOOKS.items()}
+        installed = old or {paths.FILES_LIST: _EMPTY, paths.TUNNELS_LIST: _EMPTY}
+        write_trees({"root": {**programs, **installed}, "staged": new}, work / "trees")
         root, staged = work / "trees/root", work / "trees/staged"
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": tmp, "LC_ALL": "C"}
-        r = subprocess.run(["sh", str(staged / paths.RECONCILE), "--dry-run", "--root", str(root), str(staged)],
+        reconcile = ROUTER_PROGRAMS / paths.PROGRAMS[paths.RECONCILE]  # the program routers run (trees carry none)
+        r = subprocess.run(["sh", str(reconcile), "--dry-run", "--root", str(root), str(staged)],
                            capture_output=True, text=True, env=env, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"reconcile --dry-run exited {r.returncode}: {r.stderr.strip()}")

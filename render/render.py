@@ -19,7 +19,7 @@ from .manifest import FileEntry, Manifest, TunnelEntry
 from .model import Site, Tunnel, Wan
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-ROUTER_PROGRAMS = Path(__file__).resolve().parent.parent / "router"
+ROUTER_PROGRAMS = Path(__file__).resolve().parent.parent / "router"  # reconcile's dry run for the plan
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,11 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
             files[paths.fw4_snippet(chain)] = RenderedFile(snippet.encode(), 0o644)
         files[paths.FIREWALL_UCI_OPENWRT] = RenderedFile(e.get_template("firewall/openwrt.j2").render(**ctx).encode(), 0o644)
 
-    for path, program in paths.programs(site.router.platform, site.router.release).items():
-        files[path] = RenderedFile((ROUTER_PROGRAMS / program).read_bytes(), 0o755)
     if release is not None:
         files[paths.RELEASE_ENV] = RenderedFile(release.encode(), 0o644)
     files[paths.ROUTER_ENV] = RenderedFile(
-        f"WAN_ROUTER={site.name}\nWAN_PLATFORM={site.router.platform}\nWAN_LIBRESWAN={site.router.libreswan}\n"
+        f"WAN_ROUTER={site.name}\nWAN_PLATFORM={site.router.platform}\nWAN_PLATFORM_RELEASE={site.router.release}\n"
+        f"WAN_LIBRESWAN={site.router.libreswan}\n"
         f"WAN_CKAID={site.router.key.ckaid}\n".encode(), 0o644)
     files[paths.TUNNELS_LIST] = RenderedFile("".join(
         f"{name} {t.conf_sha256} {1 if t.initiator else 0}\n"

@@ -1,6 +1,7 @@
 """Constants and helpers shared by the test modules (conftest.py holds the fixtures)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,8 +69,17 @@ up() {
     grep -qxF -- "$p_key" "$S/keys/$my_peer" 2>/dev/null && grep -qxF -- "$my_key" "$STUB_PEER/keys/$p_peer" 2>/dev/null
 }
 case "$1" in
+  showhostkey)  # the private keys of the NSS database: $S/nss (one ckaid a line) when a test says,
+                # else the key of every router.env under STUB_ROOT (enrol made it, as on a router)
+    if [ -f "$S/nss" ]; then cat "$S/nss"; else find "$STUB_ROOT" -path '*/etc/wan/router.env' -exec cat {} + 2>/dev/null |
+      sed -n 's/^WAN_CKAID=//p'; fi | sort -u | while read -r c; do echo "< 1> RSA keyid: AwEAAstub ckaid: $c"; done ;;
   whack)
     case "$2" in
+      --listpubkeys)  # as pluto 4.10 lists them (programs/pluto/keys.c show_pubkey): keyid, then the id
+          for f in "$S"/keys/*; do [ -e "$f" ] || continue
+              while read -r k; do kid=$(printf %s "$k" | cut -c3-11)
+                  echo "000 Nov 27 17:43:37 2026, 2048 RSA Key $kid (no private key), until --- -- --:--:-- ---- ok"
+                  echo "000        ID_FQDN '${f##*/}'"; done < "$f"; done ;;
       --trafficstatus) for f in "$S"/loaded/*; do [ -e "$f" ] || continue; n=${f##*/}
           up "$n" && echo "006 #2: \"$n\", type=ESP, add_time=1, inBytes=0, outBytes=0, id='x'"; done ;;
       --status) for f in "$S"/loaded/*; do [ -e "$f" ] && echo "000 \"${f##*/}\": 10.0.0.1/32===10.0.0.2/32"; done ;;
@@ -161,7 +171,7 @@ class Server:
         while not portfile.exists():
             assert self.proc.poll() is None and time.monotonic() < end, self.log.read_text()
             time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{portfile.read_text().strip()}/releases"
+        self.url = f"http://127.0.0.1:{portfile.read_text().split()[0]}/releases"
 
     def stop(self) -> None:
         import os
@@ -236,3 +246,17 @@ class HostileServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def enrol_programs(root: Path) -> Path:
+    """A router root as `enrol --install` and its first reconcile leave it: every program of the
+    program release in /etc/wan (render/paths.py PROGRAMS) and OpenWrt's hooks (OPENWRT_HOOKS)."""
+    from render import paths
+    repo = Path(__file__).resolve().parents[1]
+    for path, name in paths.PROGRAMS.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(repo / "router" / name, root / path)
+    for hook, program in paths.OPENWRT_HOOKS.items():
+        (root / hook).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / program, root / hook)
+    return root

@@ -26,6 +26,8 @@ import pytest
 from lab.keys import stranger_key, with_wrong_peer_keys
 from release import signify
 from release.bundle import build, pack, release_env, resign
+from release.programs import key_id
+from render import paths
 from render.model import Wan
 from render.render import render_wan
 from render.validate import load_sites
@@ -38,6 +40,18 @@ SHELLS = [s for s in (["busybox", "sh"], ["bash"]) if shutil.which(s[0])]
 DOWNLOADERS = [d for d in ("curl", "wget") if shutil.which("curl" if d == "curl" else "busybox")]
 pytestmark = pytest.mark.skipif(not shutil.which("signify-openbsd"), reason="needs signify-openbsd (./run installs it)")
 
+
+
+def enrolled(root: Path, key: signify.SecretKey, program_key: signify.SecretKey | None = None) -> None:
+    """A router's /etc/wan as `enrol --install` leaves it: the trusted key sets and the programs
+    (bundles carry none: fetch applies them with the installed reconcile)."""
+    (root / "etc/wan/keys/release").mkdir(parents=True)
+    (root / "etc/wan/keys/programs").mkdir(parents=True)
+    (root / "etc/wan/keys/release" / key_id(key.public)).write_text(key.public.text("test key"))
+    program_key = program_key or signify.generate()
+    (root / "etc/wan/keys/programs" / key_id(program_key.public)).write_text(program_key.public.text("program key"))
+    for name in sorted(set(paths.PROGRAMS.values())):
+        shutil.copy(REPO / "router" / name, root / "etc/wan" / name)
 
 
 def rekeyed(wan: Wan) -> Wan:
@@ -59,8 +73,8 @@ class World:
         self.dist.mkdir()
         self.server = Server(self.dist, tmp / "server.log")
         self.root = tmp / "root"
-        (self.root / "etc/wan").mkdir(parents=True)
-        (self.root / "etc/wan/release.pub").write_text(self.key.public.text("test key"))
+        self.program_key = signify.generate()
+        enrolled(self.root, self.key, self.program_key)
         conf = [f"WAN_RELEASE_URL={self.server.url}", "WAN_ROUTER=acme", "WAN_HEALTH_TIMEOUT=2", "WAN_FETCH_TIMEOUT=20",
                 f"WAN_DOWNLOADER={downloader}", "WAN_KEEP=1"]
         (self.root / "etc/wan/fetch.conf").write_text("\n".join(conf) + "\n")
@@ -79,8 +93,9 @@ class World:
                     "STUB_STATE": str(self.state), "STUB_ROOT": str(self.root), "STUB_PEER": str(self.peer),
                     "WAN_RELOAD_DNS": "true", "WAN_RELOAD_FIREWALL": "true"}
 
-    def release(self, tag: str, signing: signify.SecretKey | None = None, latest: bool = True, trees=None) -> Path:
-        r = build(self.wan, signing or self.key, tag, self.dist, "test", trees=trees)
+    def release(self, tag: str, signing: signify.SecretKey | None = None, latest: bool = True, trees=None,
+                programs: int = 0) -> Path:
+        r = build(self.wan, signing or self.key, tag, self.dist, "test", trees=trees, programs=programs)
         if latest:
             (self.dist / "latest").write_text(tag + "\n")
         return r.dir
@@ -98,6 +113,16 @@ class World:
 
     def installed_tag(self) -> str:
         return (self.root / "etc/wan/release.env").read_text().split("\n")[0]
+
+    def program_release(self, serial: int) -> Path:
+        """dist/programs-<serial>/: this checkout's programs and this world's keys, signed by its program key."""
+        from release import programs
+        repo = self.tmp / f"program-repo-{serial}"
+        (repo / "release").mkdir(parents=True)
+        shutil.copytree(REPO / "router", repo / "router")
+        (repo / programs.PUBLIC_KEY).write_text(self.program_key.public.text("program key"))
+        (repo / "release/wan-release.pub").write_text(self.key.public.text("release key"))
+        return programs.build(repo, serial, self.dist, self.program_key, "test")
 
     def calls(self) -> list[str]:
         return self.log.read_text().splitlines()
@@ -150,7 +175,7 @@ def test_refusals_change_nothing(world):
     refused(2, "acme.tar.gz does not match the signed SHA256SUMS")
 
     world.release("v1.2.0", signing=signify.generate())  # signed by a key the router does not trust
-    refused(2, "SHA256SUMS is not signed by the trusted key")
+    refused(2, "SHA256SUMS is not signed by a trusted release key")
 
     d = world.release("v1.3.0")  # validly signed, but acme's bundle is home's
     shutil.copy(d / "home.tar.gz", d / "acme.tar.gz")
@@ -255,7 +280,7 @@ def test_bundles_are_reproducible_and_verify_with_signify(tmp_path):
     # the bundle: the rendered tree plus release.env, root-owned, modes kept
     t = subprocess.run(["tar", "-tvzf", str(a / "acme.tar.gz")], capture_output=True, text=True).stdout
     assert "-rw-r--r-- root/root" in next(line for line in t.splitlines() if line.endswith("acme-home.conf"))
-    assert "-rwxr-xr-x root/root" in next(line for line in t.splitlines() if line.endswith("etc/wan/fetch"))
+    assert "etc/wan/fetch" not in t and "etc/wan/reconcile" not in t  # programs come only from a program release
     assert "etc/wan/release.env" in t and "peers.list" in t and ".secrets" not in t
     other = with_wrong_peer_keys(wan, "acme")
     assert pack(render_wan(wan, "abc")["acme"], 0) != pack(render_wan(other, "abc")["acme"], 0)
@@ -338,7 +363,8 @@ def assert_consistent(world, dist: Path, tag: str) -> None:
     left = [p.name for p in rel.iterdir()
             if p.name.startswith("work.") or p.name in ("journal", "pending") or p.name.endswith(".wan-new")]
     left += [p.name for p in (root / "etc/wan").iterdir()
-             if p.name.startswith(".reconcile.") or p.name in ("reconcile.journal", "previous.new")]
+             if p.name.startswith(".reconcile.") or p.name in ("reconcile.journal", "previous.new", "keys.new", "keys.old")
+             or p.name.endswith(".wan-new")]
     left += [p.name for p in (rel / "bundles").iterdir() if p.name.endswith(".new")]
     assert not left, f"left over: {left}"
 
@@ -404,10 +430,12 @@ def kill_template(tmp: Path, shell: list[str]) -> tuple[Path, dict, dict]:
     sites = tmp / "sites-b"
     shutil.copytree(WAN, sites)
     (sites / "home.yaml").write_text((sites / "home.yaml").read_text().replace("192.168.2.0/24", "192.168.2.0/23"))
-    build(load_sites(sites), w.key, "v1.1.0", w.dist, "test")
+    # both name a program release, so its steps (programs, programs-keys, programs-install) are run too
+    w.program_release(2)
+    build(load_sites(sites), w.key, "v1.1.0", w.dist, "test", programs=2)
     bad = render_wan(with_wrong_peer_keys(w.wan, "acme"), "test", release_env("v1.2.0", "test"))
     ok = render_wan(w.wan, "test", release_env("v1.2.0", "test"))
-    w.release("v1.2.0", trees={"acme": bad["acme"], "home": ok["home"]}, latest=False)
+    w.release("v1.2.0", trees={"acme": bad["acme"], "home": ok["home"]}, latest=False, programs=2)
     (w.root / "etc/wan/test-hooks").write_text("")
     servers = {}
     for scenario, tag in (("good", "v1.1.0"), ("bad", "v1.2.0")):
@@ -467,6 +495,12 @@ def test_killed_at_every_step_the_next_run_ends_fully_on_the_old_or_the_new_rele
             assert res.returncode in (0, 1), f"rc {res.returncode}"
             assert (r.root / "etc/wan/release.env").read_text().startswith(f"WAN_TAG={want}\n"), "on the wrong release"
             assert_consistent(r, tmp_path / f"dist-{scenario}", want)
+            # the program release both releases name is installed whole: programs, keys, programs.env
+            lib = r.root / "etc/wan"
+            assert (lib / "programs.env").read_text() == "WAN_PROGRAMS_SERIAL=2\n", "program release not installed"
+            for name in ("fetch", "reconcile", "enrol"):
+                assert (lib / name).read_bytes() == (REPO / "router" / name).read_bytes(), name
+            assert len(list((lib / "keys/release").iterdir())) == 1 and len(list((lib / "keys/programs").iterdir())) == 1
             again = r.fetch()
             assert again.returncode == (0 if scenario == "good" else 1), f"a further run: rc {again.returncode}"
             assert not [c for c in r.calls() if "--trafficstatus" not in c and "--status" not in c], r.calls()
@@ -599,10 +633,10 @@ def test_hostile_servers_are_bounded_in_size_and_time(world):
 
 
 def test_no_room_for_the_bundle_changes_nothing(world, tmp_path):
-    """WAN_STATE on a 160 KiB file system (a real tmpfs): the signed sizes say the bundle needs more."""
+    """WAN_STATE on a 96 KiB file system (a real tmpfs): the signed sizes say the bundle needs more."""
     small = tmp_path / "small"
     small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(small)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(small)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         with open(world.root / "etc/wan/fetch.conf", "a") as f:
@@ -678,10 +712,12 @@ def test_a_damaged_installed_serial_fails_closed(world):
     ("{sha} 0755 ../x", "../x is not a plain relative path"),
     ("{sha} 0644 /etc/shadow", "/etc/shadow is not a plain relative path"),
     ("{sha} 0644 etc/./x", "etc/./x is not a plain relative path"),
-    ("{sha} 4755 etc/wan/fetch", "mode 4755 of etc/wan/fetch is above 0755 or sets setuid/setgid/sticky"),
-    ("{sha} 2755 etc/wan/fetch", "mode 2755"),
-    ("{sha} 1755 etc/wan/fetch", "mode 1755"),
-    ("{sha} 0777 etc/wan/fetch", "mode 0777"),
+    ("{sha} 4755 etc/ipsec.d/acme-home.conf", "mode 4755 of etc/ipsec.d/acme-home.conf is above 0755 or sets setuid/setgid/sticky"),
+    ("{sha} 2755 etc/ipsec.d/acme-home.conf", "mode 2755"),
+    ("{sha} 1755 etc/ipsec.d/acme-home.conf", "mode 1755"),
+    ("{sha} 0777 etc/ipsec.d/acme-home.conf", "mode 0777"),
+    ("{sha} 0755 etc/wan/reconcile", "etc/wan/reconcile is not one of the WAN's own files"),
+    ("{sha} 0644 etc/wan/keys/release/1234", "etc/wan/keys/release/1234 is not one of the WAN's own files"),
     ("{sha} 0644 etc/wan/a b", "not \"sha256 mode path\""),
 ])
 def test_unsafe_paths_and_modes_in_a_signed_bundle_are_refused_before_anything_is_installed(world, line, words):
@@ -691,10 +727,10 @@ def test_unsafe_paths_and_modes_in_a_signed_bundle_are_refused_before_anything_i
     before = world.snapshot()
     trees = render_wan(world.wan, "test", release_env("v1.1.0", "test"))
     fl = trees["acme"]["etc/wan/files.list"]
-    sha = hashlib.sha256(trees["acme"]["etc/wan/fetch"].content).hexdigest()
+    sha = hashlib.sha256(trees["acme"]["etc/ipsec.d/acme-home.conf"].content).hexdigest()
     text = fl.content.decode()
-    if " etc/wan/fetch\n" in line.format(sha=sha) + "\n":  # the same file, another mode
-        text = "".join(x + "\n" for x in text.splitlines() if not x.endswith(" etc/wan/fetch"))
+    if " etc/ipsec.d/acme-home.conf\n" in line.format(sha=sha) + "\n":  # the same file, another mode
+        text = "".join(x + "\n" for x in text.splitlines() if not x.endswith(" etc/ipsec.d/acme-home.conf"))
     trees["acme"]["etc/wan/files.list"] = RenderedFile((text + line.format(sha=sha) + "\n").encode(), fl.mode)
     world.release("v1.1.0", trees=trees)
     r = world.fetch()
@@ -750,8 +786,7 @@ class Pair:
         self.env = {}
         for me, peer in (("acme", "home"), ("home", "acme")):
             root = tmp / me
-            (root / "etc/wan").mkdir(parents=True)
-            (root / "etc/wan/release.pub").write_text(self.key.public.text("test key"))
+            enrolled(root, self.key)
             (root / "etc/wan/fetch.conf").write_text(
                 f"WAN_RELEASE_URL={self.server.url}\nWAN_ROUTER={me}\nWAN_HEALTH_TIMEOUT=1\nWAN_DOWNLOADER=curl\nWAN_PEER_GRACE={grace}\n")
             (tmp / f"pluto-{me}").mkdir()

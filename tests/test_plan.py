@@ -16,7 +16,7 @@ from render.plan import plan_trees
 from render.render import render_wan, write_trees
 from render.validate import load_sites
 
-from support import REPO, site_key, sites_repo
+from support import REPO, enrol_programs, site_key, sites_repo
 
 
 def _wan(tmp: Path, name: str, edit=None) -> dict:
@@ -104,12 +104,11 @@ def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
         root = tmp_path / "roots" / p.router
         if not p.new_router:
             shutil.copytree(tmp_path / "old" / p.router, root)
-        else:
-            root.mkdir(parents=True)
+        enrol_programs(root)
         ow = Manifest.from_json(new[p.router][paths.MANIFEST].content).platform == "openwrt"
         env = {"PATH": f"{bin_}:/usr/bin:/bin", "TMPDIR": str(tmp_path), **(openwrt if ow else {})}
         log.write_text("")
-        r = subprocess.run(["sh", str(tmp_path / "new" / p.router / paths.RECONCILE), "--root", str(root),
+        r = subprocess.run(["sh", str(REPO / "router/reconcile"), "--root", str(root),
                             str(tmp_path / "new" / p.router)], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
         calls = log.read_text().splitlines()

@@ -15,7 +15,7 @@ from render.errors import WanError
 from render.render import render_wan
 from render.validate import load_sites
 
-from support import REPO
+from support import REPO, enrol_programs
 
 SHELLS = [["busybox", "sh"], ["bash"]]
 
@@ -73,8 +73,10 @@ def test_no_router_gets_ipsec_conf_or_ipsec_secrets(tmp_path):
     trees = render_wan(load_sites(d))
     for router, tree in trees.items():
         assert not set(paths.PLATFORM_FILES) & set(tree), router
-    assert paths.OPENWRT_2305_IPSEC in trees["home"]
-    assert all(paths.OPENWRT_2305_IPSEC not in t for r, t in trees.items() if r != "home")
+    # no program either (they come with the programs): the platform release is in router.env for reconcile
+    assert not set(paths.PROGRAMS) & set(trees["home"]) and not set(paths.OPENWRT_HOOKS) & set(trees["home"])
+    assert b"WAN_PLATFORM_RELEASE=23.05\n" in trees["home"][paths.ROUTER_ENV].content
+    assert all(b"WAN_PLATFORM_RELEASE=23.05\n" not in t[paths.ROUTER_ENV].content for r, t in trees.items() if r != "home")
 
 
 def test_el_firewall_paths(tmp_path):
@@ -285,7 +287,7 @@ def _rec_router(tmp_path: Path, shell: list[str], sites: Path, router: str, env:
     from render.render import write_trees
     write_trees(render_wan(load_sites(sites)), out)
     root, bin_, log = tmp_path / "root", tmp_path / "bin", tmp_path / "calls.log"
-    root.mkdir(exist_ok=True)
+    enrol_programs(root)
     bin_.mkdir(exist_ok=True)
     for tool in ("ipsec", "systemctl", "firewall-cmd", "nft", "fw4"):
         (bin_ / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "$STUB_LOG"\n')
@@ -308,7 +310,8 @@ def test_reconcile_never_removes_ipsec_conf_or_secrets_listed_by_an_older_tree(t
     before the WAN stopped shipping them): the new tree drops them, and they stay on disk."""
     root, tree, log, run = _rec_router(tmp_path, shell, _sites(tmp_path), "acme", {"WAN_RELOAD_DNS": "true"})
     assert run().returncode == 0
-    for f, text in (("etc/ipsec.conf", "config setup\ninclude /etc/ipsec.d/*.conf\n"), ("etc/ipsec.secrets", "include /etc/ipsec.d/*.secrets\n")):
+    for f, text in (("etc/ipsec.conf", "config setup\ninclude /etc/ipsec.d/*.conf\n"),
+                    ("etc/ipsec.secrets", "include /etc/ipsec.d/*.secrets\n")):
         (root / f).write_text(text)
         digest = subprocess.run(["sha256sum", str(root / f)], capture_output=True, text=True).stdout.split()[0]
         with open(root / "etc/wan/files.list", "a") as fl:
@@ -326,7 +329,6 @@ def test_reconcile_edits_openwrt_23_05_stock_files_before_adding_conns_and_only_
     d = _sites(tmp_path, lambda d: _set(d, "home", "  libreswan: 4\n", "  libreswan: 4\n  platform_release: '23.05'\n"))
     root, tree, log, run = _rec_router(tmp_path, shell, d, "home",
                                        {"WAN_RELOAD_DNS": "echo reload-dns >> $STUB_LOG", "WAN_RELOAD_FIREWALL": "true"})
-    (root / "etc").mkdir(parents=True)
     for f in ("ipsec.conf", "ipsec.secrets"):
         shutil.copy(STOCK / f, root / "etc" / f)
     assert "would run: " + str(root / "etc/wan/openwrt-23.05-ipsec") in run("--dry-run").stdout
@@ -355,7 +357,6 @@ def test_reconcile_openwrt_dns_goes_through_openwrt_dns_and_a_failed_uci_line_fa
     functions.write_text("config_load() { :; }\nconfig_foreach() { \"$1\" cfg01411c; }\n"
                          "config_get() { eval \"$1=\\$4\"; }\n")
     root, tree, log, run = _rec_router(tmp_path, shell, _sites(tmp_path), "home", {"WAN_FUNCTIONS": str(functions)})
-    (root / "etc/init.d").mkdir(parents=True)
     (root / "etc/init.d/dnsmasq").write_text('#!/bin/sh\necho "dnsmasq $*" >> "$STUB_LOG"\n')
     (root / "etc/init.d/dnsmasq").chmod(0o755)
     r = subprocess.run(shell + [str(REPO / "router/reconcile"), "--dry-run", "--root", str(root), str(tree)],

@@ -20,7 +20,7 @@ from render import paths
 from render.render import render_wan, write_trees
 from render.validate import load_sites
 
-from support import REPO, site_key
+from support import REPO, enrol_programs, site_key
 
 SHELLS = [s for s in (["busybox", "sh"], ["bash"]) if shutil.which(s[0])]
 RECONCILE = REPO / "router" / "reconcile"
@@ -49,8 +49,7 @@ class Router:
     """A router's / in a directory, with a recording `ipsec` on PATH."""
 
     def __init__(self, tmp: Path, shell: list[str]):
-        self.root = tmp / "root"
-        self.root.mkdir()
+        self.root = enrol_programs(tmp / "root")
         self.log = tmp / "calls.log"
         self.log.write_text("")
         bin_ = tmp / "bin"
@@ -73,7 +72,11 @@ class Router:
     def files(self) -> dict[str, tuple[bytes, int]]:
         return {str(p.relative_to(self.root)): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
                 for p in self.root.rglob("*")
-                if p.is_file() and "previous" not in p.parts and p.parts[len(self.root.parts)] != "var"}
+                if p.is_file() and "previous" not in p.parts and p.parts[len(self.root.parts)] != "var"
+                and str(p.relative_to(self.root)) not in ENROLLED}
+
+
+ENROLLED = {*paths.PROGRAMS, *paths.OPENWRT_HOOKS}  # what enrol put there, not reconcile
 
 
 def _expected(tree: Path) -> dict[str, tuple[bytes, int]]:
@@ -336,7 +339,7 @@ def test_a_key_rollover_killed_at_any_step_is_finished_by_the_next_run(tmp_path,
     templates = {}
     for a, b in ((0, 1), (1, 2), (2, 3), (2, 1)):
         t = tmp_path / f"from{a}to{b}"
-        (t / "root").mkdir(parents=True)
+        enrol_programs(t / "root")
         for i in range(a + 1):
             assert run(t, trees[i]).returncode == 0  # the rollover as it happened up to `a`
         (t / "root/etc/wan/test-hooks").write_text("")
@@ -377,3 +380,52 @@ def test_a_key_rollover_killed_at_any_step_is_finished_by_the_next_run(tmp_path,
           f"{len([r for r in results if r is None])} converged")
     assert "peer-keys" in reached and "initiate" in reached and "install-files" in reached, reached
     assert not failures, f"{len(failures)} of {len(points)} kill points did not converge:\n" + "\n\n".join(failures[:3])
+
+
+@pytest.mark.parametrize("case", ["sites", "tests/golden/mesh-example/sites", "tests/golden/hub-v5/sites"])
+def test_every_rendered_path_is_on_the_allowlist(case, tmp_path, shell):
+    """reconcile --verify accepts every tree the renderer writes (EL and OpenWrt, both DNS modes)."""
+    _render(Path(case), tmp_path / "out")
+    for tree in sorted((tmp_path / "out").iterdir()):
+        r = subprocess.run(shell + [str(RECONCILE), "--verify", str(tree)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (tree.name, r.stderr)
+
+
+@pytest.mark.parametrize("path, mode, words", [
+    ("etc/wan/reconcile", "0755", "is not one of the WAN's own files"),
+    ("etc/wan/fetch", "0755", "is not one of the WAN's own files"),
+    ("etc/wan/enrol", "0755", "is not one of the WAN's own files"),
+    ("etc/wan/keys/release/1234abcd", "0644", "is not one of the WAN's own files"),
+    ("etc/wan/keys/programs/1234abcd", "0644", "is not one of the WAN's own files"),
+    ("etc/wan/release.pub", "0644", "is not one of the WAN's own files"),
+    ("etc/wan/fetch.conf", "0644", "is not one of the WAN's own files"),
+    ("etc/wan/token", "0600", "is not one of the WAN's own files"),
+    ("etc/wan/programs.env", "0644", "is not one of the WAN's own files"),
+    ("etc/crontabs/root", "0644", "is not one of the WAN's own files"),
+    ("etc/ipsec.d/../../root/.ssh/authorized_keys", "0644", "is not a plain relative path"),
+    ("etc/ipsec.d/x.secrets", "0600", "is not one of the WAN's own files"),
+    ("etc/ipsec.d/acme-home.conf", "4755", "is above 0755 or sets setuid"),
+])
+def test_a_bundle_outside_the_wan_files_is_refused_before_anything_changes(path, mode, words, tmp_path, shell):
+    """A validly signed bundle made with a stolen release key still cannot install a program, a
+    key or a setting: the installed reconcile refuses the tree whole, and changes nothing."""
+    import hashlib
+    _render(Path("tests/lab/wans/two"), tmp_path / "out")
+    tree = tmp_path / "out/acme"
+    content = b"#!/bin/sh\nid > /tmp/owned\n"
+    target = tree / path
+    if ".." not in path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    listed = (tree / paths.FILES_LIST).read_text()
+    if path == "etc/ipsec.d/acme-home.conf":
+        listed = listed.replace(" 0644 etc/ipsec.d/acme-home.conf", " 4755 etc/ipsec.d/acme-home.conf")
+    else:
+        listed += f"{hashlib.sha256(content).hexdigest()} {mode} {path}\n"
+    (tree / paths.FILES_LIST).write_text(listed)
+    router = Router(tmp_path, shell)
+    r = router.reconcile(tree)
+    assert r.returncode == 2 and words in r.stderr and "nothing was changed" in r.stderr, r.stderr
+    assert router.files() == {} and router.calls() == []
+    r = subprocess.run(shell + [str(RECONCILE), "--verify", str(tree)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and words in r.stderr

@@ -2,6 +2,7 @@
 (The bundles themselves and their verification by signify-openbsd: tests/test_fetch.py.)"""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -104,3 +105,81 @@ def test_release_task_explains_itself_and_wants_a_tag():
     assert r.returncode == 0 and "--tag" in r.stdout and "not a release tag" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "invoke", "release"], capture_output=True, text=True, cwd=repo)
     assert r.returncode == 2 and "--tag vMAJOR.MINOR.PATCH is required" in r.stderr and "Traceback" not in r.stderr
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_release_refuses_a_commit_not_reachable_from_main(repo, capsys):
+    cli.keygen()
+    _git(repo, "branch", "-M", "main")
+    assert cli.release("sites", "v1.0.0", "dist", on="main") == 0
+    _git(repo, "checkout", "-q", "-b", "unreviewed")
+    (repo / "sites/acme.yaml").write_text((repo / "sites/acme.yaml").read_text() + "# pushed without review\n")
+    _git(repo, "commit", "-qam", "not on main")
+    capsys.readouterr()
+    assert cli.release("sites", "v1.1.0", "dist", on="main") == 1
+    assert "is not reachable from main: only reviewed commits on main are released" in capsys.readouterr().err
+    assert not (repo / "dist/v1.1.0").exists()
+    assert cli.release("sites", "v1.1.0", "dist", on="origin/nothing") == 1
+    assert "git does not know this ref" in capsys.readouterr().err
+
+
+def _lab_result(repo: Path, **changes) -> Path:
+    """A result.json shaped as lab/run.py writes it (the lab itself boots a kernel: tests/lab/);
+    here only the release's checks of its provenance are under test."""
+    from release.provenance import source
+    result = {"ok": True, "checks": [], "source": source(repo / "sites"),
+              "keys": {"origin": "lab", "why": "the lab made its own key pair per router"}}
+    result.update(changes)
+    p = repo.parent / "result.json"
+    p.write_text(json.dumps(result))
+    return p
+
+
+def test_release_attaches_the_lab_result_and_the_plan_listed_in_the_signed_sums(repo, capsys):
+    cli.keygen()
+    assert cli.release("sites", "v1.0.0", "dist", lab_result=str(_lab_result(repo)), with_plan=True) == 0
+    d = repo / "dist/v1.0.0"
+    sums = (d / "SHA256SUMS").read_text()
+    assert "  lab-result.json\n" in sums and "  plan.md\n" in sums
+    assert verify(d, signify.read_public((repo / keys.PUBLIC_KEY).read_text())) == []
+    assert json.loads((d / "lab-result.json").read_text())["source"]["revision"] == _git(repo, "rev-parse", "HEAD")
+    assert "The first release" in (d / "plan.md").read_text()
+    _git(repo, "tag", "v1.0.0")
+    text = (repo / "sites/acme.yaml").read_text()
+    assert "  server: 10.1.2.250\n" in text
+    (repo / "sites/acme.yaml").write_text(text.replace("  server: 10.1.2.250\n", "  server: 10.1.2.251\n"))
+    _git(repo, "commit", "-qam", "acme moves its DNS server")
+    assert cli.release("sites", "v1.1.0", "dist", lab_result=str(_lab_result(repo)), with_plan=True) == 0, capsys.readouterr().err
+    plan = (repo / "dist/v1.1.0/plan.md").read_text()
+    assert "## WAN plan of v1.1.0: changes since `v1.0.0`" in plan and "| router |" in plan
+    assert "10.1.2.251" in plan  # the moved DNS server, in the other routers' file diffs
+
+
+@pytest.mark.parametrize("case, words", [
+    ("failed", "the lab did not pass"),
+    ("other commit", "not the released"),
+    ("other sites", "the lab proved other site files"),
+    ("not lab keys", "does not say that the lab used its own key pairs"),
+])
+def test_release_refuses_a_lab_result_of_something_else(repo, capsys, case, words):
+    cli.keygen()
+    src = {"revision": "0" * 40, "sites_digest": "x"}
+    changes = {"failed": {"ok": False}, "other commit": {"source": {**src, "sites_digest": None}},
+               "other sites": {}, "not lab keys": {"keys": {"origin": "site files"}}}[case]
+    result = _lab_result(repo, **changes)
+    if case == "other commit":
+        from release.provenance import sites_digest
+        doc = json.loads(result.read_text())
+        doc["source"]["sites_digest"] = sites_digest(repo / "sites")
+        result.write_text(json.dumps(doc))
+    if case == "other sites":
+        doc = json.loads(result.read_text())
+        doc["source"]["sites_digest"] = "f" * 64
+        result.write_text(json.dumps(doc))
+    assert cli.release("sites", "v1.0.0", "dist", lab_result=str(result)) == 1
+    assert words in capsys.readouterr().err
+    assert not (repo / "dist/v1.0.0").exists()

@@ -33,18 +33,13 @@ def _tree(root: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def _scrubbed(tree: dict[str, tuple[bytes, int]]) -> dict[str, bytes]:
-    """Rendered trees (router/path -> file) as the goldens hold them: without the router programs
-    (router/ is their one copy, checked below), their digests in MANIFEST.json and files.list
-    replaced by a name, and so the digest of files.list in MANIFEST.json: a change to a program
-    touches no golden. files.list itself is compared (scrubbed) like any file."""
-    digests = {hashlib.sha256((REPO / "router" / name).read_bytes()).hexdigest().encode(): f"<sha256 of router/{name}>".encode()
-               for name in paths.ALL_PROGRAMS.values()}
-    digests |= {hashlib.sha256(content).hexdigest().encode(): f"<sha256 of {paths.FILES_LIST}>".encode()
-                for name, (content, _) in tree.items() if name.split("/", 1)[1] == paths.FILES_LIST}
+    """Rendered trees (router/path -> file) as the goldens hold them: the digest of files.list in
+    MANIFEST.json replaced by a name. Trees carry no router program (routers get them from a
+    program release: docs/trust.md)."""
+    digests = {hashlib.sha256(content).hexdigest().encode(): f"<sha256 of {paths.FILES_LIST}>".encode()
+               for name, (content, _) in tree.items() if name.split("/", 1)[1] == paths.FILES_LIST}
     out = {}
     for name, (content, _) in tree.items():
-        if name.split("/", 1)[1] in paths.ALL_PROGRAMS:
-            continue
         for digest, label in digests.items():
             content = content.replace(digest, label)
         out[name] = content
@@ -70,21 +65,20 @@ def test_rendered_tree_matches_golden(case, tmp_path, update_goldens):
 
 
 @pytest.mark.parametrize("case", ["sites"] + [f"tests/golden/{c}/sites" for c in GOLDEN])
-def test_every_tree_carries_the_router_programs_byte_for_byte(case, tmp_path):
+def test_no_tree_carries_a_router_program_key_or_setting(case, tmp_path):
+    """A release signing key must not reach the routers' programs or trust anchors: the trees
+    (and so the bundles) hold only the WAN's own files, each listed in files.list and MANIFEST."""
     _render(Path(case), tmp_path / "out")
     routers = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert routers
+    forbidden = set(paths.PROGRAMS) | {paths.TOKEN, paths.PROGRAMS_ENV, paths.FETCH_CONF, paths.RELEASE_PUB}
     for router in routers:
         root = tmp_path / "out" / router
         m = Manifest.read(root / paths.MANIFEST)
-        listed = {line.split()[2]: line.split()[:2] for line in (root / paths.FILES_LIST).read_text().splitlines()}
-        for path, name in paths.programs(m.platform, m.platform_release).items():
-            program = (REPO / "router" / name).read_bytes()
-            digest = hashlib.sha256(program).hexdigest()
-            assert (root / path).read_bytes() == program, f"{router}: {path} is not router/{name}"
-            assert stat.S_IMODE((root / path).stat().st_mode) == 0o755
-            assert m.files[path].sha256 == digest and m.files[path].mode == "0755", f"{router}: MANIFEST entry of {path}"
-            assert listed[path] == [digest, "0755"], f"{router}: files.list entry of {path}"
+        listed = {line.split()[2] for line in (root / paths.FILES_LIST).read_text().splitlines()}
+        on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {paths.MANIFEST, paths.FILES_LIST}
+        assert listed == set(m.files) - {paths.FILES_LIST} == on_disk, router
+        assert not on_disk & forbidden and not any(p.startswith(paths.KEYS + "/") for p in on_disk), router
 
 
 def test_rendering_twice_gives_byte_identical_trees(tmp_path):
@@ -93,11 +87,10 @@ def test_rendering_twice_gives_byte_identical_trees(tmp_path):
     assert _tree(tmp_path / "one") == _tree(tmp_path / "two")
 
 
-def test_programs_are_0755_and_everything_else_0644(tmp_path):
+def test_every_file_is_0644(tmp_path):
     _render(Path("sites"), tmp_path / "out")
     for name, (_, mode) in _tree(tmp_path / "out").items():
-        want = 0o755 if name.split("/", 1)[1] in paths.ALL_PROGRAMS else 0o644
-        assert mode == want, name
+        assert mode == 0o644, name
 
 
 def test_each_end_signs_with_its_own_key_and_expects_the_peers(tmp_path):
@@ -226,7 +219,9 @@ def test_the_real_tools_catch_a_broken_file(tmp_path):
     conf = tmp_path / "out/acme" / paths.tunnel_conf("acme-paris")
     conf.write_text(conf.read_text().replace("leftsubnet=10.1.2.0/24", "leftsubnet=10.1.2.0/33"))
     nft = tmp_path / "out/acme" / paths.NFT_EL
-    nft.write_text(nft.read_text().replace("meta ipsec missing", "meta ipsec misssing"))
+    broken = nft.read_text().replace("snat ip to ip saddr", "snat ip too ip saddr")
+    assert broken != nft.read_text()
+    nft.write_text(broken)
     dns = tmp_path / "out/acme" / paths.DNSMASQ_EL
     dns.write_text(dns.read_text() + "no-such-option\n")
     failed = {(r.router, r.tool) for r in check_out(tmp_path / "out") if not r.ok}

@@ -214,7 +214,8 @@ def test_uml_xstate_launcher_refuses_exactly_the_xstate_regset(tmp_path):
         "    libc.ptrace(req, os.getppid(), addr, 0)\n"
         "    print(hex(req), hex(addr), ctypes.get_errno())\n")
     plain = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, check=True).stdout.split("\n")
-    guarded = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "lab/uml_xstate.py"), sys.executable, str(probe)],
+    launcher = str(Path(__file__).resolve().parents[2] / "lab/uml_xstate.py")
+    guarded = subprocess.run([sys.executable, launcher, sys.executable, str(probe)],
                              capture_output=True, text=True, check=True).stdout.split("\n")
     eio, esrch = str(errno.EIO), str(errno.ESRCH)
     assert [line.split()[-1] for line in plain if line] == [esrch] * 4

@@ -1,0 +1,199 @@
+"""The lab engine, inside a kernel with ESP: build the network, start the routers, play the
+scenarios, run the proofs, collect diagnostics, and give back a `LabResult`.
+
+Scenarios (lab/scenarios/) use only this class's public API: `plan`, `view`, `routers`,
+`network`, `state`, `add`, `note`, `report`, `switch_view`, `start_routers`, `wait_tunnels`,
+`wait_initiated`, `phase`. Everything the engine starts it ends again, by PID; every namespace it
+made it deletes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from . import diagnostics, proofs, scenarios
+from .contracts import Check, LabPlan, LabResult, WanView
+from .docker_routers import DockerFleet
+from .network import Network, ns_path
+from .proc import log, run, scrub
+from .routers import NetnsRouter, RouterHost, make_nss, start_fleet, wait_initiated
+
+
+class Lab:
+    def __init__(self, plan: LabPlan, results: Path):
+        self.plan = plan
+        self.results = results
+        self.state = Path(tempfile.mkdtemp(prefix=f"wanlab-{plan.prefix}-"))
+        self.view: WanView = plan.wan
+        docker = plan.routers == "docker"
+        self.network = Network(plan, self.state, make_router_ns=not docker)
+        self.fleet = DockerFleet(plan, self.network) if docker else None
+        self.routers: dict[str, RouterHost] = {}
+        self.result = LabResult(firewall_exercised=plan.firewall, routers=plan.routers,
+                                unjoined_pairs=plan.wan.unjoined_pairs())
+        self._nss: Path | None = None
+
+    # ---- the public API of scenarios and proofs ----------------------------------------------------
+    def add(self, check: Check) -> None:
+        self.result.checks.append(check)
+
+    def note(self, text: str) -> None:
+        if text not in self.result.notes:
+            self.result.notes.append(text)
+
+    def report(self, scenario: str, data: dict) -> None:
+        """A scenario's own summary, in result.json under scenarios/<name>."""
+        self.result.scenarios[scenario] = data
+
+    def switch_view(self, view: WanView) -> None:
+        """From now on the lab proves this revision of the WAN (a change scenario applied it)."""
+        self.view = view
+        self.result.unjoined_pairs = view.unjoined_pairs()
+        for s in view.sites:
+            if s.name in self.routers:
+                self.routers[s.name].site = s  # its conns and LANs as the new revision has them
+
+    @contextlib.contextmanager
+    def phase(self, label: str):
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.result.timings[label] = round(self.result.timings.get(label, 0) + time.monotonic() - t, 2)
+
+    def start_routers(self, names: list[str], mode: str | None = None) -> None:
+        """Install (first boot) and start these routers of the current view; see routers.start_fleet."""
+        sites = {s.name: s for s in self.view.sites}
+        for name in names:
+            if name in self.routers:
+                continue
+            if self._nss is None:
+                self._nss = self.state / "nss"
+                make_nss(self._nss)
+            r = NetnsRouter(sites[name], self.network, self.state, self.plan.infra.isp_resolver, self.plan.firewall, self._nss)
+            r.install(self.plan.install.get(name, sites[name].tree))
+            self.routers[name] = r
+        start_fleet(self.routers, names, self.network, mode or self.plan.start, self.view,
+                    without_conns=set(self.plan.install) & set(names))
+
+    def wait_tunnels(self) -> dict[str, dict]:
+        """Until every tunnel of the current view is up (or the bound); adds its tunnel checks."""
+        status, checks = proofs.wait_tunnels(self.view, self.routers, self.plan.tunnel_timeout)
+        self.result.checks += checks
+        return status
+
+    def wait_initiated(self, name: str) -> None:
+        wait_initiated(self.routers[name], self.view)
+
+    # ---- the run --------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        if self.fleet:
+            with self.phase("engine"):
+                self.fleet.start_engine()
+            self.result.timings.update(self.fleet.timings)
+            with self.phase("containers"):
+                self.routers.update(self.fleet.start_containers(self.plan.install))
+            self.note(self.fleet.note())
+        with self.phase("network"):
+            self.network.build(gated=self.plan.start == "gated" and not self.plan.install)
+        with self.phase("dns servers"):
+            self.network.start_isp_resolver()
+            self.network.start_dns_servers()
+        with self.phase("routers"):
+            if self.fleet:
+                start_fleet(self.routers, list(self.view.start_order), self.network, self.plan.start, self.view)
+            else:
+                self.start_routers(list(self.view.start_order))
+        for label in ("engine", "containers", "network", "dns servers", "routers"):
+            if label in self.result.timings:
+                log(f"{label}: {self.result.timings[label]} s")
+
+    def _play(self, stage: str) -> None:
+        for call in self.plan.scenarios:
+            sc = scenarios.load(call.name)
+            if sc.STAGE == stage:
+                with self.phase(call.name):
+                    sc.play(self, call.data)
+
+    def run(self) -> LabResult:
+        t0 = time.monotonic()
+        self._setup()
+        self._play("before_tunnels")
+        with self.phase("tunnels"):
+            self.wait_tunnels()
+        self._play("after_tunnels")
+        with self.phase("checks"):
+            for check in proofs.firewall(self):
+                self.add(check)
+            before = proofs.all_traffic(self.routers, self.view.names)
+            for proof in (proofs.pings(self, before), proofs.router_pings(self), proofs.dns(self), proofs.firewall(self)):
+                for check in proof:
+                    self.add(check)
+        failed = {c.src for c in self.result.failed()} | {c.dst for c in self.result.failed()}
+        if os.environ.get("WAN_LAB_DIAGNOSTICS") == "all":  # benchmarks: every router's logs, passed or not
+            failed |= set(self.routers)
+        if failed:
+            with self.phase("diagnostics"):
+                self.diagnostics(failed & set(self.routers))
+        self.result.timings["inside_total"] = round(time.monotonic() - t0, 2)
+        self.result.ok = all(c.ok for c in self.result.checks) and bool(self.result.checks)
+        return self.result
+
+    def diagnostics(self, names: set[str]) -> None:
+        for name in sorted(names):
+            diagnostics.collect(self.routers[name], self.results / "diagnostics" / name)
+
+    def teardown(self) -> None:
+        """End what the lab started, by PID, and delete its namespaces; cheap, and safe to repeat."""
+        for r in self.routers.values():
+            try:
+                r.teardown()
+            except Exception as e:  # noqa: BLE001 (the rest must still go)
+                log(f"stopping router {r.name} failed: {e}")
+        if self.fleet:
+            self.fleet.teardown()
+        self.network.teardown()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+    # ---- lab.up ------------------------------------------------------------------------------------
+    def places(self) -> dict[str, list[str]]:
+        where = {n: r.enter() for n, r in self.routers.items()}
+        for s in self.view.sites:
+            where[f"{s.name}-dns"] = ["nsenter", f"--net={ns_path(s.dns_ns)}", "--"]
+            for j, lan in enumerate(s.lans):
+                where[f"{s.name}-host{j}"] = ["nsenter", f"--net={ns_path(lan.host_ns)}", "--"]
+        where["internet"] = ["nsenter", f"--net={ns_path(self.plan.infra.inet_ns)}", "--"]
+        return where
+
+    def hold(self, control: Path) -> None:
+        """Keep the lab up for a person (lab.up): run the commands that lab.shell drops into
+        `control` (one JSON file each) in the named router or host, until `control/down` appears."""
+        where = self.places()
+        control.mkdir(parents=True, exist_ok=True)
+        (control / "up.json").write_text(json.dumps({"places": sorted(where)}) + "\n")
+        log("up: waiting for lab.shell commands; lab.down ends it")
+        while not (control / "down").exists():
+            for req in sorted(control.glob("*.req")):
+                try:
+                    ask = json.loads(req.read_text())
+                except json.JSONDecodeError:
+                    continue  # still being written
+                req.unlink()
+                if ask.get("place") not in where:
+                    reply = {"rc": 2, "output": f"no such place; choose one of: {', '.join(sorted(where))}\n"}
+                else:
+                    try:
+                        r = run(where[ask["place"]] + ["sh", "-c", ask["cmd"]], check=False, timeout=120)
+                        reply = {"rc": r.returncode, "output": scrub(r.stdout + r.stderr)}
+                    except subprocess.TimeoutExpired:
+                        reply = {"rc": 124, "output": "timed out after 120 s\n"}
+                tmp = req.with_suffix(".tmp")
+                tmp.write_text(json.dumps(reply))
+                tmp.rename(req.with_suffix(".out"))
+            time.sleep(0.1)

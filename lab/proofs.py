@@ -1,0 +1,235 @@
+"""The lab's proofs: read-only checks on a running lab that yield `Check` rows.
+
+Each proof covers the pairs of sites the topology joins (a mesh: every pair; hub-and-spoke: each
+spoke with its hubs); pairs no tunnel joins are listed in the result as not proven.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .contracts import Check, SitePlan, WanView
+from .network import ns_path, popen_ns
+from .platform import rebind_protected
+from .probes import ping_many
+from .proc import log, progress, run
+from .routers import RouterHost
+
+if TYPE_CHECKING:
+    from .engine import Lab
+
+
+STALL = 75.0  # seconds without a new Child SA anywhere: pluto's own retransmissions (60 s) are over
+
+
+def tunnel_bound(n_tunnels: int, explicit: float | None) -> tuple[float, float]:
+    """(absolute bound, stall bound) of the wait for every tunnel.
+
+    Given (the plan's tunnel_timeout, or WAN_LAB_TUNNEL_TIMEOUT): that, absolute; a negative test
+    whose broken tunnel never comes up sets it low. Otherwise the wait goes on while Child SAs keep
+    coming up and ends STALL seconds after the last one (pluto has given up by then; DPD would
+    take longer), within 20 s per tunnel and at least 300 s in all: a lab kernel on a busy host
+    brings Child SAs up far slower than on a quiet one (one QEMU run here: 16 s per _updown with
+    the load average at 13), so a fixed bound failed WANs that were only slow."""
+    if explicit is None and os.environ.get("WAN_LAB_TUNNEL_TIMEOUT"):
+        explicit = float(os.environ["WAN_LAB_TUNNEL_TIMEOUT"])
+    if explicit is not None:
+        return explicit, explicit
+    return max(300.0, 20.0 * n_tunnels), STALL
+
+
+def _ping_line(r: dict) -> str:
+    rtt = f", rtt {min(r['rtt_ms'])} ms" if r["rtt_ms"] else ""
+    errors = f" ({', '.join(r['errors'])})" if r.get("errors") else ""
+    return f"{r['sent']} echo requests, {r['received']} replies{rtt}{errors}"
+
+
+def all_traffic(routers: dict[str, RouterHost], names: list[str]) -> dict[str, dict]:
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        return dict(zip(names, ex.map(lambda n: routers[n].traffic(), names), strict=True))
+
+
+def wait_tunnels(view: WanView, routers: dict[str, RouterHost],
+                 bound: float | None = None) -> tuple[dict[str, dict], list[Check]]:
+    """Until every Child SA of every tunnel is established on both ends, or the timeout. The logs
+    say when to look; `ipsec whack --trafficstatus` on each router is the proof."""
+    tunnels, names = view.tunnels, view.names
+    absolute, stall = tunnel_bound(len(tunnels), bound)
+    start = time.monotonic()
+    end = start + min(absolute, stall)
+    want = {n: view.site(n).all_conns() for n in names}
+    conns = {(t.name, e): set(view.site(e).conns[t.name]) for t in tunnels for e in (t.a, t.b)}
+    shown, seen = -1, -1
+    while time.monotonic() < end:
+        logged = {n: routers[n].established() for n in names}
+        n_up = sum(all(conns[(t.name, e)] <= logged[e] for e in (t.a, t.b)) for t in tunnels)
+        if n_up != shown:
+            progress("tunnels (pluto logs)", n_up, len(tunnels))
+            shown = n_up
+        if all(want[n] <= logged[n] for n in names):
+            break
+        n_logged = sum(len(v) for v in logged.values())
+        if n_logged > seen:  # progress: a new Child SA somewhere; the stall clock starts again
+            seen = n_logged
+            end = min(start + absolute, time.monotonic() + stall)
+        time.sleep(0.1)
+    while True:
+        status = all_traffic(routers, names)
+        up = {t.name: all(conns[(t.name, e)] <= set(status[e]) for e in (t.a, t.b)) for t in tunnels}
+        progress("tunnels", sum(up.values()), len(tunnels))
+        if all(up.values()) or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    checks = []
+    for t in tunnels:
+        ends = {e: {c: status[e].get(c) for c in view.site(e).conns[t.name]} for e in (t.a, t.b)}
+        checks.append(Check("tunnel", t.a, t.b, up[t.name], {
+            "tunnel": t.name, "established": ends,
+            "why": "" if up[t.name] else "not every Child SA is established on both ends (ipsec whack --trafficstatus)"}))
+    return status, checks
+
+
+def wait_tunnels_of(router: RouterHost, timeout: float = 60) -> bool:
+    """Until every conn of this router's tunnels is established on it (whack)."""
+    want = router.site.all_conns()
+    end = time.monotonic() + timeout
+    while not want <= set(router.traffic()):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.25)
+    return True
+
+
+class Capture:
+    """tcpdump on every link of the internet namespace while the pings run."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.pcap = lab.state / "wan.pcap"
+        self.err = lab.state / "tcpdump.err"
+
+    def __enter__(self) -> Capture:
+        argv = ["tcpdump", "-i", "any", "-n", "-U", "--immediate-mode", "-w", str(self.pcap)]
+        self.proc = popen_ns(self.lab.plan.infra.inet_ns, argv, stdout=subprocess.DEVNULL, stderr=open(self.err, "w"))
+        end = time.monotonic() + 10  # tcpdump says "listening on" once the capture is armed
+        while time.monotonic() < end and "listening on" not in self.err.read_text():
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.2)
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def count(self, lans: list[str]) -> tuple[int, int]:
+        lan_filter = " or ".join(f"net {n}" for n in lans)
+        r = run(["tcpdump", "-n", "-r", str(self.pcap), "esp"], check=False)
+        esp = r.stdout.count("\n")
+        plain = run(["tcpdump", "-n", "-r", str(self.pcap), f"icmp and ({lan_filter})"], check=False).stdout.count("\n")
+        if not esp:
+            log(f"capture: {self.err.read_text().strip()} / {r.stderr.strip()} / {Path(self.pcap).stat().st_size} bytes")
+        return esp, plain
+
+
+def pings(lab: Lab, before: dict[str, dict]) -> Iterator[Check]:
+    """Every LAN host pings a host in every LAN of every site its site is joined to; the SA's byte
+    counter must rise and the internet must see ESP and no plain ICMP between LANs."""
+    view = lab.view
+    jobs = [(s, lan, o, olan) for s, o in view.joined_pairs() for lan in s.lans for olan in o.lans]
+    with Capture(lab) as cap:
+        results = ping_many([(ns_path(lan.host_ns), olan.host) for s, lan, o, olan in jobs])
+    progress("pings", len(jobs), len(jobs))
+    esp, plain = cap.count([lan.subnet for s in view.sites for lan in s.lans])
+    after = all_traffic(lab.routers, view.names)
+    for (s, lan, o, olan), r in zip(jobs, results, strict=True):
+        conns = s.conns[view.tunnel_between(s.name, o.name).name]
+        rose = any(after[s.name].get(c, {}).get("out", 0) > before.get(s.name, {}).get(c, {}).get("out", 0) for c in conns)
+        ok = r["received"] > 0
+        yield Check("ping", s.name, o.name, ok and rose, {
+            "from": lan.host, "to": olan.host, "ping": _ping_line(r), "sa_out_bytes_rose": rose,
+            "why": "" if ok and rose else ("no reply" if not ok else "replies came, but not through the tunnel's SA")})
+    yield Check("capture", "wan", "wan", esp > 0 and plain == 0, {
+        "esp_packets": esp, "plain_icmp_between_lans": plain,
+        "why": "" if (esp > 0 and plain == 0) else "expected ESP only on the WAN during the pings"})
+
+
+def router_pings(lab: Lab) -> Iterator[Check]:
+    """Each router pings every joined remote LAN without choosing a source: only leftsourceip makes
+    the kernel pick the router's LAN address, which the tunnel's policy matches."""
+    jobs = lab.view.joined_pairs()
+    results = ping_many([(ns_path(s.router_ns), o.lans[0].host) for s, o in jobs])
+    progress("router pings", len(jobs), len(jobs))
+    for (s, o), r in zip(jobs, results, strict=True):
+        ok = r["received"] > 0
+        yield Check("router_ping", s.name, o.name, ok, {"to": o.lans[0].host, "ping": _ping_line(r),
+                    "why": "" if ok else "the router's own traffic missed the tunnel (leftsourceip?)"})
+
+
+def _dig(s: SitePlan, names: list[str]) -> dict[str, list[str]]:
+    """One dig for all the names a LAN host asks its router (one process, several queries)."""
+    lan = s.lans[0]
+    argv = ["nsenter", f"--net={ns_path(lan.host_ns)}", "--", "dig", f"@{lan.router_address}",
+            "+noall", "+answer", "+time=3", "+tries=2"]
+    for n in names:
+        argv += [n, "A"]
+    r = run(argv, check=False, timeout=60)
+    got: dict[str, list[str]] = {n: [] for n in names}
+    for line in r.stdout.splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[3] == "A" and f[0].rstrip(".") in got:
+            got[f[0].rstrip(".")].append(f[4])
+    return got
+
+
+def dns(lab: Lab) -> Iterator[Check]:
+    """A LAN host asks its own router for a name in every joined site's domain (through the tunnel
+    to that site's DNS server), for a name outside the WAN (to the ISP, never into a tunnel), and
+    for a name whose answer would rebind to a private address (dropped)."""
+    view, infra = lab.view, lab.plan.infra
+    sites = view.sites
+
+    def one(s: SitePlan):
+        others = [o for o in sites if o.name != s.name and view.tunnel_between(s.name, o.name)]
+        return s, others, _dig(s, [o.check_name[0] for o in others] + [infra.outside_name, infra.rebind_name])
+
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        answers = list(ex.map(one, sites))
+    for k, (s, others, got) in enumerate(answers, 1):
+        progress("dns", k, len(sites), s.name)
+        for o in others:
+            name, want = o.check_name
+            if s.dns_mode == "hosts" and not o.records:
+                lab.note(f"dns {s.name}->{o.name}: hosts mode and {o.name} has no records: nothing to resolve")
+                continue
+            ok = got[name] == [want]
+            yield Check("dns", s.name, o.name, ok, {"name": name, "want": want, "got": got[name],
+                        "why": "" if ok else "the router did not forward the domain through the tunnel to the right server"})
+        leaked = [o.name for o in sites if infra.outside_name in lab.network.dns_log(o.name)]
+        yield Check("dns_outside", s.name, s.name, got[infra.outside_name] == [infra.isp_answer] and not leaked,
+                    {"name": infra.outside_name, "got": got[infra.outside_name], "asked_wan_dns_servers": leaked})
+        if not rebind_protected(s):
+            lab.note(f"dns rebind {s.name}: not proven: an EL router in hosts mode has no rebind protection (the "
+                     "renderer turns it on only in forward mode, EL's dnsmasq has none by default)")
+            continue
+        yield Check("dns_rebind", s.name, s.name, infra.rebind_answer not in got[infra.rebind_name],
+                    {"name": infra.rebind_name, "got": got[infra.rebind_name],
+                     "why": "a private answer from outside the WAN must be dropped"})
+
+
+def firewall(lab: Lab) -> Iterator[Check]:
+    """The proof only counts if the firewall was active all along: fw4 with its drop policies on
+    OpenWrt; on EL the WAN's own table with its fail-closed drops (accept policies: it restricts only
+    what the WAN adds, render/templates/firewall/el.j2)."""
+    if not lab.plan.firewall:
+        return
+    for s in lab.view.sites:
+        r = lab.routers[s.name].exec(["nft", "list", "ruleset"])
+        table = "table inet wan" if s.platform == "el" else "table inet fw4"
+        drops = r.stdout.count("policy drop") if s.platform == "openwrt" else r.stdout.count("ipsec missing drop")
+        ok = table in r.stdout and drops > 0
+        yield Check("firewall", s.name, s.name, ok, {"table": table, "drops": drops})

@@ -1,0 +1,120 @@
+"""The RouterHost primitives the fault scenarios build on, each played on one router of a running
+WAN and each proven: kill -9 of pluto (by its PID) and pluto started again; IPsec stopped and
+started; the WAN link cut and restored; a reboot (every process killed, the namespace with its
+XFRM state, routes and firewall gone, tmpfs dropped; back from the files on the router's disk).
+After them the engine's proofs run on the whole WAN: everything must have come back.
+
+Recovery times are reported (result.json scenarios/faults); they are measurements, not bounds.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..contracts import Check, Record
+from ..network import ns_path
+from ..probes import ping_many
+from ..proc import progress
+from ..proofs import wait_tunnels_of
+from . import PrepareContext, Prepared
+
+STAGE = "after_tunnels"
+RECOVERY_BOUND = 120.0  # seconds a primitive's recovery may take before it counts as failed
+
+
+@dataclass(frozen=True)
+class FaultsData(Record):
+    router: str  # the router the faults are played on
+    cut_seconds: float
+
+
+def prepare(ctx: PrepareContext) -> Prepared:
+    # the initiator of the first tunnel: it brings its own tunnels back itself after each fault
+    victim = ctx.options.get("router") or ctx.wan.tunnels[0].initiator
+    return Prepared(data=FaultsData(router=victim, cut_seconds=float(ctx.options.get("cut_seconds", 3))).to_dict())
+
+
+def _ping_peers(lab, name: str) -> tuple[int, int]:
+    view = lab.view
+    s = view.site(name)
+    probes = [(ns_path(s.lans[0].host_ns), o.lans[0].host) for a, o in view.joined_pairs() if a.name == name]
+    res = ping_many(probes, count=1, interval=0, wait=1.0)
+    return sum(r["received"] > 0 for r in res), len(probes)
+
+
+def _back(lab, router, t0: float) -> tuple[bool, float]:
+    up = wait_tunnels_of(router, RECOVERY_BOUND)
+    while up and _ping_peers(lab, router.name)[0] < _ping_peers(lab, router.name)[1]:
+        if time.monotonic() - t0 > RECOVERY_BOUND:
+            return False, round(time.monotonic() - t0, 2)
+        time.sleep(0.2)
+    return up, round(time.monotonic() - t0, 2)
+
+
+def play(lab, data: dict) -> None:
+    d = FaultsData.from_dict(data)
+    router = lab.routers[d.router]
+    report: dict = {"router": d.router}
+
+    # 1. kill -9 of pluto, by its PID; then pluto started again as its service would
+    before = router.pids("pluto")
+    t0 = time.monotonic()
+    killed = router.kill("pluto")
+    gone = killed == before and bool(killed) and not router.pids("pluto")
+    router.start_ipsec()
+    up, secs = _back(lab, router, t0)
+    report["kill_pluto"] = {"killed_pids": killed, "seconds_until_traffic": secs}
+    lab.add(Check("fault", d.router, "kill -9 pluto", gone and up, {
+        "killed": killed, "pluto_was": before, "tunnels_back": up, "seconds": secs,
+        "why": "" if gone and up else ("pluto survived its kill" if not gone else "its tunnels did not come back")}))
+    progress("faults", 1, 4, "kill -9 pluto")
+
+    # 2. IPsec stopped (pluto shuts down, deleting its SAs) and started
+    t0 = time.monotonic()
+    router.stop()
+    stopped = not router.pids("pluto") and not router.traffic()
+    router.start_ipsec()
+    up, secs = _back(lab, router, t0)
+    report["stop_start"] = {"seconds_until_traffic": secs}
+    lab.add(Check("fault", d.router, "stop and start", stopped and up, {
+        "stopped": stopped, "tunnels_back": up, "seconds": secs,
+        "why": "" if stopped and up else ("pluto still ran after stop" if not stopped else "its tunnels did not come back")}))
+    progress("faults", 2, 4, "stop and start")
+
+    # 3. the WAN link cut: nothing crosses; restored: traffic again without anyone's help
+    router.cut_wan()
+    time.sleep(0.2)
+    during, total = _ping_peers(lab, d.router)
+    time.sleep(max(0.0, d.cut_seconds - 1.2))
+    t0 = time.monotonic()
+    router.restore_wan()
+    up, secs = _back(lab, router, t0)
+    ok = during == 0 and up
+    report["wan_cut"] = {"cut_seconds": d.cut_seconds, "pings_during_cut": f"{during}/{total}", "seconds_until_traffic": secs}
+    lab.add(Check("fault", d.router, "wan cut and restored", ok, {
+        "replies_during_cut": during, "probes": total, "tunnels_back": up, "seconds": secs,
+        "why": "" if ok else ("traffic crossed a cut link" if during else "traffic did not come back")}))
+    progress("faults", 3, 4, "wan cut")
+
+    # 4. reboot: run time lost (a tmpfs marker), disk kept (a file on /etc), pluto/dnsmasq back
+    router.exec(["sh", "-c", "echo lab > /run/pluto/lab-runtime-marker && echo lab > /etc/wan/lab-disk-marker"], check=True)
+    pluto_before = router.pids("pluto")
+    t0 = time.monotonic()
+    router.reboot()
+    up, secs = _back(lab, router, t0)
+    r = router.exec(["sh", "-c", "test -e /run/pluto/lab-runtime-marker && echo runtime-kept; "
+                     "test -e /etc/wan/lab-disk-marker && echo disk-kept; rm -f /etc/wan/lab-disk-marker"])
+    runtime_dropped = "runtime-kept" not in r.stdout
+    disk_kept = "disk-kept" in r.stdout
+    new_pluto = bool(router.pids("pluto")) and router.pids("pluto") != pluto_before
+    dnsmasq = bool(router.pids("dnsmasq"))
+    ok = up and runtime_dropped and disk_kept and new_pluto and dnsmasq
+    report["reboot"] = {"seconds_until_traffic": secs}
+    why = [w for w, bad in (("its tunnels did not come back", not up), ("tmpfs survived the reboot", not runtime_dropped),
+                            ("the disk lost a file", not disk_kept), ("pluto is not a new process", not new_pluto),
+                            ("dnsmasq did not start", not dnsmasq)) if bad]
+    lab.add(Check("fault", d.router, "reboot", ok, {
+        "tunnels_back": up, "seconds": secs, "tmpfs_dropped": runtime_dropped, "disk_kept": disk_kept,
+        "pluto_restarted": new_pluto, "dnsmasq_running": dnsmasq, "why": "; ".join(why)}))
+    progress("faults", 4, 4, "reboot")
+    lab.report("faults", report)

@@ -1,0 +1,182 @@
+"""The lab's structure, checked without booting anything: no import circle, no module reaching into
+another's private names, the typed contracts round-trip through JSON, the lab's own addresses stay
+clear of the WAN's, and the whole repository is ruff-clean."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import subprocess
+import sys
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from lab import scenarios
+from lab.contracts import Check, LabPlan, LabResult
+from lab.plan import pick_infra, wan_view
+from render.render import render_wan, write_trees
+from render.validate import load_sites
+
+from support import REPO
+
+LAB = REPO / "lab"
+MODULES = sorted(p for p in LAB.rglob("*.py"))
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every lab module this one imports, at any depth of the code (function-level imports count),
+    except those only under `if TYPE_CHECKING:` (annotations, never executed)."""
+    tree = ast.parse(path.read_text())
+    me = _module(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("lab"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = package.split(".")
+                pkg = pkg[:len(pkg) - node.level + 1]
+                base = ".".join(pkg + ([base] if base else []))
+            if base.startswith("lab"):
+                for a in node.names:
+                    sub = f"{base}.{a.name}"
+                    found.add(sub if (REPO / (sub.replace(".", "/") + ".py")).exists()
+                              or (REPO / sub.replace(".", "/") / "__init__.py").exists() else base)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    found.discard(me)
+    return found
+
+
+def test_the_lab_has_no_import_circle():
+    graph = {_module(p): _imports(p) for p in MODULES}
+    # a package's __init__ is imported with any of its modules: count that edge too
+    for mod in list(graph):
+        parent = mod.rpartition(".")[0]
+        if parent and parent in graph and parent != "lab":
+            graph[mod] = graph[mod] | {parent}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def dfs(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(n):] + [n]))
+            if n in graph and not state.get(n):
+                dfs(n)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if not state.get(m):
+            dfs(m)
+
+
+def test_no_lab_module_uses_another_modules_private_names():
+    """`x._name` where x is another module or an object from one: only `self._...` and a module's own names."""
+    offenders = []
+    for p in MODULES:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    offenders.append(f"{p.relative_to(REPO)}:{node.lineno}: .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lab")):
+                offenders += [f"{p.relative_to(REPO)}:{node.lineno}: imports {a.name}"
+                              for a in node.names if a.name.startswith("_")]
+    assert offenders == []
+
+
+def test_every_lab_module_imports_alone_in_a_fresh_interpreter():
+    mods = [_module(p) for p in MODULES if p.name not in ("uml_xstate.py",)]
+    script = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    for m in mods:  # one interpreter each: an import that only works after another one would show
+        r = subprocess.run([sys.executable, "-c", script, m], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, f"{m}: {r.stderr[-800:]}"
+
+
+def test_scenarios_are_found_by_name_and_an_unknown_one_is_refused():
+    for name in scenarios.REGISTRY:
+        sc = scenarios.load(name)
+        assert sc.STAGE in ("before_tunnels", "after_tunnels") and callable(sc.prepare) and callable(sc.play)
+    with pytest.raises(scenarios.LabError, match="no lab scenario 'nope'; choose one of change, faults, release"):
+        scenarios.load("nope")
+
+
+@pytest.fixture(scope="module")
+def example_plan(tmp_path_factory) -> LabPlan:
+    wan = load_sites(REPO / "sites")
+    out = tmp_path_factory.mktemp("out")
+    write_trees(render_wan(wan, "lab"), out)
+    view = wan_view(wan, out, "wtest")
+    return LabPlan(prefix="wtest", firewall=True, libreswan_major=4, routers="netns", infra=pick_infra([wan], "wtest"),
+                   wan=view, network_sites=view.sites)
+
+
+def test_the_plan_round_trips_through_json_and_only_the_contract_spells_its_keys(example_plan):
+    text = example_plan.to_json()
+    again = LabPlan.from_json(text)
+    assert again == example_plan
+    assert again.wan.site("paris").lans[1].bridge == "br-lan1"
+    assert again.wan.tunnel_between("rome", "acme").name == "acme-rome"
+    assert json.loads(text)["infra"]["inet_gw"] == "100.64.0.1"
+
+
+def test_the_result_round_trips_through_json():
+    r = LabResult(ok=False, checks=[Check("ping", "a", "b", False, {"why": "no reply"})], timings={"routers": 1.5},
+                  unjoined_pairs=[("s1", "s2")], other_major={"a": "targets Libreswan 5; ran a 4.x rendering"})
+    again = LabResult.from_json(r.to_json())
+    assert again == r and isinstance(again.checks[0], Check) and again.failed()[0].evidence["why"] == "no reply"
+
+
+def test_hub_and_spoke_views_join_only_spokes_to_hubs(tmp_path):
+    from lab.generate import write_generated
+    sites = write_generated(3, tmp_path / "g", topology="hub-and-spoke", n_sites=4)
+    wan = load_sites(sites)
+    write_trees(render_wan(wan, "lab"), tmp_path / "out")
+    view = wan_view(wan, tmp_path / "out", "wtest")
+    hubs = set(wan.hubs)
+    assert all(s.name in hubs or o.name in hubs for s, o in view.joined_pairs())
+    spokes = [s.name for s in wan.sites if s.name not in hubs]
+    assert len(view.unjoined_pairs()) == len(spokes) * (len(spokes) - 1) // 2 > 0
+
+
+def test_the_labs_own_addresses_are_picked_around_the_wans(tmp_path):
+    """A WAN that uses 100.64.0.1, 100.64.0.53, 198.18.0.1 and a LAN with 10.66.66.66 gets other lab addresses."""
+    wan = load_sites(REPO / "sites")
+    acme = wan.site("acme")
+    rome = wan.site("rome")
+    crowded = dataclasses.replace(wan, sites=tuple(
+        dataclasses.replace(s, router=dataclasses.replace(s.router, public_address=IPv4Address("100.64.0.1"))) if s is acme
+        else dataclasses.replace(s, router=dataclasses.replace(s.router, public_address=IPv4Address("198.18.0.1")),
+                                 lans=(IPv4Network("10.66.66.0/24"),)) if s is rome else s for s in wan.sites))
+    infra = pick_infra([crowded, wan], "wx")
+    mine = (infra.inet_gw, infra.isp_resolver, infra.release_server, infra.isp_answer, infra.rebind_answer)
+    used = {IPv4Address(a) for a in mine}
+    assert len(used) == 5
+    assert IPv4Address("100.64.0.1") not in used and IPv4Address("198.18.0.1") not in used
+    assert not any(a in IPv4Network("10.66.66.0/24") for a in used)
+    assert IPv4Address(infra.rebind_answer) in IPv4Network("10.0.0.0/8")
+
+
+def test_the_whole_repository_is_ruff_clean():
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:]
