@@ -115,7 +115,8 @@ def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
         (bin_ / tool).chmod(0o755)
     # OpenWrt reloads through /etc/init.d and fw4, absent here: reconcile's stand-in hooks record them
     openwrt = {"WAN_RELOAD_DNS": f"echo reload-dns >> {log}", "WAN_RELOAD_FIREWALL": f"echo reload-firewall >> {log}"}
-    as_recorded = {f"uci batch < /{paths.DHCP_UCI_OPENWRT} (each line read back)": None, "/etc/wan/openwrt-dns": "reload-dns", "/etc/init.d/dnsmasq reload": None, "/etc/init.d/wan enable": None,
+    as_recorded = {f"uci batch < /{paths.DHCP_UCI_OPENWRT} (each line read back)": None,
+                   "/etc/wan/openwrt-dns": "reload-dns", "/etc/init.d/dnsmasq reload": None, "/etc/init.d/wan enable": None,
                    f"uci batch < /{paths.FIREWALL_UCI_OPENWRT} (each line read back)": "reload-firewall", "fw4 reload": None}
     checked = 0
     for p in plan_trees(old, new):
