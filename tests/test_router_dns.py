@@ -129,7 +129,8 @@ def test_openwrt_router_dns_answers_remote_lans_and_its_dhcp_names_where_local_s
     from a remote LAN is ignored; after (home router-DNS: localservice off by etc/wan/dhcp.uci, the
     domain served locally) it is answered, and so is the DHCP name a real udhcpc lease registered."""
     r, i, h = site_net
-    before = _tree(tmp_path / "before", _sites(tmp_path / "b", home=[("  server: 192.168.2.82", "  server: 192.168.2.53")]), "home")
+    separate_dns_host = [("  server: 192.168.2.82", "  server: 192.168.2.53")]
+    before = _tree(tmp_path / "before", _sites(tmp_path / "b", home=separate_dns_host), "home")
     after = _tree(tmp_path / "after", REPO / "sites", "home")
     for tree, router_dns in ((before, False), (after, True)):
         d = tmp_path / f"run-{router_dns}"
