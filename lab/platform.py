@@ -66,8 +66,10 @@ def dnsmasq_base(s: SitePlan, isp_resolver: str, boot: Path) -> list[str]:
         # limit 150, leasetime 12h), and the lab's probe name, which a DNS host would otherwise serve
         lan = s.lans[0]
         net = IPv4Network(lan.subnet)
-        first = net.network_address + min(100, net.num_addresses // 4)
-        last = net.network_address + min(249, net.num_addresses // 2)
+        # a /24 or larger: the stock .100-.249; smaller: its second quarter (the lab's LAN host sits in the
+        # upper half, lab/plan.py; dnsmasq pings an address before offering it, so a record's host is skipped)
+        first, last = (100, 249) if net.num_addresses >= 256 else (net.num_addresses // 4, net.num_addresses // 2 - 1)
+        first, last = net.network_address + first, net.network_address + last
         base += [f"dhcp-range={first},{last},{net.netmask},12h", f"dhcp-leasefile={boot}/dhcp.leases",
                  f"host-record={s.probe_record[0]},{s.probe_record[1]}"]
     if s.platform == "el":
