@@ -139,7 +139,7 @@ def test_openwrt_router_dns_answers_remote_lans_and_its_dhcp_names_where_local_s
         assert ("local-service" in lines) is not router_dns
         pid = _start_dnsmasq(r, lines, d)
         try:
-            lease = _ns(h, "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "1",
+            lease = _ns(h, "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "10", "-T", "1",
                         "-x", "hostname:laptop", "-s", "/bin/true")
             leased = lease.stdout + lease.stderr
             assert "lease of 192.168.2." in leased, leased
