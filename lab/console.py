@@ -101,6 +101,8 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
         if what in faults:
             lines.append(f"fault on {faults['router']}: {what.replace('_', ' ')}: traffic again after "
                          f"{faults[what]['seconds_until_traffic']} s")
+    for site, shapes in sorted(result.shapes.items()):
+        lines.append(f"site {site}: {', '.join(shapes)}")
     if result.unjoined_pairs:
         pairs = ", ".join(f"{a}-{b}" for a, b in result.unjoined_pairs[:8]) + (" ..." if len(result.unjoined_pairs) > 8 else "")
         lines.append(f"not proven: {len(result.unjoined_pairs)} pairs of sites that no tunnel joins ({pairs})")

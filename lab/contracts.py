@@ -114,6 +114,10 @@ class SitePlan(Record):
     # the router's own NSS database holding the private halves of its lab keys (lab/keys.py),
     # copied onto the router's disk at first boot; "": an empty database (a router with no key)
     nss: str = ""
+    # the site's router is its LAN's DNS server (dns.server is its LAN address): no DNS host; the dns_ns
+    # namespace is a DHCP client host on its first LAN instead (lab/proofs.py router_dns)
+    router_dns: bool = False
+    shapes: tuple[str, ...] = ()  # what the site is, for the verdict and result.json ("router-dns", ...)
 
     def all_conns(self) -> set[str]:
         return {c for cs in self.conns.values() for c in cs}
@@ -237,6 +241,7 @@ class LabResult(Record):
     routers: str = "netns"
     boot_seconds: float = 0.0
     total_seconds: float = 0.0
+    shapes: dict[str, list[str]] = field(default_factory=dict)  # site -> its shapes (SitePlan.shapes)
 
     def failed(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]

@@ -123,6 +123,7 @@ class Lab:
 
     def run(self) -> LabResult:
         t0 = time.monotonic()
+        self.result.shapes = {s.name: list(s.shapes) for s in self.view.sites if s.shapes}
         self._setup()
         self._play("before_tunnels")
         with self.phase("tunnels"):
@@ -132,7 +133,8 @@ class Lab:
             for check in proofs.firewall(self):
                 self.add(check)
             before = proofs.all_traffic(self.routers, self.view.names)
-            for proof in (proofs.pings(self, before), proofs.router_pings(self), proofs.dns(self), proofs.firewall(self)):
+            for proof in (proofs.pings(self, before), proofs.router_pings(self), proofs.dns(self), proofs.router_dns(self),
+                          proofs.firewall(self)):
                 for check in proof:
                     self.add(check)
         failed = {c.src for c in self.result.failed()} | {c.dst for c in self.result.failed()}

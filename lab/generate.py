@@ -43,11 +43,12 @@ class WanSpec:
 
     def describe(self) -> str:
         shape = ", ".join(f"{s.name} {s.platform}/{s.libreswan} {len(s.lans)} LAN{'s' if len(s.lans) > 1 else ''} "
-                          f"{s.dns_mode or self.default_dns_mode}" for s in self.sites)
+                          f"{s.dns_mode or self.default_dns_mode}{ROUTER_DNS[s.dns_server == s.router]}" for s in self.sites)
         hubs = f" (hubs {', '.join(self.hubs)})" if self.hubs else ""
         return f"{self.topology}{hubs}: {shape}"
 
 
+ROUTER_DNS = {True: " router-dns", False: ""}  # describe(): a site whose router is its DNS server
 Choose = Callable[[str, Sequence[Any]], Any]
 
 
@@ -85,6 +86,13 @@ def build(choose: Choose, n_sites: int | None = None, topology: str | None = Non
             name=name, platform=platform, libreswan=major, public=public, lans=lans, router=f"{first}.1",
             dns_server=f"{dns_base}.53", domain=f"{name}.gen{i}.example", records=records,
             dns_mode=choose(f"{name} dns mode", [None, "forward", "hosts"])))
+    # router-DNS sites (the router's dnsmasq is the DNS server), chosen after every other choice so a seed's
+    # WAN stays what it was before this choice existed; only where valid: without records, no site may use
+    # hosts mode (render/validate.py)
+    any_hosts = any((s.dns_mode or spec.default_dns_mode) == "hosts" for s in spec.sites)
+    for s in spec.sites:
+        if choose(f"{s.name} dns on the router", [False, True]) and (s.records or not any_hosts):
+            s.dns_server = s.router
     return spec
 
 

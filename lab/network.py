@@ -76,7 +76,7 @@ class Network:
             cmds += [f"link add {lan.bridge} type bridge", f"link set {lan.bridge} up",
                      f"addr add {lan.router_address}/{lan.prefixlen} dev {lan.bridge}",
                      f"link set h{j} master {lan.bridge}", f"link set h{j} up"]
-            if lan.has_dns and dns_lan is None:
+            if (lan.has_dns or (s.router_dns and j == 0)) and dns_lan is None:
                 dns_lan = lan
                 cmds += [f"link set d0 master {lan.bridge}", "link set d0 up"]
         return cmds
@@ -85,6 +85,9 @@ class Network:
         for lan in s.lans:
             _batch(lan.host_ns, ["link set lo up", "link set eth0 up", f"addr add {lan.host}/{lan.prefixlen} dev eth0",
                                  f"route add default via {lan.router_address}"])
+        if s.router_dns:  # no DNS host: a DHCP client host on the first LAN (it takes its address by DHCP)
+            _batch(s.dns_ns, ["link set lo up", "link set eth0 up"])
+            return
         dns_lan = next(lan for lan in s.lans if lan.has_dns)
         _batch(s.dns_ns, ["link set lo up", "link set eth0 up", f"addr add {s.dns_server}/{dns_lan.prefixlen} dev eth0",
                           f"route add default via {dns_lan.router_address}"])
@@ -143,6 +146,8 @@ class Network:
             _batch(old.host_ns, ["addr flush dev eth0", f"addr add {new.host}/{new.prefixlen} dev eth0",
                                  f"route replace default via {new.router_address}"])
         _batch(after.router_ns, cmds)
+        if before.router_dns or after.router_dns:
+            return
         old_dns = next(lan for lan in before.lans if lan.has_dns)
         new_dns = next(lan for lan in after.lans if lan.has_dns)
         moved = (old_dns.prefixlen, old_dns.router_address, before.dns_server) != (new_dns.prefixlen, new_dns.router_address,
@@ -179,6 +184,8 @@ class Network:
 
     def start_dns_servers(self) -> None:
         for s in self.plan.network_sites:
+            if s.router_dns:  # the router's own dnsmasq serves the domain (lab/platform.py dnsmasq_base)
+                continue
             d = self.state / f"dns-{s.name}"
             d.mkdir()
             records = dict(s.records)

@@ -115,7 +115,7 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
             host = _free_host(net, taken)
             lans.append(LanPlan(subnet=str(net), prefixlen=net.prefixlen, bridge="br-lan" if j == 0 else f"br-lan{j}",
                                 router_address=str(router_addr), host=str(host), host_ns=f"{prefix}h{i}x{j}",
-                                has_dns=s.dns.server in net))
+                                has_dns=s.dns.server in net and not s.router_dns))
         records = {f"{name}.{s.dns.domain}": str(addr) for name, addr in s.dns.records}
         probe = (f"lab-probe.{s.dns.domain}", lans[0].host)
         sites.append(SitePlan(
@@ -130,6 +130,7 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
             tree=str((out / s.name).resolve()),
             conns={t.name: tuple(manifests[s.name].tunnels[t.name].conns) for t in wan.tunnels_of(s.name)},
             nss=(nss or {}).get(s.name, ""),
+            router_dns=s.router_dns, shapes=("router-dns",) if s.router_dns else (),
         ))
     return WanView(name=wan.name, topology=wan.topology, sites=tuple(sites),
                    tunnels=tuple(TunnelPlan(name=t.name, a=t.a, b=t.b, initiator=t.initiator) for t in wan.tunnels),

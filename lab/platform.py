@@ -21,10 +21,11 @@ import signal
 import subprocess
 import sys
 import time
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from render import paths
-from render.openwrt import dnsmasq_options, fw4_ruleset
+from render.openwrt import dnsmasq_options, fw4_ruleset, uci_dnsmasq_options
 
 from .contracts import SitePlan
 
@@ -51,9 +52,26 @@ def enrolled_files(platform: str) -> dict[str, tuple[bytes, int]]:
 
 def dnsmasq_base(s: SitePlan, isp_resolver: str, boot: Path) -> list[str]:
     """The options dnsmasq gets whatever the WAN files say (boot: where its pid and log go)."""
-    base = [f"listen-address={','.join(lan.router_address for lan in s.lans)}", "bind-interfaces",
-            "no-resolv", "no-hosts", f"server={isp_resolver}", "user=root",
-            f"pid-file={boot}/dnsmasq.pid", f"log-facility={boot}/dnsmasq.log", "log-queries"]
+    if s.platform == "el":
+        listen = [f"listen-address={','.join(lan.router_address for lan in s.lans)}", "bind-interfaces"]
+    else:
+        # OpenWrt's stock `option nonwildcard 1` and no interface list: --bind-dynamic on every interface
+        # (dnsmasq.init: `append_bool "$cfg" nonwildcard "--bind-dynamic" 1`), the WAN side included;
+        # --local-service (or not) comes from the UCI model in dnsmasq_conf
+        listen = ["bind-dynamic"]
+    base = listen + ["no-resolv", "no-hosts", f"server={isp_resolver}", "user=root",
+                     f"pid-file={boot}/dnsmasq.pid", f"log-facility={boot}/dnsmasq.log", "log-queries"]
+    if s.router_dns:
+        # the operator's DHCP service on the first LAN (OpenWrt's stock `config dhcp lan`: start 100,
+        # limit 150, leasetime 12h), and the lab's probe name, which a DNS host would otherwise serve
+        lan = s.lans[0]
+        net = IPv4Network(lan.subnet)
+        # a /24 or larger: the stock .100-.249; smaller: its second quarter (the lab's LAN host sits in the
+        # upper half, lab/plan.py; dnsmasq pings an address before offering it, so a record's host is skipped)
+        first, last = (100, 249) if net.num_addresses >= 256 else (net.num_addresses // 4, net.num_addresses // 2 - 1)
+        first, last = net.network_address + first, net.network_address + last
+        base += [f"dhcp-range={first},{last},{net.netmask},12h", f"dhcp-leasefile={boot}/dhcp.leases",
+                 f"host-record={s.probe_record[0]},{s.probe_record[1]}"]
     if s.platform == "el":
         # rebind protection is the operator's choice on EL (the WAN's files only whitelist its own
         # domains: rebind-domain-ok); this lab's EL operators turn it on, as OpenWrt's stock config does
@@ -77,6 +95,7 @@ def dnsmasq_conf(platform: str, base: list[str], root: Path) -> str:
     """The whole dnsmasq configuration from the base options and the installed files under `root`."""
     lines = list(base)
     if platform == "openwrt":
+        lines += uci_dnsmasq_options(root)  # /etc/config/dhcp as the WAN's etc/wan/dhcp.uci leaves it
         lines += dnsmasq_options(root, stock=())  # the stock options are in `base` already
     return "\n".join(lines) + "\n"
 

@@ -221,6 +221,54 @@ def dns(lab: Lab) -> Iterator[Check]:
                      "why": "a private answer from outside the WAN must be dropped"})
 
 
+DHCP_NAME = "lab-dhcp"  # the hostname the DHCP client host sends (option 12)
+
+
+def _lease(s: SitePlan) -> tuple[str, str]:
+    """A real DHCP client (BusyBox udhcpc) on the router-DNS site's first LAN asks the router's dnsmasq for a
+    lease, sending its hostname; returns (leased address or "", udhcpc's output). `-s /bin/true`: the
+    address is not configured (the host needs none: the router's dnsmasq names it from the lease)."""
+    r = run(["nsenter", f"--net={ns_path(s.dns_ns)}", "--", "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f",
+             "-t", "5", "-T", "2", "-x", f"hostname:{DHCP_NAME}", "-s", "/bin/true"], check=False, timeout=60)
+    out = (r.stdout + r.stderr).strip()
+    for line in out.splitlines():
+        if "lease of " in line and " obtained" in line:
+            return line.split("lease of ", 1)[1].split()[0], out
+    return "", out
+
+
+def router_dns(lab: Lab) -> Iterator[Check]:
+    """A site whose router is its LAN's DNS server (router-DNS): a host on its LAN takes a DHCP lease from
+    the router's dnsmasq with a hostname; that name (<hostname>.<domain>) resolves from every joined site
+    through its own router and the tunnel; a query from the internet to the router's public address is
+    not answered (OpenWrt: only the firewall keeps it out, since localservice is off, so without a
+    firewall it is noted as not proven)."""
+    view, infra = lab.view, lab.plan.infra
+    for s in [s for s in view.sites if s.router_dns]:
+        addr, out = _lease(s)
+        yield Check("dhcp", s.name, s.name, bool(addr), {"hostname": DHCP_NAME, "leased": addr, "udhcpc": out[-400:],
+                    "why": "" if addr else "no DHCP lease from the router's dnsmasq"})
+        name = f"{DHCP_NAME}.{s.domain}"
+        for o in [o for o in view.sites if o.name != s.name and view.tunnel_between(s.name, o.name)]:
+            if o.dns_mode == "hosts":
+                lab.note(f"dns_dhcp {o.name}->{s.name}: {o.name} is in hosts mode: DHCP names do not reach it")
+                continue
+            got = _dig(o, [name])[name]
+            ok = bool(addr) and got == [addr]
+            yield Check("dns_dhcp", o.name, s.name, ok, {"name": name, "want": addr, "got": got,
+                        "why": "" if ok else "the DHCP name did not resolve through the tunnel from the router's dnsmasq"})
+        if s.platform == "openwrt" and not lab.plan.firewall:
+            lab.note(f"dns_internet {s.name}: not proven: an OpenWrt router-DNS site answers any source once "
+                     "localservice is off; only fw4 keeps the internet out, and the firewall is not exercised here")
+            continue
+        r = run(["nsenter", f"--net={ns_path(infra.inet_ns)}", "--", "dig", f"@{s.public}", "+noall", "+answer",
+                 "+time=2", "+tries=1", s.check_name[0], "A"], check=False, timeout=30)
+        answered = any(len(f := line.split()) >= 5 and f[3] == "A" for line in r.stdout.splitlines())
+        yield Check("dns_internet", "internet", s.name, not answered, {
+            "to": s.public, "name": s.check_name[0], "dig": (r.stdout + r.stderr).strip()[-300:],
+            "why": "" if not answered else "the router's DNS server answered a query from the internet"})
+
+
 def firewall(lab: Lab) -> Iterator[Check]:
     """The proof only counts if the firewall was active all along: fw4 with its drop policies on
     OpenWrt; on EL the WAN's own table with its fail-closed drops (accept policies: it restricts only

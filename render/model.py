@@ -64,6 +64,12 @@ class Site:
     dpd: Dpd
     dns_mode: str  # "forward" | "hosts"
 
+    @property
+    def router_dns(self) -> bool:
+        """The router's own dnsmasq is the site's DNS server (dns.server is its LAN address): it serves the
+        domain from its records and DHCP leases, and answers the other sites' LANs through the tunnels."""
+        return self.dns.server == self.router.lan_address
+
 
 @dataclass(frozen=True)
 class Tunnel:

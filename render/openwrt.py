@@ -23,6 +23,18 @@ def dnsmasq_options(tree: Path, stock: tuple[str, ...] = STOCK_DNSMASQ) -> list[
     return list(stock) + ours
 
 
+def uci_dnsmasq_options(tree: Path) -> list[str]:
+    """What OpenWrt's stock /etc/config/dhcp gives the first dnsmasq instance that the WAN may change, after
+    etc/wan/dhcp.uci: `option localservice 1` (openwrt/openwrt package/network/services/dnsmasq/files/dhcp.conf)
+    becomes --local-service (dnsmasq.init dnsmasq_start: `append_bool "$cfg" localservice "--local-service"`)
+    unless the file sets it to 0 (a router-DNS site). Also the stock `option domain 'lan'` and
+    `option local '/lan/'` (--domain, --local: `append_parm`), which the WAN leaves alone."""
+    f = Path(tree) / paths.DHCP_UCI_OPENWRT
+    sets = f.read_text() if f.exists() else ""
+    local_service = "set dhcp.@dnsmasq[0].localservice='0'" not in sets.splitlines()
+    return ["domain=lan", "local=/lan/"] + (["local-service"] if local_service else [])
+
+
 def fw4_ruleset(tree: Path, wan_ifname: str = "wan", lan_ifnames: tuple[str, ...] = ("br-lan",),
                 masquerade: bool = True) -> str:
     """A minimal `table inet fw4` with fw4's chain names, default policies and include points,

@@ -16,6 +16,9 @@ def tunnel_conf(name: str) -> str:
 # lines kept on flash and copied into the first instance's conf-dir (tmpfs) by router/openwrt-dns
 DNSMASQ_EL = "etc/dnsmasq.d/wan.conf"
 DNSMASQ_OPENWRT = "etc/wan/dnsmasq.conf"
+# OpenWrt router-DNS sites only: the UCI change their dnsmasq needs (localservice off), applied and read
+# back by reconcile (step reload-dns) before dnsmasq reloads
+DHCP_UCI_OPENWRT = "etc/wan/dhcp.uci"
 
 # firewall: a table of our own on EL (the NAT exemption and fail-closed drops, on both paths), plus
 # firewalld's zones and policies and a unit that loads the table at boot on the firewalld path;

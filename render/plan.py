@@ -38,11 +38,12 @@ class RouterPlan:
     gone_router: bool = False
     diff: str = ""  # unified diff of the configuration files (programs left out)
     keys: list[str] = field(default_factory=list)  # this router's key changes, by fingerprint (CKAID)
+    dns_settings: list[str] = field(default_factory=list)  # dnsmasq settings added/removed, by option (dns_settings())
 
     @property
     def touched(self) -> bool:
         return bool(self.added or self.changed or self.removed or self.other_files or self.new_router or self.gone_router
-                    or self.keys)
+                    or self.keys or self.dns_settings)
 
 
 def _manifest(tree: Tree | None) -> Manifest | None:
@@ -118,6 +119,7 @@ def plan_trees(old: dict[str, Tree], new: dict[str, Tree]) -> list[RouterPlan]:
         fo, fn = (mo.files if mo else {}), (mn.files if mn else {})
         p = RouterPlan(router, current.libreswan, new_router=o is None, gone_router=n is None)
         p.keys = key_changes(mo, mn)
+        p.dns_settings = dns_settings(o, n)
         for t in sorted(set(tn) | set(to)):
             if t not in to:
                 p.added.append(t)
@@ -163,6 +165,42 @@ def key_changes(old: Manifest | None, new: Manifest | None) -> list[str]:
     return out
 
 
+DNS_FILES = (paths.DNSMASQ_EL, paths.DNSMASQ_OPENWRT)
+
+
+def _dns_lines(tree: Tree | None) -> set[tuple[str, str]]:
+    """(setting, value) for every dnsmasq option line of the router's DNS file, and every UCI `set` of
+    etc/wan/dhcp.uci as (its option name, value)."""
+    out: set[tuple[str, str]] = set()
+    for f in DNS_FILES:
+        if tree and f in tree:
+            for line in tree[f].content.decode().splitlines():
+                if line.strip() and not line.startswith("#"):
+                    k, _, v = line.partition("=")
+                    out.add((k, v))
+    if tree and paths.DHCP_UCI_OPENWRT in tree:
+        for line in tree[paths.DHCP_UCI_OPENWRT].content.decode().splitlines():
+            if line.startswith("set "):
+                k, _, v = line[4:].partition("=")
+                out.add((f"{k.rsplit('.', 1)[-1]} (uci {k})", v.strip("'")))
+    return out
+
+
+def dns_settings(old: Tree | None, new: Tree | None) -> list[str]:
+    """The dnsmasq settings a change adds or removes on one router, one line per option: `local: +/home.lan/`,
+    `localservice (uci dhcp.@dnsmasq[0].localservice): +0`. A site whose router becomes its LAN's DNS
+    server changes `local`, `domain`, `host-record` and `localservice` (OpenWrt) or `listen-address` (EL)."""
+    a, b = _dns_lines(old), _dns_lines(new)
+    out = []
+    for opt in sorted({k for k, _ in a ^ b}):
+        changes = [f"+{v}" for k, v in sorted(b - a) if k == opt] + [f"-{v}" for k, v in sorted(a - b) if k == opt]
+        note = ""
+        if opt.endswith(")") and not any(k == opt for k, _ in b):
+            note = " (the router keeps the value: nothing sets it back; change it by hand if you want the old one)"
+        out.append(f"{opt}: {', '.join(changes)}{note}")
+    return out
+
+
 def _diff(old: Tree, new: Tree) -> str:
     out = []
     for f in sorted(set(old) | set(new)):
@@ -201,6 +239,7 @@ def as_text(plans: list[RouterPlan]) -> str:
         out += [f"  ~ {t} ({', '.join(w)})" for t, w in p.changed.items()]
         out += [f"  - {t}" for t in p.removed]
         out += [f"  key {k}" for k in p.keys]
+        out += [f"  dnsmasq {d}" for d in p.dns_settings]
         out += [f"  file {f}" for f in p.other_files]
         out += [f"  $ {c}" for c in p.commands]
     return "\n".join(out) + "\n"
@@ -228,6 +267,9 @@ def as_markdown(wan: Wan, plans: list[RouterPlan], base: str) -> str:
                      + f" | {', '.join(p.removed) or '-'} | {p.unchanged} | {', '.join(p.other_files) or '-'} | "
                      + ("<br>".join(p.keys) or "-") + " |")
     for p in touched:
+        if p.dns_settings:
+            lines += ["", f"<details><summary>{p.router}: dnsmasq settings</summary>", "",
+                      *[f"- `{d.split(': ', 1)[0]}`: {d.split(': ', 1)[1]}" for d in p.dns_settings], "</details>"]
         lines += ["", f"<details><summary>{p.router}: commands</summary>", "", "```sh", *p.commands, "```", "</details>"]
         if p.diff:
             summary = f"{p.router}: file changes ({p.diff.count('+++ ')} files)"

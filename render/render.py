@@ -135,6 +135,8 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
             files[paths.FIREWALL_UNIT_EL] = RenderedFile(e.get_template("firewall/el-unit.j2").render(**ctx).encode(), 0o644)
     else:
         files[paths.DNSMASQ_OPENWRT] = RenderedFile(e.get_template("dns/openwrt.j2").render(**ctx).encode(), 0o644)
+        if site.router_dns:
+            files[paths.DHCP_UCI_OPENWRT] = RenderedFile(e.get_template("dns/openwrt-dhcp.j2").render(**ctx).encode(), 0o644)
         for chain in paths.FW4_SNIPPETS:
             snippet = e.get_template(f"firewall/openwrt-{chain}.j2").render(**ctx)
             files[paths.fw4_snippet(chain)] = RenderedFile(snippet.encode(), 0o644)

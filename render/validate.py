@@ -365,8 +365,8 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
             P(doc, ("dns", "server"), f"{server} is outside the site's LANs ({', '.join(map(str, lans))}); the DNS server must sit in one of them so the tunnels reach it")
         elif _edge(server, lans):
             P(doc, ("dns", "server"), f"{server} is the network or broadcast address of {_edge(server, lans)}; name the DNS server host's own address")
-        if server == lan_address:
-            P(doc, ("dns", "server"), f"{server} is the router's own LAN address; name the site's DNS server host (the router forwards to it)")
+        # dns.server == router.lan_address: the router's own dnsmasq is the LAN's DNS server (the how-to's
+        # OpenWrt router); the peers forward the domain to that address through the tunnel (a router-DNS site)
         domain = dns["domain"]
         if public_suffix(domain):
             P(doc, ("dns", "domain"), f"{domain} is a public suffix (a top-level domain or a name on the Public Suffix "
@@ -417,6 +417,23 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
         if other and other[0] is not pdoc and other[1] == "the ike_id":
             P(other[0], ("router", "ike_id"), f"IKE id {public} is the public address (and so the IKE id) of {pdoc.file}; "
               "use this router's own address or an @name")
+
+    # A router-DNS site's names reach a router in hosts mode only as records: its DHCP names cannot be
+    # written there. With no records, nothing of its domain would resolve at such a router.
+    # Every other site counts (not only its tunnel peers): with transit through a hub, spokes resolve each
+    # other's domains too.
+    for s, doc in ((s, next(d for d in docs if d.file == s.file)) for s in sites):
+        if not s.router_dns or s.dns.records:
+            continue
+        hosts = (["this site"] if s.dns_mode == "hosts" else []) + \
+            [o.name for o in sites if o.name != s.name and o.dns_mode == "hosts"]
+        if hosts:
+            who = ", ".join(hosts[:-1]) + " and " + hosts[-1] if len(hosts) > 1 else hosts[0]
+            P(doc, ("dns", "server"), f"{s.dns.server} is this site's router (a router-DNS site) and dns.records is empty, "
+              f"while {who} {'uses' if len(hosts) == 1 else 'use'} dns_mode: hosts, where only a site's records are "
+              f"written into the routers (not its DHCP names): nothing in {s.dns.domain} would resolve there; add the "
+              "names the other sites need under dns.records, or use dns_mode: forward (overrides.dns_mode, or "
+              "defaults.dns_mode in wan.yaml)")
 
     # A record inside another site's domain: the other routers send that name to the other site.
     for fqdn, doc, rpath in records:

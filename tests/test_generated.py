@@ -47,10 +47,12 @@ def test_seeds_cover_every_platform_major_dns_mode_topology_and_lan_count():
             seen["platform x major"].add((s.platform, s.libreswan))
             seen["dns mode"].add(s.dns_mode or spec.default_dns_mode)
             seen["lans"].add(len(s.lans))
+            seen["router dns"].add(s.dns_server == s.router)
     assert seen["topology"] == {("mesh", 0), ("hub-and-spoke", 1), ("hub-and-spoke", 2)}
     assert seen["platform x major"] == {("el", 4), ("el", 5), ("openwrt", 4)}  # 5 on OpenWrt is refused by validation
     assert seen["dns mode"] == {"forward", "hosts"}
     assert seen["lans"] == {1, 2, 3}
+    assert seen["router dns"] == {False, True}
 
 
 def test_a_seed_always_gives_the_same_wan(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from release import git
 from render import cli, paths
 from render.manifest import Manifest
-from render.plan import plan_trees
+from render.plan import as_text, plan_trees
 from render.render import render_wan, write_trees
 from render.validate import load_sites
 
@@ -70,7 +70,27 @@ def test_removing_a_site_deletes_its_tunnels(tmp_path):
 
 def test_removing_a_site_reloads_openwrt_dns_from_the_conf_dir_file(tmp_path):
     plans = {p.router: p for p in plan_trees(_wan(tmp_path, "a"), _wan(tmp_path, "b", lambda d: (d / "oslo.yaml").unlink()))}
-    assert plans["home"].commands[1:3] == ["/etc/wan/openwrt-dns", "/etc/init.d/dnsmasq reload"]
+    # home is a router-DNS site: its localservice setting is applied (and read back) before every reload
+    assert plans["home"].commands[1:4] == [f"uci batch < /{paths.DHCP_UCI_OPENWRT} (each line read back)",
+                                           "/etc/wan/openwrt-dns", "/etc/init.d/dnsmasq reload"]
+
+
+def test_a_router_becoming_its_lans_dns_server_names_the_dnsmasq_settings(tmp_path):
+    """home turns from a separate DNS host into its router's dnsmasq: the plan names what changes in dnsmasq
+    (local, domain, host-record, localservice) on home, and the new forwarding target on its peers."""
+    def separate_dns_host(d):
+        f = d / "home.yaml"
+        f.write_text(f.read_text().replace("  server: 192.168.2.82", "  server: 192.168.2.53"))
+    plans = {p.router: p for p in plan_trees(_wan(tmp_path, "a", separate_dns_host), _wan(tmp_path, "b"))}
+    home = plans["home"].dns_settings
+    assert "local: +/home.lan/" in home and "domain: +home.lan,192.168.2.0/24" in home
+    assert "host-record: +nas.home.lan,192.168.2.10" in home
+    assert "localservice (uci dhcp.@dnsmasq[0].localservice): +0" in home
+    assert plans["acme"].dns_settings == ["server: +/home.lan/192.168.2.82@10.1.2.1, -/home.lan/192.168.2.53@10.1.2.1"]
+    assert "dnsmasq local: +/home.lan/" in as_text(list(plans.values()))
+    # and back: the UCI value stays on the router, and the plan says so
+    back = {p.router: p for p in plan_trees(_wan(tmp_path, "c"), _wan(tmp_path, "d", separate_dns_host))}
+    assert any(d.startswith("localservice") and "-0" in d and "keeps the value" in d for d in back["home"].dns_settings)
 
 
 def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
@@ -95,7 +115,8 @@ def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):
         (bin_ / tool).chmod(0o755)
     # OpenWrt reloads through /etc/init.d and fw4, absent here: reconcile's stand-in hooks record them
     openwrt = {"WAN_RELOAD_DNS": f"echo reload-dns >> {log}", "WAN_RELOAD_FIREWALL": f"echo reload-firewall >> {log}"}
-    as_recorded = {"/etc/wan/openwrt-dns": "reload-dns", "/etc/init.d/dnsmasq reload": None, "/etc/init.d/wan enable": None,
+    as_recorded = {f"uci batch < /{paths.DHCP_UCI_OPENWRT} (each line read back)": None,
+                   "/etc/wan/openwrt-dns": "reload-dns", "/etc/init.d/dnsmasq reload": None, "/etc/init.d/wan enable": None,
                    f"uci batch < /{paths.FIREWALL_UCI_OPENWRT} (each line read back)": "reload-firewall", "fw4 reload": None}
     checked = 0
     for p in plan_trees(old, new):

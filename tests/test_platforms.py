@@ -361,8 +361,10 @@ def test_reconcile_openwrt_dns_goes_through_openwrt_dns_and_a_failed_uci_line_fa
     (root / "etc/init.d/dnsmasq").chmod(0o755)
     r = subprocess.run(shell + [str(REPO / "router/reconcile"), "--dry-run", "--root", str(root), str(tree)],
                        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)})
-    assert f"would run: {root}/etc/wan/openwrt-dns\nwould run: {root}/etc/init.d/dnsmasq reload\n" in r.stdout, r.stdout
-    assert "uci batch < /etc/wan/firewall.uci" in r.stdout and "dhcp.uci" not in r.stdout
+    # home is a router-DNS site: localservice goes off (etc/wan/dhcp.uci) before dnsmasq reloads
+    assert (f"would run: uci batch < /etc/wan/dhcp.uci (each line read back)\nwould run: {root}/etc/wan/openwrt-dns\n"
+            f"would run: {root}/etc/init.d/dnsmasq reload\n") in r.stdout, r.stdout
+    assert "uci batch < /etc/wan/firewall.uci" in r.stdout
     assert f"would run: {root}/etc/init.d/wan enable" in r.stdout  # the boot script, not enabled yet
     # /etc/init.d/wan enable needs /etc/rc.common (absent here): enabled already, as its link says
     (root / "etc/rc.d").mkdir()
@@ -379,6 +381,8 @@ def test_reconcile_openwrt_dns_goes_through_openwrt_dns_and_a_failed_uci_line_fa
     assert r.returncode == 0, r.stderr
     calls = log.read_text().splitlines()
     assert "dnsmasq reload" in calls and "fw4 reload" in calls and not any("enable" in c for c in calls)
+    assert calls.index("uci commit dhcp") < calls.index("dnsmasq reload")
+    assert "uci -q get dhcp.@dnsmasq[0].localservice" in calls  # read back
     assert not (root / "etc/wan/reconcile.journal").exists()
 
 

@@ -111,6 +111,8 @@ def uml_labs(tmp_path_factory, lab_lock):
             ("change", {"to": [str(seven(revisions)), str(REPO / "sites"), str(oslo_wider(revisions))]}),)),
         "release": LabRequest(sites=WANS / "two", kernel="uml", results=base / "release", timeout=900,
                               scenarios=(("release", {"negatives": True}),)),
+        # berlin (EL) and home (OpenWrt) are their LANs' DNS servers: DHCP names, no DNS host, not for the internet
+        "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
     }
     print(f"generated WANs: seeds {SEEDS} (WAN_LAB_SEEDS={','.join(map(str, SEEDS))} reproduces them)", file=sys.stderr)
     for seed in SEEDS:

@@ -85,6 +85,23 @@ def test_wrong_peer_key_missing_leftsourceip_and_wrong_dns_forward_turn_exactly_
         assert not re.search(r"0x[0-9a-f]{16,}", state), "XFRM keys must be scrubbed"
 
 
+def test_router_dns_sites_serve_their_dhcp_names_to_every_site_and_not_the_internet(uml_labs):
+    """berlin (EL) and home (OpenWrt) are their LANs' DNS servers: a udhcpc host on each takes a lease with
+    a hostname from the router's dnsmasq, and every other site resolves that name through its tunnel; the
+    internet gets no answer from berlin (listen-address); home's needs fw4, which User-Mode Linux lacks."""
+    outcome = uml_labs["router-dns"]
+    assert outcome.ok, failed(outcome)
+    checks = outcome.result.checks
+    assert {(c.src, c.dst) for c in checks if c.kind == "dhcp" and c.ok} == {("berlin", "berlin"), ("home", "home")}
+    assert {(c.src, c.dst) for c in checks if c.kind == "dns_dhcp" and c.ok} == {
+        ("acme", "berlin"), ("home", "berlin"), ("acme", "home"), ("berlin", "home")}
+    assert {(c.src, c.dst) for c in checks if c.kind == "dns_internet" and c.ok} == {("internet", "berlin")}
+    assert any(n.startswith("dns_internet home: not proven") for n in outcome.notes)
+    # their own records too, from every other site (the dns check asks for a real record where one exists)
+    assert {(c.src, c.dst) for c in checks if c.kind == "dns" and c.ok} >= {("acme", "berlin"), ("acme", "home")}
+    assert outcome.result.shapes == {"berlin": ["router-dns"], "home": ["router-dns"]}
+
+
 def test_example_wan_passes_on_qemu_with_the_firewall_active(qemu_labs):
     outcome = qemu_labs["example"]
     assert outcome.ok, failed(outcome)
