@@ -2,6 +2,7 @@
 clamp for tunnel traffic: validation, the tunnels' ends, the firewalls and the plan."""
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,28 @@ def test_the_mss_clamp_is_in_both_platforms_forward_path():
     forward = el[el.index("chain forward"):el.index("chain output")]
     assert f"ip saddr @local_lans ip daddr @remote_lans {clamp}" in forward
 
+
+def test_the_lab_puts_a_dynamic_site_behind_a_nat_with_addresses_of_its_own(tmp_path):
+    from lab.plan import pick_infra, wan_addresses, wan_view
+    wan = load_sites(REPO / "sites")
+    write_trees(render_wan(wan), tmp_path / "out")
+    view = wan_view(wan, tmp_path / "out", "wt")
+    home = view.site("home")
+    assert home.shapes == ("dynamic",) and all(s.nat is None and not s.shapes for s in view.sites if s.name != "home")
+    n = home.nat
+    assert home.public == n.inside and n.mtu < 1500
+    infra = pick_infra([wan], "wt")
+    taken, nets = wan_addresses([wan])
+    lab_own = {infra.inet_gw, infra.isp_resolver, infra.isp_answer, infra.release_server, infra.rebind_answer}
+    mine = [n.inside, n.inside_gw, n.outside, n.outside_next]
+    assert len(set(mine)) == 4 and not set(mine) & lab_own
+    assert not {str(a) for a in taken} & set(mine) and not any(IPv4Address(a) in net for a in mine for net in nets)
+
+
+def test_a_wan_with_a_dynamic_site_plays_the_nat_scenario_by_itself(tmp_path):
+    from lab.contracts import LabPlan
+    from lab.run import LabRequest, _prepare
+    p = _prepare(LabRequest(sites=REPO / "sites", results=tmp_path / "r"), "uml", 4)
+    plan = LabPlan.read(tmp_path / "r" / "plan.json")
+    assert [c.name for c in plan.scenarios] == ["nat"] and plan.scenarios[0].data == {"sites": ["home"]}
+    assert p.plan.wan.site("home").nat is not None
