@@ -101,8 +101,20 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
         if what in faults:
             lines.append(f"fault on {faults['router']}: {what.replace('_', ' ')}: traffic again after "
                          f"{faults[what]['seconds_until_traffic']} s")
-    for site, shapes in sorted(result.shapes.items()):
-        lines.append(f"site {site}: {', '.join(shapes)}")
+    for name, shapes in sorted(result.shapes.items()):
+        lines.append(f"site {name}: {', '.join(shapes)}")
+    for name, n in sorted((result.scenarios.get("nat") or {}).items()):
+        tr, rd = n.get("tcp_transfer", {}), n.get("readdress", {})
+        if tr:
+            lines.append(f"nat {name}: TCP {tr['from']} -> {name} over its {n['link_mtu']}-byte NAT link: "
+                         + (f"{tr['received']} bytes in {tr['seconds']} s (MSS {tr['sender_mss']})" if tr["ok"]
+                            else f"stalled at {tr['received']}/{tr['bytes']} bytes (MSS {tr['sender_mss']})")
+                         + ("" if tr.get("clamped", True) else ", without the clamp (firewall not loaded)"))
+        if rd:
+            secs = rd["seconds_until_every_tunnel"]
+            lines.append(f"nat {name}: outside address {rd['old_outside']} -> {rd['new_outside']}: "
+                         + (f"every tunnel carried traffic again after {secs} s" if secs is not None
+                            else "NOT every tunnel came back"))
     if result.unjoined_pairs:
         pairs = ", ".join(f"{a}-{b}" for a, b in result.unjoined_pairs[:8]) + (" ..." if len(result.unjoined_pairs) > 8 else "")
         lines.append(f"not proven: {len(result.unjoined_pairs)} pairs of sites that no tunnel joins ({pairs})")

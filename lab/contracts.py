@@ -91,6 +91,19 @@ class LanPlan(Record):
 
 
 @dataclass(frozen=True)
+class NatPlan(Record):
+    """A dynamic site's carrier-grade NAT: a namespace between its router and the internet that
+    masquerades the router's traffic behind an outside address, which changes mid-run (lab/scenarios/nat.py)."""
+
+    ns: str
+    inside: str  # the router's own WAN address (inside the NAT): SitePlan.public of the site
+    inside_gw: str  # the NAT's inside address, the router's gateway
+    outside: str  # the NAT's public address at the start
+    outside_next: str  # its public address after the change
+    mtu: int  # the link between the router and the NAT (smaller than the LANs' 1500: the MSS clamp is needed)
+
+
+@dataclass(frozen=True)
 class SitePlan(Record):
     name: str
     index: int
@@ -117,7 +130,8 @@ class SitePlan(Record):
     # the site's router is its LAN's DNS server (dns.server is its LAN address): no DNS host; the dns_ns
     # namespace is a DHCP client host on its first LAN instead (lab/proofs.py router_dns)
     router_dns: bool = False
-    shapes: tuple[str, ...] = ()  # what the site is, for the verdict and result.json ("router-dns", ...)
+    nat: NatPlan | None = None  # a dynamic site sits behind a carrier-grade NAT in the lab
+    shapes: tuple[str, ...] = ()  # what shape of site the lab proves: "dynamic", "router-dns", ... (the verdict's site lines)
 
     def all_conns(self) -> set[str]:
         return {c for cs in self.conns.values() for c in cs}
@@ -230,6 +244,7 @@ class LabResult(Record):
     error: str | None = None
     scenarios: dict[str, dict] = field(default_factory=dict)  # scenario name -> its report
     unjoined_pairs: list[tuple[str, str]] = field(default_factory=list)  # pairs no tunnel joins: not proven
+    shapes: dict[str, list[str]] = field(default_factory=dict)  # site -> its shapes (SitePlan.shapes), sites with any
     other_major: dict[str, str] = field(default_factory=dict)  # router -> "targets 5, ran a 4.x rendering"
     # which keys the routers used: {"origin": "lab", "why": ..., "ckaids": {router: [CKAID, ...]}}
     # (public fingerprints only; the private halves stay in the routers' NSS databases)
@@ -241,7 +256,6 @@ class LabResult(Record):
     routers: str = "netns"
     boot_seconds: float = 0.0
     total_seconds: float = 0.0
-    shapes: dict[str, list[str]] = field(default_factory=dict)  # site -> its shapes (SitePlan.shapes)
 
     def failed(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]

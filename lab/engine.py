@@ -36,7 +36,8 @@ class Lab:
         self.fleet = DockerFleet(plan, self.network) if docker else None
         self.routers: dict[str, RouterHost] = {}
         self.result = LabResult(firewall_exercised=plan.firewall, routers=plan.routers,
-                                unjoined_pairs=plan.wan.unjoined_pairs())
+                                unjoined_pairs=plan.wan.unjoined_pairs(),
+                                shapes={s.name: list(s.shapes) for s in plan.wan.sites if s.shapes})
         self._nss: Path | None = None
 
     # ---- the public API of scenarios and proofs ----------------------------------------------------
@@ -55,6 +56,7 @@ class Lab:
         """From now on the lab proves this revision of the WAN (a change scenario applied it)."""
         self.view = view
         self.result.unjoined_pairs = view.unjoined_pairs()
+        self.result.shapes = {s.name: list(s.shapes) for s in view.sites if s.shapes}
         for s in view.sites:
             if s.name in self.routers:
                 self.routers[s.name].site = s  # its conns and LANs as the new revision has them
@@ -123,7 +125,6 @@ class Lab:
 
     def run(self) -> LabResult:
         t0 = time.monotonic()
-        self.result.shapes = {s.name: list(s.shapes) for s in self.view.sites if s.shapes}
         self._setup()
         self._play("before_tunnels")
         with self.phase("tunnels"):

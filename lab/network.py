@@ -51,25 +51,58 @@ class Network:
         self.namespaces: list[str] = []
         self.pidfiles: list[Path] = []
         self.gated = False
+        # a dynamic site's current outside address (its NAT's): the address the internet routes to it
+        self.outside = {s.name: s.nat.outside for s in plan.network_sites if s.nat}
+
+    def reach(self, s: SitePlan) -> str:
+        """The address the internet routes to this site: its public address, or its NAT's outside one."""
+        return self.outside.get(s.name, s.public) if s.nat else s.public
 
     # ---- building -------------------------------------------------------------------------------
     def _namespaces_of(self, s: SitePlan, router: bool) -> list[str]:
-        return ([s.router_ns] if router else []) + [s.dns_ns] + [lan.host_ns for lan in s.lans]
+        return (([s.router_ns] if router else []) + [s.dns_ns] + [lan.host_ns for lan in s.lans]
+                + ([s.nat.ns] if s.nat else []))
 
-    def _links_of(self, s: SitePlan) -> list[str]:
-        cmds = [f"link add wan netns {s.router_ns} type veth peer name {s.inet_if} netns {self.infra.inet_ns}"]
+    def _links_of(self, s: SitePlan, rewire: bool = False) -> list[str]:
+        if s.nat:  # router -> its carrier's NAT -> the internet (a reboot remakes only the router's link)
+            cmds = [f"link add wan netns {s.router_ns} type veth peer name in0 netns {s.nat.ns}"]
+            if not rewire:
+                cmds.append(f"link add out0 netns {s.nat.ns} type veth peer name {s.inet_if} netns {self.infra.inet_ns}")
+        else:
+            cmds = [f"link add wan netns {s.router_ns} type veth peer name {s.inet_if} netns {self.infra.inet_ns}"]
         for j, lan in enumerate(s.lans):
             cmds.append(f"link add h{j} netns {s.router_ns} type veth peer name eth0 netns {lan.host_ns}")
         cmds.append(f"link add d0 netns {s.router_ns} type veth peer name eth0 netns {s.dns_ns}")
         return cmds
 
     def _inet_side(self, s: SitePlan, gated: bool) -> list[str]:
-        route = f"route add blackhole {s.public}/32" if gated else f"route add {s.public}/32 dev {s.inet_if}"
+        to = self.reach(s)
+        route = f"route add blackhole {to}/32" if gated else f"route add {to}/32 dev {s.inet_if}"
         return [f"link set {s.inet_if} up", f"addr add {self.infra.inet_gw}/32 dev {s.inet_if}", route]
 
-    def _router_side(self, s: SitePlan) -> list[str]:
+    def _nat_inside(self, s: SitePlan) -> list[str]:
+        n = s.nat
+        return [f"link set in0 mtu {n.mtu}", "link set in0 up", f"addr add {n.inside_gw}/32 dev in0",
+                f"route add {n.inside}/32 dev in0"]
+
+    def _nat_outside(self, s: SitePlan) -> list[str]:
         gw = self.infra.inet_gw
-        cmds = ["link set lo up", "link set wan up", f"addr add {s.public}/32 dev wan",
+        return ["link set lo up", "link set out0 up", f"addr add {self.reach(s)}/32 dev out0",
+                f"route add {gw}/32 dev out0", f"route add default via {gw} dev out0"]
+
+    def _nat_rules(self, s: SitePlan) -> None:
+        """The carrier's NAT: masquerade behind its outside address (iptables-legacy: the User-Mode Linux
+        kernel has no nftables ip family, docs/reference lab-substrate), and, as many carriers' paths do,
+        no ICMP 'fragmentation needed' back to the internet: path MTU discovery across it fails, so
+        TCP through the narrower link works only with the MSS clamp (a PMTU black hole)."""
+        for rule in (["-t", "nat", "-A", "POSTROUTING", "-o", "out0", "-j", "MASQUERADE"],
+                     ["-A", "OUTPUT", "-o", "out0", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"]):
+            in_ns(s.nat.ns, ["iptables-legacy", "-w"] + rule)
+
+    def _router_side(self, s: SitePlan) -> list[str]:
+        gw = s.nat.inside_gw if s.nat else self.infra.inet_gw
+        cmds = ["link set lo up"] + ([f"link set wan mtu {s.nat.mtu}"] if s.nat else []) + [
+                "link set wan up", f"addr add {s.public}/32 dev wan",
                 f"route add {gw}/32 dev wan", f"route add default via {gw} dev wan"]
         dns_lan: LanPlan | None = None
         for j, lan in enumerate(s.lans):
@@ -108,22 +141,28 @@ class Network:
         _batch(inet, cmds)
         self.gated = gated
         for s in sites:
+            if s.nat:
+                _batch(s.nat.ns, self._nat_outside(s) + self._nat_inside(s))
+                self._nat_rules(s)
             _batch(s.router_ns, self._router_side(s))
             self._hosts_of(s)
-        for ns in [inet] + [s.router_ns for s in sites]:
+        for ns in [inet] + [s.router_ns for s in sites] + [s.nat.ns for s in sites if s.nat]:
             enable_forwarding(ns)
 
     def open_gate(self) -> None:
         """Let IKE through: real routes to every router's public address in place of the blackholes."""
         if self.gated:
-            _batch(self.infra.inet_ns, [f"route replace {s.public}/32 dev {s.inet_if}" for s in self.plan.network_sites])
+            _batch(self.infra.inet_ns, [f"route replace {self.reach(s)}/32 dev {s.inet_if}" for s in self.plan.network_sites])
             self.gated = False
 
     def rewire_router(self, s: SitePlan) -> None:
         """After a router's namespace was deleted (a reboot): a new one, wired as before. Its LAN
         hosts and DNS server keep their namespaces; their ends of the links come back new."""
-        _batch(None, [f"netns add {s.router_ns}"] + self._links_of(s))
-        _batch(self.infra.inet_ns, self._inet_side(s, self.gated))
+        _batch(None, [f"netns add {s.router_ns}"] + self._links_of(s, rewire=True))
+        if s.nat:  # the NAT and its uplink stay; only the link to the router is new
+            _batch(s.nat.ns, self._nat_inside(s))
+        else:
+            _batch(self.infra.inet_ns, self._inet_side(s, self.gated))
         _batch(s.router_ns, self._router_side(s))
         self._hosts_of(s)
         enable_forwarding(s.router_ns)
@@ -167,7 +206,21 @@ class Network:
         kernel dropped it with the link)."""
         route = "blackhole " if self.gated else ""
         dev = "" if self.gated else f" dev {s.inet_if}"
-        _batch(self.infra.inet_ns, [f"link set {s.inet_if} up", f"route replace {route}{s.public}/32{dev}"])
+        _batch(self.infra.inet_ns, [f"link set {s.inet_if} up", f"route replace {route}{self.reach(s)}/32{dev}"])
+
+    def renat(self, s: SitePlan) -> tuple[str, str]:
+        """The carrier gives the site's NAT another outside address (a new lease, a CGNAT pool change):
+        the old one is gone from the internet; deleting it makes the masquerade drop every conntrack
+        entry that was mapped to it (Linux net/netfilter/nf_nat_masquerade.c, masq_inet_event), so the
+        router's next packet leaves from the new address. Returns (old, new); a second call swaps back."""
+        old = self.reach(s)
+        new = s.nat.outside_next if old == s.nat.outside else s.nat.outside
+        gw = self.infra.inet_gw
+        _batch(s.nat.ns, [f"addr add {new}/32 dev out0", f"addr del {old}/32 dev out0",
+                          f"route replace {gw}/32 dev out0", f"route replace default via {gw} dev out0"])
+        _batch(self.infra.inet_ns, [f"route del {old}/32", f"route replace {new}/32 dev {s.inet_if}"])
+        self.outside[s.name] = new
+        return old, new
 
     # ---- the ISP resolver and the sites' DNS servers ----------------------------------------------
     def start_isp_resolver(self) -> None:

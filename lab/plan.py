@@ -16,7 +16,7 @@ from render import paths
 from render.manifest import Manifest
 from render.model import Wan
 
-from .contracts import Infra, LanPlan, SitePlan, TunnelPlan, WanView
+from .contracts import Infra, LanPlan, NatPlan, SitePlan, TunnelPlan, WanView
 
 REBIND_NAME = "rebind-test.example"  # the ISP answers it with a private address: must be blocked
 OUTSIDE_NAME = "outside-the-wan.example"
@@ -25,6 +25,15 @@ OUTSIDE_NAME = "outside-the-wan.example"
 INFRA_POOL = IPv4Network("100.64.0.0/10")  # the internet's side: gateway, ISP resolver, release server
 ANSWER_POOL = IPv4Network("198.18.0.0/15")  # a public answer for names outside the WAN (benchmarking range)
 REBIND_POOL = IPv4Network("10.0.0.0/8")  # a private answer from outside (must be dropped by rebind protection)
+
+
+# A dynamic site's carrier-grade NAT: inside addresses from the CGNAT range (RFC 6598, as a carrier
+# numbers its customers), outside ones from the benchmarking range, each well away from the offsets
+# pick_infra uses; the link between router and NAT is narrower than the 1500-byte LANs, as on PPPoE,
+# DS-Lite or LTE, so TCP across the tunnel needs the MSS clamp.
+NAT_INSIDE_OFFSET = 4096
+NAT_OUTSIDE_OFFSET = 4096
+NAT_MTU = 1400
 
 
 class AddressesExhausted(ValueError):
@@ -37,7 +46,8 @@ def wan_addresses(wans: list[Wan]) -> tuple[set[IPv4Address], list[IPv4Network]]
     nets: list[IPv4Network] = []
     for wan in wans:
         for s in wan.sites:
-            addrs |= {s.router.public_address, s.router.lan_address, s.dns.server} | {a for _, a in s.dns.records}
+            addrs |= {a for a in (s.router.public_address, s.router.lan_address, s.dns.server) if a is not None}
+            addrs |= {a for _, a in s.dns.records}
             nets += list(s.lans)
     return addrs, nets
 
@@ -104,6 +114,7 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
     site's file asks for, where the lab renders another; `nss`: each router's own NSS database
     (its lab keys, lab/keys.py)."""
     sites = []
+    taken_all, nets_all = wan_addresses([wan])
     manifests = {s.name: Manifest.read(out / s.name / paths.MANIFEST) for s in wan.sites}
     for s in wan.sites:
         i = index[s.name] if index else wan.sites.index(s)
@@ -116,12 +127,18 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
             lans.append(LanPlan(subnet=str(net), prefixlen=net.prefixlen, bridge="br-lan" if j == 0 else f"br-lan{j}",
                                 router_address=str(router_addr), host=str(host), host_ns=f"{prefix}h{i}x{j}",
                                 has_dns=s.dns.server in net and not s.router_dns))
+        nat = None
+        if s.router.dynamic:
+            inside, inside_gw = _free(INFRA_POOL, taken_all, nets_all, NAT_INSIDE_OFFSET + 4 * i, 2)
+            outside, outside_next = _free(ANSWER_POOL, taken_all, nets_all, NAT_OUTSIDE_OFFSET + 4 * i, 2)
+            nat = NatPlan(ns=f"{prefix}n{i}", inside=str(inside), inside_gw=str(inside_gw), outside=str(outside),
+                          outside_next=str(outside_next), mtu=NAT_MTU)
         records = {f"{name}.{s.dns.domain}": str(addr) for name, addr in s.dns.records}
         probe = (f"lab-probe.{s.dns.domain}", lans[0].host)
         sites.append(SitePlan(
             name=s.name, index=i, platform=s.router.platform, libreswan=s.router.libreswan,
             target_libreswan=(targets or {}).get(s.name, s.router.libreswan),
-            public=str(s.router.public_address), lan_address=str(s.router.lan_address),
+            public=nat.inside if nat else str(s.router.public_address), lan_address=str(s.router.lan_address),
             router_ns=f"{prefix}r{i}", dns_ns=f"{prefix}d{i}", inet_if=f"r{i}", lans=tuple(lans),
             domain=s.dns.domain, dns_server=str(s.dns.server), dns_mode=s.dns_mode, records=records,
             probe_record=probe,
@@ -130,7 +147,8 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
             tree=str((out / s.name).resolve()),
             conns={t.name: tuple(manifests[s.name].tunnels[t.name].conns) for t in wan.tunnels_of(s.name)},
             nss=(nss or {}).get(s.name, ""),
-            router_dns=s.router_dns, shapes=("router-dns",) if s.router_dns else (),
+            router_dns=s.router_dns, nat=nat,
+            shapes=tuple(word for word, on in (("dynamic", s.router.dynamic), ("router-dns", s.router_dns)) if on),
         ))
     return WanView(name=wan.name, topology=wan.topology, sites=tuple(sites),
                    tunnels=tuple(TunnelPlan(name=t.name, a=t.a, b=t.b, initiator=t.initiator) for t in wan.tunnels),

@@ -156,6 +156,22 @@ def pings(lab: Lab, before: dict[str, dict]) -> Iterator[Check]:
     yield Check("capture", "wan", "wan", esp > 0 and plain == 0, {
         "esp_packets": esp, "plain_icmp_between_lans": plain,
         "why": "" if (esp > 0 and plain == 0) else "expected ESP only on the WAN during the pings"})
+    yield from nat_capture(lab, cap)
+
+
+def nat_capture(lab: Lab, cap: Capture) -> Iterator[Check]:
+    """A site behind NAT: its tunnels cross the internet as ESP in UDP 4500 from its NAT's current
+    outside address, never as raw ESP (conn.j2 encapsulation=yes) nor as plain traffic."""
+    for s in lab.view.sites:
+        if not s.nat:
+            continue
+        outside = lab.network.reach(s)
+        udp = run(["tcpdump", "-n", "-r", str(cap.pcap), f"udp port 4500 and host {outside}"], check=False).stdout.count("\n")
+        raw = run(["tcpdump", "-n", "-r", str(cap.pcap), f"esp and host {outside}"], check=False).stdout.count("\n")
+        ok = udp > 0 and raw == 0
+        yield Check("capture_nat", s.name, "wan", ok, {
+            "outside_address": outside, "esp_in_udp_4500_packets": udp, "raw_esp_packets": raw,
+            "why": "" if ok else "expected the site's tunnels as ESP in UDP 4500 from its NAT's outside address only"})
 
 
 def router_pings(lab: Lab) -> Iterator[Check]:
@@ -261,11 +277,13 @@ def router_dns(lab: Lab) -> Iterator[Check]:
             lab.note(f"dns_internet {s.name}: not proven: an OpenWrt router-DNS site answers any source once "
                      "localservice is off; only fw4 keeps the internet out, and the firewall is not exercised here")
             continue
-        r = run(["nsenter", f"--net={ns_path(infra.inet_ns)}", "--", "dig", f"@{s.public}", "+noall", "+answer",
+        # a site behind the lab's NAT is reached from the internet only at the NAT's outside address
+        to = s.nat.outside if s.nat else s.public
+        r = run(["nsenter", f"--net={ns_path(infra.inet_ns)}", "--", "dig", f"@{to}", "+noall", "+answer",
                  "+time=2", "+tries=1", s.check_name[0], "A"], check=False, timeout=30)
         answered = any(len(f := line.split()) >= 5 and f[3] == "A" for line in r.stdout.splitlines())
         yield Check("dns_internet", "internet", s.name, not answered, {
-            "to": s.public, "name": s.check_name[0], "dig": (r.stdout + r.stderr).strip()[-300:],
+            "to": to, "behind_nat": bool(s.nat), "name": s.check_name[0], "dig": (r.stdout + r.stderr).strip()[-300:],
             "why": "" if not answered else "the router's DNS server answered a query from the internet"})
 
 

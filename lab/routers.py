@@ -26,7 +26,9 @@ from .proc import LabError, progress, run
 
 HERE = Path(__file__).resolve().parent
 WHACK = "/usr/libexec/ipsec/whack"
-ESTABLISHED_RE = re.compile(r'"([^"]+)"(?:\[\d+\])? #\d+: (?:initiator|responder) established Child SA')
+# an instance of a right=%any conn (a dynamic peer) is logged with its number and the peer's address:
+# '"acme-home"[1] 198.18.16.8 #3: responder established Child SA'
+ESTABLISHED_RE = re.compile(r'"([^"]+)"(?:\[\d+\])?(?: [0-9.]+)? #\d+: (?:initiator|responder) established Child SA')
 
 
 STALE_LOCK = 'p=$(cat /run/pluto/pluto.pid 2>/dev/null) && ! kill -0 "$p" 2>/dev/null && rm -f /run/pluto/pluto.pid; '

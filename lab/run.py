@@ -125,6 +125,9 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
         shutil.rmtree(results)
     results.mkdir(parents=True)
     wan, targets, notes = as_lab_version(req.wan or load_sites(req.sites), major)
+    if req.routers == "netns" and "nat" not in names and any(s.router.dynamic for s in wan.sites):
+        # a dynamic site sits behind a CGNAT in the lab: its address change is always played and measured
+        req = dataclasses.replace(req, scenarios=req.scenarios + (("nat", {}),))
     other_major = {s: f"targets Libreswan {t}; ran a {major}.x rendering" for s, t in targets.items() if t != major}
     # the lab's own key pair per router (made in that router's own NSS database, lab/keys.py) in
     # place of the site files' public keys, whose private halves only the real routers hold; one

@@ -93,5 +93,9 @@ def plan(sites: str, base_sites: Path, base: str, fmt: str) -> int:
         wan, plans = make_plan(Path(base_sites), Path(sites), base)
     except WanError as e:
         return print_problems(e)
+    if fmt == "text":
+        from .plan import dynamic_sites
+        for line in dynamic_sites(wan):
+            print(f"shape {line}")
     print({"text": as_text, "json": as_json}.get(fmt, lambda p: as_markdown(wan, p, base))(plans), end="")
     return 0

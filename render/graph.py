@@ -11,7 +11,7 @@ def mermaid(wan: Wan, highlight: frozenset[str] = frozenset()) -> str:
         role = " (hub)" if s.name in wan.hubs else ""
         lans = "<br/>".join(str(n) for n in s.lans)
         lines.append(f'  {s.name}["<b>{s.name}</b>{role}<br/>{s.router.platform}, Libreswan {s.router.libreswan}'
-                     f'<br/>{s.router.public_address}<br/>{lans}<br/>{s.dns.domain}"]')
+                     f'<br/>{s.router.address}<br/>{lans}<br/>{s.dns.domain}"]')
     for t in wan.tunnels:
         arrow = "==>" if t.name in highlight else "-->"
         lines.append(f"  {t.initiator} {arrow}|{t.name}| {t.peer_of(t.initiator)}")

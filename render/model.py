@@ -31,7 +31,7 @@ class Dpd:
 class Router:
     platform: str  # "openwrt" | "el"
     libreswan: int  # 4 | 5
-    public_address: IPv4Address
+    public_address: IPv4Address | None  # None: dynamic (behind NAT/CGNAT or changing; known by its ike_id)
     lan_address: IPv4Address
     ike_id: str  # "@name" or the public address as text
     key: HostKey  # the key it signs with (its private half is in the router's NSS database only)
@@ -39,6 +39,17 @@ class Router:
     previous_key: HostKey | None = None  # rollover step 2: no longer used, still accepted by the peers
     release: str = "24.10"  # the platform's release: OpenWrt "23.05" | "24.10", EL "8" | "9" | "10"
     firewall: str = "fw4"  # OpenWrt "fw4"; EL "firewalld" | "nftables"
+
+    @property
+    def dynamic(self) -> bool:
+        """Its public address is not known: it sits behind NAT or carrier-grade NAT, or its address
+        changes. It always starts its tunnels; its peers accept it from any address by its IKE id."""
+        return self.public_address is None
+
+    @property
+    def address(self) -> str:
+        """The public address as the plan, the manifest and the graph show it: an address or 'dynamic'."""
+        return "dynamic" if self.public_address is None else str(self.public_address)
 
     @property
     def extra_keys(self) -> tuple[HostKey, ...]:

@@ -26,6 +26,12 @@ DHCP_UCI_OPENWRT = "etc/wan/dhcp.uci"
 NFT_EL = "etc/nftables/wan.nft"
 FIREWALLD_ZONES = ("wan-tunnels", "wan-peers")
 FIREWALLD_POLICIES = ("wan-from-tunnels", "wan-into-tunnels")
+FIREWALLD_IKE_ANY = "wan-ike-from-any"  # only on a router with a dynamic peer: IKE and NAT-T from any address
+
+
+def firewalld_policies(dynamic_peer: bool) -> tuple[str, ...]:
+    """The firewalld policies a router gets; one with a dynamic peer also accepts UDP 500/4500 from any address."""
+    return FIREWALLD_POLICIES + ((FIREWALLD_IKE_ANY,) if dynamic_peer else ())
 FIREWALL_UNIT_EL = "etc/systemd/system/wan-firewall.service"
 
 

@@ -252,12 +252,27 @@ def insecure_crypto(wan: Wan) -> list[str]:
             f"{', '.join(t.name for t in wan.tunnels if t.crypto.name == n)}).\n" for n, p in sorted(profiles.items())]
 
 
+def dynamic_sites(wan: Wan) -> list[str]:
+    """The shape of each site without a fixed address, and the routers that accept IKE and NAT-T from
+    any address because of it (their other peers stay on the per-peer allow list)."""
+    out = []
+    for s in wan.sites:
+        if not s.router.dynamic:
+            continue
+        peers = sorted(t.peer_of(s.name) for t in wan.tunnels_of(s.name))
+        out.append(f"{s.name}: dynamic (behind NAT or on a changing address, IKE id {s.router.ike_id}): it starts "
+                   f"all its tunnels, ESP in UDP 4500; {', '.join(peers) or 'no router'} accept IKE and NAT-T "
+                   "(UDP 500/4500) from any address for it")
+    return out
+
+
 def as_markdown(wan: Wan, plans: list[RouterPlan], base: str) -> str:
     changed = frozenset(t for p in plans for t in p.added + list(p.changed))
     touched = [p for p in plans if p.touched]
     lines = [f"## WAN plan against `{base}`", "",
              f"{len(touched)} of {len(plans)} routers change; tunnels changed or added are drawn thick.", "",
              *insecure_crypto(wan),
+             *[f"**Site shape:** {line}.\n" for line in dynamic_sites(wan)],
              "```mermaid", mermaid(wan, changed).rstrip(), "```", "",
              "| router | added | changed (why) | removed | unchanged | other files | key |", "|---|---|---|---|---|---|---|"]
     for p in plans:

@@ -105,7 +105,7 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
             initiator=initiator,
             conns=tuple(conn_names(t, site, peer)),
             conf_sha256=hashlib.sha256(conf_b).hexdigest(),
-            peer_address=str(peer.router.public_address),
+            peer_address=peer.router.address,
             local_subnets=tuple(str(n) for n in site.lans),
             remote_subnets=tuple(str(n) for n in peer.lans),
             crypto_profile=t.crypto.name,
@@ -118,7 +118,10 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
     remote.sort(key=lambda s: s.name)
     ctx = dict(
         source=source, me=site, remote=remote,
-        peers=sorted({str(s.router.public_address) for s in remote}, key=_ip_key),
+        peers=sorted({str(s.router.public_address) for s in remote if not s.router.dynamic}, key=_ip_key),
+        # peers without a fixed address: IKE and NAT-T are accepted from any address (their ESP comes
+        # in UDP 4500: conn.j2 encapsulation=yes); the plan names these routers
+        dynamic_peers=[s.name for s in remote if s.router.dynamic],
         remote_lans=[str(n) for s in remote for n in s.lans],
         chains=paths.FW4_SNIPPETS,
     )
@@ -129,7 +132,7 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
             for zone in paths.FIREWALLD_ZONES:
                 xml = e.get_template("firewall/firewalld-zone.j2").render(zone=zone, **ctx)
                 files[paths.firewalld_zone(zone)] = RenderedFile(xml.encode(), 0o644)
-            for policy in paths.FIREWALLD_POLICIES:
+            for policy in paths.firewalld_policies(any(s.router.dynamic for s in remote)):
                 xml = e.get_template("firewall/firewalld-policy.j2").render(policy=policy, **ctx)
                 files[paths.firewalld_policy(policy)] = RenderedFile(xml.encode(), 0o644)
             files[paths.FIREWALL_UNIT_EL] = RenderedFile(e.get_template("firewall/el-unit.j2").render(**ctx).encode(), 0o644)
@@ -170,7 +173,7 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
         platform_release=site.router.release,
         firewall=site.router.firewall,
         lan_address=str(site.router.lan_address),
-        public_address=str(site.router.public_address),
+        public_address=site.router.address,
         files={p: FileEntry(hashlib.sha256(f.content).hexdigest(), f"{f.mode:04o}") for p, f in sorted(files.items())},
         tunnels=tunnels,
     )

@@ -18,8 +18,9 @@ def plan_tunnels(topology: str, hubs: tuple[str, ...], sites: list[Site], profil
                  default_profile: str, docs: dict) -> tuple[tuple[Tunnel, ...], list[Problem]]:
     """The tunnels of the WAN, sorted by name.
 
-    Exactly one end initiates (both ends starting was measured to leave broken Child SAs): the spoke
-    towards its hub; between equals, the end whose name sorts first.
+    Exactly one end initiates (both ends starting was measured to leave broken Child SAs): a site with
+    a dynamic address towards its fixed peer; the spoke towards its hub; between equals, the end whose
+    name sorts first.
     """
     names = [s.name for s in sites]
     by_name = {s.name: s for s in sites}
@@ -33,7 +34,11 @@ def plan_tunnels(topology: str, hubs: tuple[str, ...], sites: list[Site], profil
     for a, b in pairs:
         a, b = sorted((a, b))
         sa, sb = by_name[a], by_name[b]
-        if topology == "hub-and-spoke" and (a in hubs) != (b in hubs):
+        if sa.router.dynamic != sb.router.dynamic:
+            # its peer cannot know where it is: the dynamic end (behind NAT, or on a changing address)
+            # always starts the tunnel, and starts it again after its address changes (dpdaction=restart)
+            initiator = a if sa.router.dynamic else b
+        elif topology == "hub-and-spoke" and (a in hubs) != (b in hubs):
             initiator = b if a in hubs else a
         else:
             initiator = a

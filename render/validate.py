@@ -335,11 +335,14 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
             P(doc, ("router", "libreswan"), f"OpenWrt ships Libreswan 4 (4.12 in its package feed), not {r['libreswan']}; "
               "use libreswan: 4 for an OpenWrt router")
         release, firewall = _platform(P, doc, r)
-        public = IPv4Address(r["public_address"])
-        _address_problems(P, doc, ("router", "public_address"), public, "a router's public address")
-        if public in seen_public:
-            P(doc, ("router", "public_address"), f"{public} is already the public address of {seen_public[public].file}; each router needs its own")
-        seen_public.setdefault(public, doc)
+        public = None if r["public_address"] == "dynamic" else IPv4Address(r["public_address"])
+        if public is None:
+            _dynamic_problems(P, doc, r)
+        else:
+            _address_problems(P, doc, ("router", "public_address"), public, "a router's public address")
+            if public in seen_public:
+                P(doc, ("router", "public_address"), f"{public} is already the public address of {seen_public[public].file}; each router needs its own")
+            seen_public.setdefault(public, doc)
 
         lans: list[IPv4Network] = []
         for i, text in enumerate(d["lans"]):
@@ -387,7 +390,7 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
         if "crypto_profile" in ov and ov["crypto_profile"] not in profiles:
             P(doc, ("overrides", "crypto_profile"),
               f"crypto profile {show(ov['crypto_profile'])} is not defined in wan.yaml; use one of: {', '.join(sorted(profiles))}")
-        ike_id = r.get("ike_id", str(public))
+        ike_id = r.get("ike_id", str(public) if public is not None else f"@{name}")
         if "ike_id" in r and not ike_id.startswith("@"):
             _address_problems(P, doc, ("router", "ike_id"), IPv4Address(ike_id), "a router's IKE id")
         if ike_id in seen_ids and not ("ike_id" not in r and seen_ids[ike_id][1].endswith("(its public address)")):
@@ -465,6 +468,7 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
         P(wan_doc, ("hubs",), "hubs are only used with topology: hub-and-spoke; remove them or change the topology")
     if len(sites) < 2:
         P(wan_doc, (), "a WAN needs at least two sites; add another <site>.yaml")
+    problems.extend(_dynamic_pairs(w["topology"], hubs, sites, {d.data["name"]: d for d in docs}))
 
     if problems:
         return None, problems
@@ -478,6 +482,41 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
 
 
 KEY_FIELDS = ("key", "next_key", "previous_key")
+
+
+def _dynamic_problems(P, doc: Document, r: dict) -> None:
+    """A dynamic router is known to its peers only by its IKE id: its address is not (its peers accept
+    it from any address, `right=%any`, and pick the conn and the key by `rightid`)."""
+    ike_id = r.get("ike_id")
+    if ike_id is None:
+        P(doc, ("router", "public_address"), "a router with a dynamic public address needs an explicit IKE id: its "
+          "peers accept it from any address and know it only by that id; add ike_id: @<a name of its own> under "
+          "router (such as @" + doc.data["name"].replace("_", "-") + "-gw." + str(doc.data.get("dns", {}).get("domain", "example.net")) + ")")
+    elif not ike_id.startswith("@"):
+        P(doc, ("router", "ike_id"), f"{ike_id} is an address, but this router's public address is dynamic (behind NAT, "
+          "its address is not its own and changes); use an @name id such as @" + doc.data["name"].replace("_", "-") + "-gw")
+
+
+def _dynamic_pairs(topology: str, hubs: tuple[str, ...], sites: list[Site], docs: dict[str, Document]) -> list[Problem]:
+    """Two dynamic sites the topology would join by a tunnel: neither knows where the other is, and
+    behind NAT neither can be reached, so no end could start it."""
+    problems = []
+    dynamic = sorted(s.name for s in sites if s.router.dynamic)
+    for i, b in enumerate(dynamic):
+        for a in dynamic[:i]:
+            if topology == "hub-and-spoke" and a not in hubs and b not in hubs:
+                continue  # spokes get no tunnel between them
+            doc = docs[b]
+            how = ("a mesh joins every pair of sites directly" if topology == "mesh"
+                   else f"{'both are hubs' if a in hubs and b in hubs else 'a hub and its spoke are joined directly'}")
+            fix = ("give one of them a fixed public address, or use topology: hub-and-spoke with a hub that has a "
+                   "fixed address, so neither needs a tunnel to the other" if topology == "mesh"
+                   else "a hub needs a fixed public address: give it one, or make another site with a fixed address the hub")
+            problems.append(Problem(doc.file, doc.line(("router", "public_address")), where(("router", "public_address")),
+                                    f"{b} and {a} ({docs[a].file}) both have a dynamic public address and {how}: neither "
+                                    f"knows the other's address (behind NAT neither can even be reached), so no end could "
+                                    f"start their tunnel; {fix}"))
+    return problems
 
 # The platform releases a router may run, what is rendered for each (docs/platforms.md), and the default
 # when a site file does not say. OpenWrt: 24.10 is the current stable series; 23.05 differs in what we

@@ -83,6 +83,7 @@ def test_github_format_annotates_the_file_and_line(capsys):
 PATTERN_EXAMPLES = {  # one valid value per pattern in schema/*.json
     "name": "paris", "ipv4": "10.1.2.3", "ipv4_subnet": "10.1.2.0/24", "domain": "acme.inc",
     "record_name": "hobbit", "ike_id": "@gw.acme.inc", "proposal": "aes_gcm256", "wan_name": "acme-wan",
+    "public_address": "dynamic",
     "ckaid": "79b228c57b942ecd10db91fdd9024024e1b8e64e", "rsasigkey": "0sAwEAAdqmFCTf2M1R5lQ0bWoamw==",
 }
 

@@ -113,6 +113,8 @@ def uml_labs(tmp_path_factory, lab_lock):
                               scenarios=(("release", {"negatives": True}),)),
         # berlin (EL) and home (OpenWrt) are their LANs' DNS servers: DHCP names, no DNS host, not for the internet
         "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
+        # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
+        "natted": LabRequest(sites=WANS / "natted", kernel="uml", results=base / "natted", timeout=900),
     }
     print(f"generated WANs: seeds {SEEDS} (WAN_LAB_SEEDS={','.join(map(str, SEEDS))} reproduces them)", file=sys.stderr)
     for seed in SEEDS:
