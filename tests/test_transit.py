@@ -178,3 +178,49 @@ def test_transit_pairs_never_overlap_a_direct_tunnel():
         assert all(x.a != x.b and x.hub in wan.hubs for x in wan.transits)
         spokes = [s.name for s in wan.sites if s.name not in wan.hubs]
         assert {(x.a, x.b) for x in wan.transits} == set(combinations(spokes, 2))
+
+
+def _with_zurich(tmp: Path) -> Path:
+    """tests/lab/wans/hub plus a fourth spoke, zurich (a copy of oslo with its own key and addresses)."""
+    d = tmp / "with-zurich"
+    shutil.copytree(HUB_OPENWRT, d)
+    oslo = load_sites(HUB_OPENWRT).site("oslo").router.key
+    k = site_key("zurich")
+    text = (d / "oslo.yaml").read_text().replace(oslo.ckaid, k["ckaid"]).replace(oslo.rsasigkey, k["rsasigkey"])
+    (d / "zurich.yaml").write_text(text.replace("name: oslo", "name: zurich").replace("198.51.100.50", "198.51.100.70")
+                                   .replace("10.4.0", "10.6.0").replace("oslo.acme.no", "zurich.acme.ch"))
+    return d
+
+
+def test_the_plan_shows_each_spoke_pairs_path_and_what_a_new_spoke_changes(tmp_path):
+    from render.plan import as_json, as_markdown, as_text, plan
+    wan, plans = plan(HUB_OPENWRT, _with_zurich(tmp_path), "main")
+    by = {p.router: p for p in plans}
+    assert by["acme"].transit == ["acme -> home -> berlin", "acme -> home -> oslo", "acme -> home -> zurich (new)"]
+    assert by["home"].transit[-1] == "oslo -> home -> zurich (new)" and len(by["home"].transit) == 6
+    # the spokes' tunnels to the hub change their subnets (the hub side grows by zurich's LAN), nothing else
+    assert by["acme"].changed == {"acme-home": ["subnets"]} and by["acme"].added == []
+    assert by["home"].added == ["home-zurich"] and set(by["home"].changed) == {"acme-home", "berlin-home", "home-oslo"}
+    text = as_text(plans)
+    assert "  path acme -> home -> zurich (new)" in text
+    assert '"transit": [' in as_json(plans)
+    md = as_markdown(wan, plans, "main")
+    assert "| acme, zurich | acme -> home -> zurich |" in md and "acme -.-|via home| zurich" in md
+
+
+def test_the_verdict_marks_transit_cells_and_names_each_path_and_shape(tmp_path):
+    from lab.console import matrix, verdict
+    from lab.contracts import Check, LabResult
+    ok = {"why": ""}
+    checks = [Check("tunnel", "a", "hub", True, ok), Check("tunnel", "b", "hub", True, ok)]
+    for src, dst in (("a", "b"), ("b", "a")):
+        checks += [Check("ping", src, dst, True, {"via": "hub"}), Check("router_ping", src, dst, True, {"via": "hub"}),
+                   Check("dns", src, dst, src == "a", {"via": "hub", "why": "wrong answer"})]
+    r = LabResult(ok=False, checks=checks, transit_pairs=[("a", "b", "hub")],
+                  shapes={"a": ["spoke"], "b": ["spoke"], "hub": ["hub"]})
+    rows = {line.split()[0]: line for line in matrix(r, ["a", "b", "hub"]).splitlines()[1:4]}
+    assert rows["a"].split()[1:] == ["-", "^PRD", "T"] and rows["b"].split()[1:] == ["^PR.", "-", "T"]
+    text = verdict(r, ["a", "b", "hub"], tmp_path)
+    assert "transit a -> hub -> b (both ways): ping, router ping, dns FAILED" in text  # b -> a's DNS failed
+    assert "site hub: hub" in text and "site a: spoke" in text
+    assert "'^' spoke to spoke through a hub" in text
