@@ -58,6 +58,7 @@ def matrix(result: LabResult, sites: list[str]) -> str:
     '~' where the topology joins no tunnel (not proven)."""
     m = cells(result)
     unjoined = {tuple(p) for p in result.unjoined_pairs} | {(b, a) for a, b in result.unjoined_pairs}
+    transit = {(a, b) for a, b, _ in result.transit_pairs} | {(b, a) for a, b, _ in result.transit_pairs}
     width = max(6, max(len(s) for s in sites) + 1)
     lines = ["from \\ to".ljust(width + 2) + "".join(s.rjust(width) for s in sites)]
     for a in sites:
@@ -71,10 +72,13 @@ def matrix(result: LabResult, sites: list[str]) -> str:
                 continue
             kinds = m.get((a, b), {})
             txt = "".join(k[0].upper() if kinds.get(k) else ("." if k in kinds else " ") for k in CELL_KINDS)
+            if (a, b) in transit:  # no tunnel of its own: '^' where the T would be
+                txt = "^" + txt[1:]
             row += txt.rjust(width)
         lines.append(row)
     lines.append("cell: T tunnel up on both ends, P LAN host pings through ESP, R router pings from its LAN address, "
-                 "D DNS through the tunnel; '.' failed" + ("; '~' no tunnel joins the pair (not proven)" if unjoined else ""))
+                 "D DNS through the tunnel; '.' failed" + ("; '~' no tunnel joins the pair (not proven)" if unjoined else "")
+                 + ("; '^' spoke to spoke through a hub (transit, paths below)" if transit else ""))
     return "\n".join(lines)
 
 
@@ -115,6 +119,15 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
             lines.append(f"nat {name}: outside address {rd['old_outside']} -> {rd['new_outside']}: "
                          + (f"every tunnel carried traffic again after {secs} s" if secs is not None
                             else "NOT every tunnel came back"))
+    if result.transit_pairs:
+        m = cells(result)
+        for a, b, hub in result.transit_pairs:
+            kinds = m.get((a, b), {})
+            back = m.get((b, a), {})
+            proven = [k for k in ("ping", "router_ping", "dns") if k in kinds or k in back]
+            ok = all(kinds.get(k, True) and back.get(k, True) for k in proven) and bool(proven)
+            what = ", ".join(k.replace("_", " ") for k in proven) or "nothing"
+            lines.append(f"transit {a} -> {hub} -> {b} (both ways): {what} {'proven' if ok else 'FAILED'}")
     if result.unjoined_pairs:
         pairs = ", ".join(f"{a}-{b}" for a, b in result.unjoined_pairs[:8]) + (" ..." if len(result.unjoined_pairs) > 8 else "")
         lines.append(f"not proven: {len(result.unjoined_pairs)} pairs of sites that no tunnel joins ({pairs})")

@@ -131,7 +131,7 @@ class SitePlan(Record):
     # namespace is a DHCP client host on its first LAN instead (lab/proofs.py router_dns)
     router_dns: bool = False
     nat: NatPlan | None = None  # a dynamic site sits behind a carrier-grade NAT in the lab
-    shapes: tuple[str, ...] = ()  # what shape of site the lab proves: "dynamic", "router-dns", ... (the verdict's site lines)
+    shapes: tuple[str, ...] = ()  # the site's shapes: "hub", "spoke", "dynamic", "router-dns" (the verdict's site lines)
 
     def all_conns(self) -> set[str]:
         return {c for cs in self.conns.values() for c in cs}
@@ -149,6 +149,15 @@ class TunnelPlan(Record):
 
 
 @dataclass(frozen=True)
+class TransitPlan(Record):
+    """Hub-and-spoke transit: spokes a and b (a < b) reach each other's LANs through `hub`."""
+
+    a: str
+    b: str
+    hub: str
+
+
+@dataclass(frozen=True)
 class WanView(Record):
     """One revision of the WAN as the lab sees it: sites, tunnels, and the order routers start in."""
 
@@ -157,6 +166,7 @@ class WanView(Record):
     sites: tuple[SitePlan, ...]
     tunnels: tuple[TunnelPlan, ...]
     start_order: tuple[str, ...]  # responders before their initiators
+    transits: tuple[TransitPlan, ...] = ()  # spoke-to-spoke pairs and the hub each goes through
 
     def site(self, name: str) -> SitePlan:
         return next(s for s in self.sites if s.name == name)
@@ -173,9 +183,24 @@ class WanView(Record):
         """Ordered pairs of sites the topology joins by a tunnel (mesh: all; hub-and-spoke: spoke-hub)."""
         return [(s, o) for s in self.sites for o in self.sites if s.name != o.name and self.tunnel_between(s.name, o.name)]
 
+    def transit_hub(self, a: str, b: str) -> str | None:
+        """The hub spoke a reaches spoke b through, None if the pair is not a transit pair."""
+        a, b = sorted((a, b))
+        return next((x.hub for x in self.transits if (x.a, x.b) == (a, b)), None)
+
+    def transit_pairs(self) -> list[tuple[SitePlan, SitePlan, str]]:
+        """Ordered (spoke, other spoke, hub) of every transit pair, both directions."""
+        return [(s, o, hub) for s in self.sites for o in self.sites
+                if s.name != o.name and (hub := self.transit_hub(s.name, o.name))]
+
+    def reached_pairs(self) -> list[tuple[SitePlan, SitePlan]]:
+        """Ordered pairs whose LANs reach each other: joined by a tunnel, or through a hub."""
+        return [(s, o) for s in self.sites for o in self.sites if s.name != o.name
+                and (self.tunnel_between(s.name, o.name) or self.transit_hub(s.name, o.name))]
+
     def unjoined_pairs(self) -> list[tuple[str, str]]:
         return [(s.name, o.name) for s in self.sites for o in self.sites
-                if s.name < o.name and not self.tunnel_between(s.name, o.name)]
+                if s.name < o.name and not self.tunnel_between(s.name, o.name) and not self.transit_hub(s.name, o.name)]
 
 
 @dataclass(frozen=True)
@@ -244,7 +269,8 @@ class LabResult(Record):
     error: str | None = None
     scenarios: dict[str, dict] = field(default_factory=dict)  # scenario name -> its report
     unjoined_pairs: list[tuple[str, str]] = field(default_factory=list)  # pairs no tunnel joins: not proven
-    shapes: dict[str, list[str]] = field(default_factory=dict)  # site -> its shapes (SitePlan.shapes), sites with any
+    transit_pairs: list[tuple[str, str, str]] = field(default_factory=list)  # (spoke, spoke, hub): proven through the hub
+    shapes: dict[str, list[str]] = field(default_factory=dict)  # site -> SitePlan.shapes
     other_major: dict[str, str] = field(default_factory=dict)  # router -> "targets 5, ran a 4.x rendering"
     # which keys the routers used: {"origin": "lab", "why": ..., "ckaids": {router: [CKAID, ...]}}
     # (public fingerprints only; the private halves stay in the routers' NSS databases)

@@ -36,8 +36,8 @@ class Lab:
         self.fleet = DockerFleet(plan, self.network) if docker else None
         self.routers: dict[str, RouterHost] = {}
         self.result = LabResult(firewall_exercised=plan.firewall, routers=plan.routers,
-                                unjoined_pairs=plan.wan.unjoined_pairs(),
-                                shapes={s.name: list(s.shapes) for s in plan.wan.sites if s.shapes})
+                                unjoined_pairs=plan.wan.unjoined_pairs())
+        self._shapes(plan.wan)
         self._nss: Path | None = None
 
     # ---- the public API of scenarios and proofs ----------------------------------------------------
@@ -56,10 +56,15 @@ class Lab:
         """From now on the lab proves this revision of the WAN (a change scenario applied it)."""
         self.view = view
         self.result.unjoined_pairs = view.unjoined_pairs()
-        self.result.shapes = {s.name: list(s.shapes) for s in view.sites if s.shapes}
+        self._shapes(view)
         for s in view.sites:
             if s.name in self.routers:
                 self.routers[s.name].site = s  # its conns and LANs as the new revision has them
+
+    def _shapes(self, view: WanView) -> None:
+        """The view's transit pairs and each site's shape words, for the verdict and result.json."""
+        self.result.transit_pairs = [(x.a, x.b, x.hub) for x in view.transits]
+        self.result.shapes = {s.name: list(s.shapes) for s in view.sites if s.shapes}
 
     @contextlib.contextmanager
     def phase(self, label: str):

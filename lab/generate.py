@@ -1,5 +1,6 @@
 """Generated WANs: valid sites directories across platform x Libreswan major x DNS mode x topology
-(mesh, hub-and-spoke with one or two hubs) x number of LANs, for the renderer, `check` and the lab.
+(mesh, hub-and-spoke with one or two meshed hubs, spokes reaching each other through a hub) x number
+of LANs, for the renderer, `check` and the lab.
 
 One builder, two sources of choices: `from_seed(seed)` (random.Random: `./run lab --generate SEED`
 reproduces a WAN) and the hypothesis strategy `wans()` (tests shrink over the same choices). The
@@ -50,14 +51,17 @@ class WanSpec:
 
 ROUTER_DNS = {True: " router-dns", False: ""}  # describe(): a site whose router is its DNS server
 Choose = Callable[[str, Sequence[Any]], Any]
+# a hub-and-spoke WAN of two meshed hubs and two spokes (one transit pair): build(..., **MESHED_HUBS)
+MESHED_HUBS: dict[str, Any] = {"topology": "hub-and-spoke", "n_sites": 4, "n_hubs": 2}
 
 
-def build(choose: Choose, n_sites: int | None = None, topology: str | None = None) -> WanSpec:
-    """A valid WAN from a sequence of choices (`choose(what, options)` returns one of options)."""
+def build(choose: Choose, n_sites: int | None = None, topology: str | None = None, n_hubs: int | None = None) -> WanSpec:
+    """A valid WAN from a sequence of choices (`choose(what, options)` returns one of options);
+    `n_hubs` fixes the number of hubs of a hub-and-spoke WAN (several are meshed with each other)."""
     n = n_sites or choose("sites", [2, 3, 4])
     topo = topology or choose("topology", ["mesh", "hub-and-spoke"] if n >= 3 else ["mesh"])
     names = [f"s{k}" for k in range(n)]
-    hubs = names[:choose("hubs", [1, 2] if n >= 4 else [1])] if topo == "hub-and-spoke" else []
+    hubs = names[:n_hubs or choose("hubs", [1, 2] if n >= 4 else [1])] if topo == "hub-and-spoke" else []
     spec = WanSpec(topology=topo, hubs=hubs, default_dns_mode=choose("default dns mode", ["forward", "hosts"]))
     used_public: set[str] = set()
     k3 = 0

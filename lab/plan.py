@@ -16,7 +16,7 @@ from render import paths
 from render.manifest import Manifest
 from render.model import Wan
 
-from .contracts import Infra, LanPlan, NatPlan, SitePlan, TunnelPlan, WanView
+from .contracts import Infra, LanPlan, NatPlan, SitePlan, TransitPlan, TunnelPlan, WanView
 
 REBIND_NAME = "rebind-test.example"  # the ISP answers it with a private address: must be blocked
 OUTSIDE_NAME = "outside-the-wan.example"
@@ -148,8 +148,17 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
             conns={t.name: tuple(manifests[s.name].tunnels[t.name].conns) for t in wan.tunnels_of(s.name)},
             nss=(nss or {}).get(s.name, ""),
             router_dns=s.router_dns, nat=nat,
-            shapes=tuple(word for word, on in (("dynamic", s.router.dynamic), ("router-dns", s.router_dns)) if on),
+            shapes=site_shapes(wan, s.name)
+            + tuple(word for word, on in (("dynamic", s.router.dynamic), ("router-dns", s.router_dns)) if on),
         ))
     return WanView(name=wan.name, topology=wan.topology, sites=tuple(sites),
                    tunnels=tuple(TunnelPlan(name=t.name, a=t.a, b=t.b, initiator=t.initiator) for t in wan.tunnels),
-                   start_order=start_order(wan))
+                   start_order=start_order(wan),
+                   transits=tuple(TransitPlan(a=x.a, b=x.b, hub=x.hub) for x in wan.transits))
+
+
+def site_shapes(wan: Wan, name: str) -> tuple[str, ...]:
+    """The shape words of a site (issue 14 item 6): `hub` / `spoke` in hub-and-spoke WANs."""
+    if wan.topology != "hub-and-spoke":
+        return ()
+    return ("hub",) if name in wan.hubs else ("spoke",)

@@ -1,7 +1,9 @@
 """The lab's proofs: read-only checks on a running lab that yield `Check` rows.
 
-Each proof covers the pairs of sites the topology joins (a mesh: every pair; hub-and-spoke: each
-spoke with its hubs); pairs no tunnel joins are listed in the result as not proven.
+Each proof covers the pairs of sites whose LANs reach each other: the pairs a tunnel joins (a mesh:
+every pair; hub-and-spoke: each spoke with its hubs, the hubs with each other) and, in hub-and-spoke,
+every pair of spokes through its transit hub (evidence `via`); pairs nothing joins are listed in the
+result as not proven.
 """
 from __future__ import annotations
 
@@ -136,23 +138,43 @@ class Capture:
         return esp, plain
 
 
+def _first_tunnel(view: WanView, s: SitePlan, o: SitePlan) -> tuple[str, str | None]:
+    """(the tunnel s's traffic to o leaves by, the transit hub or None): the direct tunnel, or the
+    one to the hub that carries the pair."""
+    hub = None if view.tunnel_between(s.name, o.name) else view.transit_hub(s.name, o.name)
+    return view.tunnel_between(s.name, hub or o.name).name, hub
+
+
+def _via(hub: str | None) -> dict:
+    return {"via": hub} if hub else {}
+
+
 def pings(lab: Lab, before: dict[str, dict]) -> Iterator[Check]:
-    """Every LAN host pings a host in every LAN of every site its site is joined to; the SA's byte
-    counter must rise and the internet must see ESP and no plain ICMP between LANs."""
+    """Every LAN host pings a host in every LAN of every site its site reaches (by a tunnel, or
+    through a hub); the SA's byte counter of the tunnel it leaves by must rise and the internet
+    must see ESP and no plain ICMP between LANs."""
     view = lab.view
-    jobs = [(s, lan, o, olan) for s, o in view.joined_pairs() for lan in s.lans for olan in o.lans]
+    jobs = [(s, lan, o, olan) for s, o in view.reached_pairs() for lan in s.lans for olan in o.lans]
     with Capture(lab) as cap:
         results = ping_many([(ns_path(lan.host_ns), olan.host) for s, lan, o, olan in jobs])
     progress("pings", len(jobs), len(jobs))
     esp, plain = cap.count([lan.subnet for s in view.sites for lan in s.lans])
     after = all_traffic(lab.routers, view.names)
     for (s, lan, o, olan), r in zip(jobs, results, strict=True):
-        conns = s.conns[view.tunnel_between(s.name, o.name).name]
+        tunnel, hub = _first_tunnel(view, s, o)
+        conns = s.conns[tunnel]
         rose = any(after[s.name].get(c, {}).get("out", 0) > before.get(s.name, {}).get(c, {}).get("out", 0) for c in conns)
         ok = r["received"] > 0
+        hop = {}
+        if hub:  # through the hub: its SAs into the other spoke's tunnel carried traffic too (tunnel-wide counter)
+            hub_conns = view.site(hub).conns[view.tunnel_between(hub, o.name).name]
+            hop = {"hub_sa_out_bytes_rose": any(after[hub].get(c, {}).get("out", 0) >
+                                                before.get(hub, {}).get(c, {}).get("out", 0) for c in hub_conns)}
+            rose = rose and hop["hub_sa_out_bytes_rose"]
         yield Check("ping", s.name, o.name, ok and rose, {
-            "from": lan.host, "to": olan.host, "ping": _ping_line(r), "sa_out_bytes_rose": rose,
-            "why": "" if ok and rose else ("no reply" if not ok else "replies came, but not through the tunnel's SA")})
+            **_via(hub), "from": lan.host, "to": olan.host, "ping": _ping_line(r), "sa_out_bytes_rose": rose, **hop,
+            "why": "" if ok and rose else ("no reply" if not ok else "replies came, but not through the tunnel's SA"
+                                           + (" and the hub's" if hub else ""))})
     yield Check("capture", "wan", "wan", esp > 0 and plain == 0, {
         "esp_packets": esp, "plain_icmp_between_lans": plain,
         "why": "" if (esp > 0 and plain == 0) else "expected ESP only on the WAN during the pings"})
@@ -175,14 +197,16 @@ def nat_capture(lab: Lab, cap: Capture) -> Iterator[Check]:
 
 
 def router_pings(lab: Lab) -> Iterator[Check]:
-    """Each router pings every joined remote LAN without choosing a source: only leftsourceip makes
-    the kernel pick the router's LAN address, which the tunnel's policy matches."""
-    jobs = lab.view.joined_pairs()
+    """Each router pings every remote LAN it reaches (by a tunnel, or through a hub) without choosing
+    a source: only leftsourceip makes the kernel pick the router's LAN address, which the tunnel's
+    policy matches."""
+    jobs = lab.view.reached_pairs()
     results = ping_many([(ns_path(s.router_ns), o.lans[0].host) for s, o in jobs])
     progress("router pings", len(jobs), len(jobs))
     for (s, o), r in zip(jobs, results, strict=True):
         ok = r["received"] > 0
-        yield Check("router_ping", s.name, o.name, ok, {"to": o.lans[0].host, "ping": _ping_line(r),
+        yield Check("router_ping", s.name, o.name, ok, {**_via(lab.view.transit_hub(s.name, o.name)),
+                    "to": o.lans[0].host, "ping": _ping_line(r),
                     "why": "" if ok else "the router's own traffic missed the tunnel (leftsourceip?)"})
 
 
@@ -203,14 +227,15 @@ def _dig(s: SitePlan, names: list[str]) -> dict[str, list[str]]:
 
 
 def dns(lab: Lab) -> Iterator[Check]:
-    """A LAN host asks its own router for a name in every joined site's domain (through the tunnel
-    to that site's DNS server), for a name outside the WAN (to the ISP, never into a tunnel), and
+    """A LAN host asks its own router for a name in every reached site's domain (through the tunnel
+    to that site's DNS server; another spoke's through the hub), for a name outside the WAN (to the ISP, never into a tunnel), and
     for a name whose answer would rebind to a private address (dropped)."""
     view, infra = lab.view, lab.plan.infra
     sites = view.sites
 
     def one(s: SitePlan):
-        others = [o for o in sites if o.name != s.name and view.tunnel_between(s.name, o.name)]
+        others = [o for o in sites if o.name != s.name
+                  and (view.tunnel_between(s.name, o.name) or view.transit_hub(s.name, o.name))]
         return s, others, _dig(s, [o.check_name[0] for o in others] + [infra.outside_name, infra.rebind_name])
 
     with ThreadPoolExecutor(max_workers=8) as ex:
@@ -223,7 +248,8 @@ def dns(lab: Lab) -> Iterator[Check]:
                 lab.note(f"dns {s.name}->{o.name}: hosts mode and {o.name} has no records: nothing to resolve")
                 continue
             ok = got[name] == [want]
-            yield Check("dns", s.name, o.name, ok, {"name": name, "want": want, "got": got[name],
+            yield Check("dns", s.name, o.name, ok, {**_via(view.transit_hub(s.name, o.name)),
+                        "name": name, "want": want, "got": got[name],
                         "why": "" if ok else "the router did not forward the domain through the tunnel to the right server"})
         leaked = [o.name for o in sites if infra.outside_name in lab.network.dns_log(o.name)]
         yield Check("dns_outside", s.name, s.name, got[infra.outside_name] == [infra.isp_answer] and not leaked,

@@ -1,4 +1,4 @@
-"""The WAN as a Mermaid flowchart: sites with their LANs, tunnels as edges."""
+"""The WAN as a Mermaid flowchart: sites with their LANs, tunnels as edges, transit pairs dotted."""
 from __future__ import annotations
 
 from .model import Wan
@@ -15,4 +15,6 @@ def mermaid(wan: Wan, highlight: frozenset[str] = frozenset()) -> str:
     for t in wan.tunnels:
         arrow = "==>" if t.name in highlight else "-->"
         lines.append(f"  {t.initiator} {arrow}|{t.name}| {t.peer_of(t.initiator)}")
+    for x in wan.transits:  # spoke to spoke through a hub: no tunnel of its own, drawn dotted
+        lines.append(f"  {x.a} -.-|via {x.hub}| {x.b}")
     return "\n".join(lines) + "\n"

@@ -97,6 +97,19 @@ class Tunnel:
 
 
 @dataclass(frozen=True)
+class Transit:
+    """Spoke-to-spoke traffic in hub-and-spoke: the LANs of spokes `a` and `b` (a < b by name) reach
+    each other through `hub`, whose tunnels to both carry the pair's selectors (render/topology.py)."""
+
+    a: str
+    b: str
+    hub: str
+
+    def other(self, site: str) -> str:
+        return self.b if site == self.a else self.a
+
+
+@dataclass(frozen=True)
 class Wan:
     name: str
     topology: str  # "mesh" | "hub-and-spoke"
@@ -105,6 +118,7 @@ class Wan:
     tunnels: tuple[Tunnel, ...]  # sorted by name
     source_dir: str
     release_valid_days: int = 90  # wan.yaml release.valid_days: how long a signed release stays valid
+    transits: tuple[Transit, ...] = ()  # hub-and-spoke: every spoke-to-spoke pair and its hub, sorted
 
     @cached_property
     def _by_name(self) -> dict[str, Site]:
@@ -123,3 +137,34 @@ class Wan:
 
     def tunnels_of(self, site: str) -> tuple[Tunnel, ...]:
         return self._tunnels_by_site[site]
+
+    # ---- transit (hub-and-spoke): spoke LANs reach each other through one hub ------------------
+
+    def transits_of(self, site: str) -> tuple[Transit, ...]:
+        """The transit pairs `site` is an end of (a spoke) or carries (a hub)."""
+        return tuple(x for x in self.transits if site in (x.a, x.b, x.hub))
+
+    def carried(self, tunnel: Tunnel, site: str) -> tuple[str, ...]:
+        """The sites whose LANs travel on `site`'s side of `tunnel` besides its own: on a hub's end of
+        a hub-spoke tunnel, the spokes whose transit to that spoke goes through this hub."""
+        peer = tunnel.peer_of(site)
+        return tuple(sorted(x.other(peer) for x in self.transits if x.hub == site and peer in (x.a, x.b)))
+
+    def selectors(self, tunnel: Tunnel, site: str) -> tuple[tuple[IPv4Network, ...], tuple[IPv4Network, ...]]:
+        """(this end's subnets, the peer's subnets) of `tunnel` as `site`'s conn names them: each
+        end's own LANs, and on a hub's end also the LANs of the spokes it carries to the peer."""
+        def side(end: str) -> tuple[IPv4Network, ...]:
+            return self.site(end).lans + tuple(n for s in self.carried(tunnel, end) for n in self.site(s).lans)
+        return side(site), side(tunnel.peer_of(site))
+
+    def reached(self, site: str) -> tuple[Site, ...]:
+        """Every other site whose LANs `site`'s LANs reach: its tunnel peers and, for a spoke, the
+        spokes reached through a hub; sorted by name."""
+        names = {t.peer_of(site) for t in self.tunnels_of(site)}
+        names |= {x.other(site) for x in self.transits if site in (x.a, x.b)}
+        return tuple(self.site(n) for n in sorted(names))
+
+    def transit_hub(self, a: str, b: str) -> str | None:
+        """The hub that carries spoke a <-> spoke b, None when the two are not a transit pair."""
+        a, b = sorted((a, b))
+        return next((x.hub for x in self.transits if (x.a, x.b) == (a, b)), None)

@@ -39,6 +39,9 @@ class RouterPlan:
     diff: str = ""  # unified diff of the configuration files (programs left out)
     keys: list[str] = field(default_factory=list)  # this router's key changes, by fingerprint (CKAID)
     dns_settings: list[str] = field(default_factory=list)  # dnsmasq settings added/removed, by option (dns_settings())
+    # hub-and-spoke: the spoke-to-spoke paths this router is an end or the hub of ("a -> hub -> b";
+    # " (new)" when the base revision did not have that path)
+    transit: list[str] = field(default_factory=list)
 
     @property
     def touched(self) -> bool:
@@ -220,7 +223,33 @@ def plan(base_sites: Path, sites: Path, base: str = "base") -> tuple[Wan, list[R
     old = render_wan(old_wan, base)
     new_wan = load_sites(sites)
     new = render_wan(new_wan, "work tree")
-    return new_wan, plan_trees(old, new)
+    plans = plan_trees(old, new)
+    add_transit_paths(plans, old_wan, new_wan)
+    return new_wan, plans
+
+
+def transit_path(a: str, hub: str, b: str) -> str:
+    return f"{a} -> {hub} -> {b}"
+
+
+def add_transit_paths(plans: list[RouterPlan], old: Wan | None, new: Wan) -> None:
+    """Name on each router the spoke-to-spoke paths it is an end or the hub of (both directions
+    share one line: traffic returns the same way)."""
+    before = {transit_path(x.a, x.hub, x.b) for x in (old.transits if old else ())}
+    for p in plans:
+        p.transit = [transit_path(x.a, x.hub, x.b) + ("" if transit_path(x.a, x.hub, x.b) in before else " (new)")
+                     for x in new.transits if p.router in (x.a, x.b, x.hub)]
+
+
+def transit_table(wan: Wan) -> list[str]:
+    """Markdown lines: every spoke-to-spoke pair and the hub its traffic crosses."""
+    if not wan.transits:
+        return []
+    hubs = ", ".join(wan.hubs)
+    return ["", f"Spoke to spoke (hub-and-spoke, hubs {hubs}): each pair crosses the first hub by name both spokes "
+            "have a tunnel to; no other hub takes over while it is down (docs/topologies.md).", "",
+            "| spokes | path |", "|---|---|",
+            *(f"| {x.a}, {x.b} | {transit_path(x.a, x.hub, x.b)} |" for x in wan.transits)]
 
 
 def as_json(plans: list[RouterPlan]) -> str:
@@ -233,6 +262,7 @@ def as_text(plans: list[RouterPlan]) -> str:
         head = f"{p.router}: " + ("new router, " if p.new_router else "removed router, " if p.gone_router else "")
         if not p.touched:
             out.append(f"{p.router}: no change ({p.unchanged} tunnels unchanged)")
+            out += [f"  path {t}" for t in p.transit]
             continue
         out.append(head + f"+{len(p.added)} ~{len(p.changed)} -{len(p.removed)} tunnels, {p.unchanged} unchanged")
         out += [f"  + {t}" for t in p.added]
@@ -240,6 +270,7 @@ def as_text(plans: list[RouterPlan]) -> str:
         out += [f"  - {t}" for t in p.removed]
         out += [f"  key {k}" for k in p.keys]
         out += [f"  dnsmasq {d}" for d in p.dns_settings]
+        out += [f"  path {t}" for t in p.transit]
         out += [f"  file {f}" for f in p.other_files]
         out += [f"  $ {c}" for c in p.commands]
     return "\n".join(out) + "\n"
@@ -281,6 +312,7 @@ def as_markdown(wan: Wan, plans: list[RouterPlan], base: str) -> str:
                      + (", ".join(f"{t} ({'; '.join(w)})" for t, w in p.changed.items()) or "-")
                      + f" | {', '.join(p.removed) or '-'} | {p.unchanged} | {', '.join(p.other_files) or '-'} | "
                      + ("<br>".join(p.keys) or "-") + " |")
+    lines += transit_table(wan)
     for p in touched:
         if p.dns_settings:
             lines += ["", f"<details><summary>{p.router}: dnsmasq settings</summary>", "",

@@ -70,13 +70,14 @@ def _subnets(side: str, lans) -> str:
     return f"\t{side}subnets={{{' '.join(nets)}}}"
 
 
-def conn_names(t: Tunnel, me: Site, peer: Site) -> list[str]:
-    """The connection names pluto will know for this tunnel (`subnets=` expands into aliases, 4.x and 5.x)."""
-    if len(me.lans) > 1 or len(peer.lans) > 1:
+def conn_names(t: Tunnel, local, remote) -> list[str]:
+    """The connection names pluto will know for this tunnel (`subnets=` expands into aliases, 4.x and 5.x);
+    `local`, `remote`: the tunnel's subnets on this end and the peer's (Wan.selectors)."""
+    if len(local) > 1 or len(remote) > 1:
         # a side with one `subnet=` counts as 0, a side with `subnets={...}` counts from 1
         # (v5.2 programs/pluto/whack_add.c:112-114 `start`)
-        left = range(1, len(me.lans) + 1) if len(me.lans) > 1 else [0]
-        right = range(1, len(peer.lans) + 1) if len(peer.lans) > 1 else [0]
+        left = range(1, len(local) + 1) if len(local) > 1 else [0]
+        right = range(1, len(remote) + 1) if len(remote) > 1 else [0]
         return [f"{t.name}/{i}x{j}" for i in left for j in right]
     return [t.name]
 
@@ -98,31 +99,43 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
     for t in my_tunnels:
         peer = wan.site(t.peer_of(site.name))
         initiator = t.initiator == site.name
-        conf_b = conn_t.render(source=source, t=t, me=site, peer=peer, initiator=initiator).encode()
+        # hub-and-spoke transit: a hub's end also carries the spokes it joins to this peer (Wan.selectors)
+        local, remote_nets = wan.selectors(t, site.name)
+        conf_b = conn_t.render(source=source, t=t, me=site, peer=peer, initiator=initiator, local=local,
+                               remote=remote_nets, carried=wan.carried(t, site.name),
+                               peer_carried=wan.carried(t, peer.name)).encode()
         files[paths.tunnel_conf(t.name)] = RenderedFile(conf_b, 0o644)
         tunnels[t.name] = TunnelEntry(
             peer=peer.name,
             initiator=initiator,
-            conns=tuple(conn_names(t, site, peer)),
+            conns=tuple(conn_names(t, local, remote_nets)),
             conf_sha256=hashlib.sha256(conf_b).hexdigest(),
             peer_address=peer.router.address,
-            local_subnets=tuple(str(n) for n in site.lans),
-            remote_subnets=tuple(str(n) for n in peer.lans),
+            local_subnets=tuple(str(n) for n in local),
+            remote_subnets=tuple(str(n) for n in remote_nets),
             crypto_profile=t.crypto.name,
             peer_ike_id=peer.router.ike_id,
             peer_key=peer.router.key.ckaid,
             peer_extra_keys=tuple(k.ckaid for k in peer.router.extra_keys),
         )
 
-    remote = [wan.site(t.peer_of(site.name)) for t in my_tunnels]
-    remote.sort(key=lambda s: s.name)
+    peers = sorted((wan.site(t.peer_of(site.name)) for t in my_tunnels), key=lambda s: s.name)
+    # every site this one's LANs reach: its tunnel peers and, on a spoke, the spokes reached through a
+    # hub (their DNS is forwarded, their LANs are in the firewall's remote set like any other)
+    remote = list(wan.reached(site.name))
+    # on a hub: the (source, destination) LAN pairs it forwards from one tunnel into another
+    transit = sorted(((str(na), str(nb)) for x in wan.transits if x.hub == site.name
+                      for sa, sb in ((x.a, x.b), (x.b, x.a))
+                      for na in wan.site(sa).lans for nb in wan.site(sb).lans),
+                     key=lambda p: (_net_key(p[0]), _net_key(p[1])))
     ctx = dict(
         source=source, me=site, remote=remote,
-        peers=sorted({str(s.router.public_address) for s in remote if not s.router.dynamic}, key=_ip_key),
+        peers=sorted({str(s.router.public_address) for s in peers if not s.router.dynamic}, key=_ip_key),
         # peers without a fixed address: IKE and NAT-T are accepted from any address (their ESP comes
         # in UDP 4500: conn.j2 encapsulation=yes); the plan names these routers
-        dynamic_peers=[s.name for s in remote if s.router.dynamic],
+        dynamic_peers=[s.name for s in peers if s.router.dynamic],
         remote_lans=[str(n) for s in remote for n in s.lans],
+        transit=transit,
         chains=paths.FW4_SNIPPETS,
     )
     if site.router.platform == "el":
@@ -132,7 +145,7 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
             for zone in paths.FIREWALLD_ZONES:
                 xml = e.get_template("firewall/firewalld-zone.j2").render(zone=zone, **ctx)
                 files[paths.firewalld_zone(zone)] = RenderedFile(xml.encode(), 0o644)
-            for policy in paths.firewalld_policies(any(s.router.dynamic for s in remote)):
+            for policy in paths.firewalld_policies(any(s.router.dynamic for s in peers)):
                 xml = e.get_template("firewall/firewalld-policy.j2").render(policy=policy, **ctx)
                 files[paths.firewalld_policy(policy)] = RenderedFile(xml.encode(), 0o644)
             files[paths.FIREWALL_UNIT_EL] = RenderedFile(e.get_template("firewall/el-unit.j2").render(**ctx).encode(), 0o644)
@@ -158,7 +171,7 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
     # conn replaces the keys pluto holds for its IKE ids, so reconcile adds these after every add
     files[paths.PEER_KEYS_LIST] = RenderedFile("".join(
         f"{peer.router.ike_id} {k.ckaid} {k.rsasigkey}\n"
-        for peer in remote for k in peer.router.extra_keys).encode(), 0o644)
+        for peer in peers for k in peer.router.extra_keys).encode(), 0o644)
     files[paths.FILES_LIST] = RenderedFile("".join(
         f"{hashlib.sha256(f.content).hexdigest()} {f.mode:04o} {p}\n" for p, f in sorted(files.items())).encode(), 0o644)
 
@@ -183,6 +196,11 @@ def render_router(wan: Wan, site: Site, revision: str, release: str | None = Non
 
 def _ip_key(text: str):
     return tuple(int(x) for x in text.split("."))
+
+
+def _net_key(text: str):
+    addr, _, plen = text.partition("/")
+    return _ip_key(addr) + (int(plen or 32),)
 
 
 def render_wan(wan: Wan, revision: str = "unknown", release: str | None = None) -> dict[str, Tree]:

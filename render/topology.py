@@ -5,7 +5,7 @@ from itertools import combinations
 
 from .errors import Problem
 from .load import where
-from .model import CryptoProfile, Site, Tunnel
+from .model import CryptoProfile, Site, Transit, Tunnel
 
 
 def tunnel_name(a: str, b: str) -> str:
@@ -52,3 +52,27 @@ def plan_tunnels(topology: str, hubs: tuple[str, ...], sites: list[Site], profil
         profile = profiles[wanted.pop() if wanted else default_profile]
         tunnels.append(Tunnel(tunnel_name(a, b), a, b, initiator, profile))
     return tuple(sorted(tunnels, key=lambda t: t.name)), problems
+
+
+def plan_transits(topology: str, hubs: tuple[str, ...], tunnels: tuple[Tunnel, ...]) -> tuple[Transit, ...]:
+    """Hub-and-spoke: every pair of spokes reaches each other through ONE hub, the first by name of
+    the hubs both have a tunnel to (today every spoke has one to every hub, so that is the first hub
+    by name for every pair). One hub only, because the two spokes' kernels may hold one XFRM policy
+    per selector pair: the same pair on two hub tunnels would make the second policy shadow the
+    first. Nothing fails over: when that hub is down the pair is cut until it returns (its other
+    tunnels are not re-rendered at run time; docs/topologies.md)."""
+    if topology != "hub-and-spoke":
+        return ()
+    hubset = set(hubs)
+    joined: dict[str, set[str]] = {}
+    for t in tunnels:
+        for end in (t.a, t.b):
+            peer = t.peer_of(end)
+            if end not in hubset and peer in hubset:
+                joined.setdefault(end, set()).add(peer)
+    out = []
+    for a, b in combinations(sorted(joined), 2):
+        common = sorted(joined[a] & joined[b])
+        if common:
+            out.append(Transit(a, b, common[0]))
+    return tuple(out)

@@ -19,7 +19,7 @@ from .errors import Problem, WanError, show
 from .hostkey import HostKey
 from .load import Document, load_yaml, printable, where
 from .model import CryptoProfile, Dns, Dpd, Router, Site, Wan
-from .topology import plan_tunnels
+from .topology import plan_transits, plan_tunnels
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 DEFAULT_DPD = {"delay": 10, "timeout": 60}
@@ -478,7 +478,8 @@ def _semantics(wan_doc: Document, docs: list[Document], shown: str) -> tuple[Wan
                                       {s.name: doc for s, doc in zip(sites, sorted(docs, key=lambda d: d.data["name"]))})
     problems.extend(tproblems)
     return Wan(w["name"], w["topology"], hubs, tuple(sites), tunnels, shown,
-               release_valid_days=w.get("release", {}).get("valid_days", 90)), problems
+               release_valid_days=w.get("release", {}).get("valid_days", 90),
+               transits=plan_transits(w["topology"], hubs, tunnels)), problems
 
 
 KEY_FIELDS = ("key", "next_key", "previous_key")

@@ -156,7 +156,7 @@ def test_the_lab_puts_a_dynamic_site_behind_a_nat_with_addresses_of_its_own(tmp_
     write_trees(render_wan(wan), tmp_path / "out")
     view = wan_view(wan, tmp_path / "out", "wt")
     home = view.site("home")
-    assert home.shapes == ("dynamic",) and all(s.nat is None and not s.shapes for s in view.sites if s.name != "home")
+    assert "dynamic" in home.shapes and all(s.nat is None and "dynamic" not in s.shapes for s in view.sites if s.name != "home")
     n = home.nat
     assert home.public == n.inside and n.mtu < 1500
     infra = pick_infra([wan], "wt")

@@ -147,7 +147,7 @@ def test_the_result_round_trips_through_json():
     assert again == r and isinstance(again.checks[0], Check) and again.failed()[0].evidence["why"] == "no reply"
 
 
-def test_hub_and_spoke_views_join_only_spokes_to_hubs(tmp_path):
+def test_hub_and_spoke_views_join_spokes_to_hubs_and_spokes_through_one_hub(tmp_path):
     from lab.generate import write_generated
     sites = write_generated(3, tmp_path / "g", topology="hub-and-spoke", n_sites=4)
     wan = load_sites(sites)
@@ -156,7 +156,14 @@ def test_hub_and_spoke_views_join_only_spokes_to_hubs(tmp_path):
     hubs = set(wan.hubs)
     assert all(s.name in hubs or o.name in hubs for s, o in view.joined_pairs())
     spokes = [s.name for s in wan.sites if s.name not in hubs]
-    assert len(view.unjoined_pairs()) == len(spokes) * (len(spokes) - 1) // 2 > 0
+    # every spoke pair is a transit pair through the first hub by name; none is left unproven
+    assert len(view.transits) == len(spokes) * (len(spokes) - 1) // 2 > 0
+    assert {x.hub for x in view.transits} == {min(hubs)}
+    assert view.unjoined_pairs() == []
+    assert len(view.reached_pairs()) == len(wan.sites) * (len(wan.sites) - 1)
+    assert {s.name: s.shapes for s in view.sites} == {s.name: ("hub",) if s.name in hubs else ("spoke",) for s in wan.sites}
+    # the plan round-trips through JSON with its transit pairs (it crosses the kernel boundary)
+    assert type(view).from_json(view.to_json()) == view
 
 
 def test_the_labs_own_addresses_are_picked_around_the_wans(tmp_path):

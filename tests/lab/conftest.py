@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.generate import write_generated
+from lab.generate import MESHED_HUBS, write_generated
 from lab.run import LabRequest, run_labs
 from render import paths
 from render.validate import load_sites
@@ -120,6 +120,11 @@ def uml_labs(tmp_path_factory, lab_lock):
     for seed in SEEDS:
         sites = write_generated(seed, revisions / f"generated-{seed}")
         reqs[f"generated {seed}"] = LabRequest(sites=sites, kernel="uml", results=base / f"generated-{seed}", timeout=900)
+    # hub-and-spoke with transit: one OpenWrt hub and three spokes, and a generated WAN of two meshed
+    # hubs and two spokes (the first seed's choices for the rest)
+    reqs["hub"] = LabRequest(sites=WANS / "hub", kernel="uml", results=base / "hub", timeout=900)
+    sites = write_generated(SEEDS[0], revisions / f"generated-hubs-{SEEDS[0]}", **MESHED_HUBS)
+    reqs[f"generated-hubs {SEEDS[0]}"] = LabRequest(sites=sites, kernel="uml", results=base / "generated-hubs", timeout=900)
     return dict(zip(reqs, run_labs(list(reqs.values())), strict=True))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lab.generate import from_seed
+from lab.generate import MESHED_HUBS, from_seed
 
 pytestmark = pytest.mark.lab
 
@@ -17,13 +17,24 @@ def test_two_generated_wans_pass_the_lab(uml_labs):
         _proven(uml_labs[f"generated {seed}"], seed)
 
 
-def _proven(outcome, seed: int) -> None:
-    spec = from_seed(seed)
+def test_a_generated_wan_with_two_meshed_hubs_proves_spoke_to_spoke_through_the_first(uml_labs):
+    key = next(k for k in uml_labs if k.startswith("generated-hubs "))
+    _proven(uml_labs[key], int(key.split()[1]), **MESHED_HUBS)
+
+
+def _proven(outcome, seed: int, **kw) -> None:
+    spec = from_seed(seed, **kw)
     r = outcome.result
     assert outcome.ok, f"seed {seed} ({spec.describe()}): {r.error or [c for c in r.checks if not c.ok][:5]}"
     # a 5.x site ran a 4.x rendering: the result names it
     assert set(r.other_major) == {s.name for s in spec.sites if s.libreswan == 5}
-    # the lab proves the pairs the topology joins and names the others
+    # the lab proves the pairs the topology joins, and every pair of spokes through a hub (transit)
     spokes = [s.name for s in spec.sites if s.name not in spec.hubs] if spec.hubs else []
-    assert len(r.unjoined_pairs) == len(spokes) * (len(spokes) - 1) // 2
+    assert r.unjoined_pairs == []
+    assert len(r.transit_pairs) == len(spokes) * (len(spokes) - 1) // 2
+    for a, b, hub in r.transit_pairs:
+        assert hub == min(spec.hubs)
+        for src, dst in ((a, b), (b, a)):
+            pings = [c for c in r.checks if c.kind == "ping" and (c.src, c.dst) == (src, dst)]
+            assert pings and all(c.ok and c.evidence["via"] == hub for c in pings), (src, dst)
     assert len([c for c in r.checks if c.kind == "tunnel"]) == len({(c.src, c.dst) for c in r.checks if c.kind == "tunnel"})
