@@ -62,7 +62,8 @@ def test_a_router_dns_site_without_records_is_refused_where_any_site_uses_hosts_
     with pytest.raises(WanError) as info:
         load_sites(_sites(tmp_path / "b", home=[no_records], rome=[("dns:\n", "overrides:\n  dns_mode: hosts\ndns:\n")]))
     (p,) = info.value.problems
-    want = next(i for i, line in enumerate((tmp_path / "b/sites/home.yaml").read_text().splitlines(), 1) if line.strip().startswith("server:"))
+    lines = (tmp_path / "b/sites/home.yaml").read_text().splitlines()
+    want = next(i for i, line in enumerate(lines, 1) if line.strip().startswith("server:"))
     assert p.file.endswith("home.yaml") and p.line == want and p.where == "dns.server"
     assert "while rome uses dns_mode: hosts" in p.message and "add the names" in p.message
 
