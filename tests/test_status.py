@@ -274,3 +274,20 @@ def test_an_expired_release_is_the_last_runs_result_and_an_alert(world):
     assert s["last_run"]["result"] == "expired" and s["release"]["tag"] == "v1.0.0"
     r = world.summary()
     assert r.returncode == 1 and "the last run ended 'expired' (exit 4" in r.stdout
+
+
+def test_the_documented_alert_rules_and_metrics_name_only_what_the_textfile_holds(world):
+    """docs/monitoring.md's example rules parse as YAML and use only metrics a run writes; its table
+    lists every metric family a run writes."""
+    import yaml
+    from support import REPO
+    world.release("v1.0.0")
+    assert world.fetch().returncode == 0
+    written = set(world.textfile())
+    doc = (REPO / "docs/monitoring.md").read_text()
+    rules = yaml.safe_load(re.search(r"```yaml\n(.*?)```", doc, re.S)[1])
+    used = {m for rule in rules["groups"][0]["rules"] for m in re.findall(r"\bwan_[a-z_]+", rule["expr"])}
+    assert used and used <= written, used - written
+    table = set(re.findall(r"^\| `(wan_[a-z_]+)` \|", doc, re.M))
+    assert written <= table, written - table
+    assert table - written <= {"wan_last_rollback_timestamp_seconds", "wan_last_repair_timestamp_seconds"}  # only after one
