@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -291,3 +292,37 @@ def test_the_documented_alert_rules_and_metrics_name_only_what_the_textfile_hold
     table = set(re.findall(r"^\| `(wan_[a-z_]+)` \|", doc, re.M))
     assert written <= table, written - table
     assert table - written <= {"wan_last_rollback_timestamp_seconds", "wan_last_repair_timestamp_seconds"}  # only after one
+
+
+def test_a_refusal_of_the_settings_writes_the_status_and_a_usage_error_does_not(world):
+    world.release("v1.0.0")
+    assert world.fetch().returncode == 0
+    world.setting("WAN_DOWNLOADER=ftp")  # refused before the lock is even taken
+    r = world.fetch()
+    assert r.returncode == 2 and "WAN_DOWNLOADER must be" in r.stderr
+    s = world.status()
+    assert s["last_run"]["result"] == "refused" and s["last_run"]["step"] == "start" and s["release"]["tag"] == "v1.0.0"
+    before = (world.run_dir / "status.json").read_bytes()
+    r = world.fetch("--tag", "latest")  # a usage error by hand says nothing about the router
+    assert r.returncode == 2 and "is not a release tag" in r.stderr
+    assert (world.run_dir / "status.json").read_bytes() == before
+    r = world.fetch("--check")
+    assert (world.run_dir / "status.json").read_bytes() == before
+
+
+def test_a_textfile_directory_planted_as_a_symlink_or_open_to_others_is_not_written_through(world, tmp_path):
+    """OpenWrt's /var is /tmp: anyone could make /tmp/prometheus before fetch does."""
+    world.release("v1.0.0")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    shutil.rmtree(world.prom, ignore_errors=True)
+    world.prom.symlink_to(target)
+    r = world.fetch()
+    assert r.returncode == 0 and "no textfile written" in r.stderr
+    assert os.listdir(target) == [] and world.status()["release"]["tag"] == "v1.0.0"  # the JSON is still written
+    world.prom.unlink()
+    world.prom.mkdir()
+    world.prom.chmod(0o777)
+    assert "no textfile written" in world.fetch().stderr and os.listdir(world.prom) == []
+    world.prom.chmod(0o755)
+    assert world.fetch().returncode == 0 and os.listdir(world.prom) == ["wan.prom"]
