@@ -17,11 +17,26 @@ import time
 from pathlib import Path
 
 import pytest
+from test_enrol import ENROL, SHELLS
 
-from test_enrol import ENROL, SHELLS, kit  # noqa: F401  (kit: the fixture)
+from release import programs, signify
+
+from support import REPO
 
 pytestmark = pytest.mark.skipif(not shutil.which("ipsec") or not shutil.which("certutil"), reason="needs libreswan and nss tools")
 CRON_LINE = re.compile(r"^(\S+) (\S+) \* \* \* /etc/wan/fetch >/dev/null 2>&1 # wan-fetch: ")
+
+
+@pytest.fixture
+def kit(tmp_path):
+    """A program release of this checkout's programs, signed by a throw-away program key (as test_enrol's)."""
+    repo = tmp_path / "repo"
+    (repo / "release").mkdir(parents=True)
+    shutil.copytree(REPO / "router", repo / "router")
+    pkey, rkey = signify.generate(), signify.generate()
+    (repo / programs.PUBLIC_KEY).write_text(pkey.public.text("p"))
+    (repo / "release/wan-release.pub").write_text(rkey.public.text("r"))
+    return programs.build(repo, 3, tmp_path / "dist", pkey, "abc"), pkey, rkey
 
 
 def enrol(shell, root: Path, *args, rc=0, kit_dir=None) -> subprocess.CompletedProcess:
@@ -49,7 +64,8 @@ def crond_reads(crontabs: Path, tmp: Path) -> list[list[str]]:
     Returns the bitmaps of each entry."""
     log = tmp / "crond.log"
     log.unlink(missing_ok=True)
-    p = subprocess.Popen(["unshare", "-m", "sh", "-c", f'mount -t tmpfs none /run && exec busybox crond -f -l 0 -L "{log}" -c "{crontabs}"'])
+    p = subprocess.Popen(["unshare", "-m", "sh", "-c",
+                          f'mount -t tmpfs none /run && exec busybox crond -f -l 0 -L "{log}" -c "{crontabs}"'])
     try:
         end = time.monotonic() + 20
         entries: list[list[str]] = []
@@ -77,7 +93,7 @@ def test_openwrt_enrol_installs_one_cron_line_with_a_splay_and_a_second_enrol_re
     m = CRON_LINE.match(lines[1])
     assert m and m[2] == "*", lines[1]
     minutes = [int(x) for x in m[1].split(",")]
-    assert len(minutes) == 4 and minutes[0] < 15 and all(b - a == 15 for a, b in zip(minutes, minutes[1:])), minutes
+    assert len(minutes) == 4 and minutes[0] < 15 and all(b - a == 15 for a, b in zip(minutes, minutes[1:], strict=False)), minutes
     assert "WAN_INTERVAL=15\n" in (root / "etc/wan/fetch.conf").read_text()
     assert (tmp_path / "cron-calls").read_text().split("\n") == ["enable", "restart", ""]
     assert oct(crontab.stat().st_mode & 0o777) == "0o600" and "scheduled" in r.stderr
@@ -110,7 +126,7 @@ def test_openwrt_intervals_of_hours_fall_on_the_same_minute(tmp_path, kit, inter
     mins, hours = entries[0][0], entries[0][1]
     assert mins.count("1") == 1
     on = [i for i, c in enumerate(hours) if c == "1"]
-    assert len(on) == 24 // hours_apart and all(b - a == hours_apart for a, b in zip(on, on[1:])), hours
+    assert len(on) == 24 // hours_apart and all(b - a == hours_apart for a, b in zip(on, on[1:], strict=False)), hours
 
 
 def _verify(root: Path, tmp: Path) -> subprocess.CompletedProcess:
@@ -142,7 +158,7 @@ def test_el_enrol_installs_a_timer_and_its_service_that_systemd_accepts(tmp_path
     assert c.returncode == 0, c.stderr
     times = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ \S+ (\d\d):(\d\d):00", c.stdout)
     marks = [int(h) * 60 + int(m) for h, m in times]
-    assert len(marks) == 4 and all((b - a) % 1440 == 20 for a, b in zip(marks, marks[1:])), c.stdout
+    assert len(marks) == 4 and all((b - a) % 1440 == 20 for a, b in zip(marks, marks[1:], strict=False)), c.stdout
     before = {p.name: p.read_bytes() for p in units.iterdir() if p.is_file()}
     enrol(shell, root, "--interval", "20", kit_dir=d)  # idempotent
     assert {p.name: p.read_bytes() for p in units.iterdir() if p.is_file()} == before
@@ -170,7 +186,8 @@ def test_an_interval_cron_cannot_keep_is_refused_before_anything_is_installed(tm
     root = openwrt_root(tmp_path)
     r = enrol(["sh"], root, "--interval", bad, kit_dir=d, rc=2) if bad else None
     if r:
-        assert f"--interval: '{bad}' is not minutes that divide an hour or a day" in r.stderr and "nothing was installed" in r.stderr
+        assert f"--interval: '{bad}' is not minutes that divide an hour or a day" in r.stderr
+        assert "nothing was installed" in r.stderr
         assert not (root / "etc/wan").exists() and os.listdir(root / "etc/crontabs") == []
     # the same from fetch.conf, by its line
     (root / "etc/wan").mkdir(exist_ok=True)

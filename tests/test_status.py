@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_fetch import SHELLS, World
 
 from lab.keys import with_wrong_peer_keys
 from release.bundle import release_env
 from render.render import render_wan
-
-from test_fetch import SHELLS, World
 
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
@@ -53,7 +52,8 @@ def parse_prom(text: str) -> dict[str, dict]:
         m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
         assert m, where
         name, labels, value = m[1], m[2], m[3]
-        assert name == current and "type" in families[name] and "help" in families[name], f"{where}: not under its own HELP and TYPE"
+        assert name == current and "type" in families[name] and "help" in families[name], \
+            f"{where}: not under its own HELP and TYPE"
         pairs = LABEL.findall(labels or "")
         assert ",".join(f'{k}="{v}"' for k, v in pairs) == (labels or ""), f"{where}: bad labels"
         key = frozenset(pairs)
@@ -89,6 +89,7 @@ class Status(World):
 
     def summary(self, *args: str):
         import subprocess
+
         from test_fetch import FETCH
         return subprocess.run(self.shell + [str(FETCH), "--root", str(self.root), "--status", *args],
                               capture_output=True, text=True, env=self.env, timeout=60)
@@ -111,7 +112,8 @@ def test_applied_current_and_refused_runs_each_write_the_status_and_the_textfile
     assert world.fetch().returncode == 0
     s = world.status()
     assert s["router"] == "acme" and s["platform"] == "el"
-    assert s["release"] == {"tag": "v1.0.0", "serial": 1000000, "date": s["release"]["date"], "expires": expiry_of(world, "v1.0.0")}
+    assert s["release"] == {"tag": "v1.0.0", "serial": 1000000, "date": s["release"]["date"],
+                            "expires": expiry_of(world, "v1.0.0")}
     assert s["last_run"]["result"] == "applied" and s["last_run"]["exit_code"] == 0 and s["last_run"]["success"]
     assert s["last_run"]["time"] >= t0 and s["last_run"]["last_success"] == s["last_run"]["time"]
     assert [(t["name"], t["up"], t["pending"]) for t in s["tunnels"]] == [("acme-home", True, False)]
@@ -281,6 +283,7 @@ def test_the_documented_alert_rules_and_metrics_name_only_what_the_textfile_hold
     """docs/monitoring.md's example rules parse as YAML and use only metrics a run writes; its table
     lists every metric family a run writes."""
     import yaml
+
     from support import REPO
     world.release("v1.0.0")
     assert world.fetch().returncode == 0
