@@ -111,6 +111,9 @@ def uml_labs(tmp_path_factory, lab_lock):
             ("change", {"to": [str(seven(revisions)), str(REPO / "sites"), str(oslo_wider(revisions))]}),)),
         "release": LabRequest(sites=WANS / "two", kernel="uml", results=base / "release", timeout=900,
                               scenarios=(("release", {"negatives": True}),)),
+        # repairs between releases: acme initiates three tunnels; two are damaged, the third must keep its SAs
+        "four+heal": LabRequest(sites=WANS / "four", kernel="uml", results=base / "four-heal", timeout=900,
+                                scenarios=(("heal", {}),)),
     }
     print(f"generated WANs: seeds {SEEDS} (WAN_LAB_SEEDS={','.join(map(str, SEEDS))} reproduces them)", file=sys.stderr)
     for seed in SEEDS:
