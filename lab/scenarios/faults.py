@@ -18,11 +18,11 @@ from ..contracts import Check, Record
 from ..network import ns_path
 from ..probes import ping_many
 from ..proc import progress
-from ..proofs import wait_tunnels_of
 from . import PrepareContext, Prepared
 
 STAGE = "after_tunnels"
 RECOVERY_BOUND = 120.0  # seconds a primitive's recovery may take before it counts as failed
+WATCH_AFTER_CUT = 30.0  # seconds of pings after the WAN link is back (a late liveness timeout shows)
 
 
 @dataclass(frozen=True)
@@ -45,25 +45,46 @@ def _ping_peers(lab, name: str) -> tuple[int, int]:
     return sum(r["received"] > 0 for r in res), len(probes)
 
 
-def _back(lab, router, t0: float) -> tuple[bool, float, dict[str, float]]:
-    """Until pluto has every conn of the router established and a ping crosses each of its tunnels;
-    the seconds since t0 for the router and, per tunnel, until its first ping came back."""
+def _probes(lab, name: str) -> dict[str, tuple[str, str]]:
+    """tunnel -> (a LAN host of `name`, a host in the peer's LAN)."""
     view = lab.view
-    s = view.site(router.name)
-    probes = {view.tunnel_between(a.name, o.name).name: (ns_path(s.lans[0].host_ns), o.lans[0].host)
-              for a, o in view.joined_pairs() if a.name == router.name}
+    s = view.site(name)
+    return {view.tunnel_between(a.name, o.name).name: (ns_path(s.lans[0].host_ns), o.lans[0].host)
+            for a, o in view.joined_pairs() if a.name == name}
+
+
+def _back(lab, router, t0: float) -> tuple[bool, float, dict[str, float]]:
+    """Until each tunnel of the router has its conns established on it and a ping across it comes
+    back; the seconds since t0 for the router and, per tunnel, until its first ping came back."""
+    probes = _probes(lab, router.name)
+    conns = router.site.conns
     per: dict[str, float] = {}
-    up = wait_tunnels_of(router, RECOVERY_BOUND)
-    while up and len(per) < len(probes):
+    while len(per) < len(probes):
         if time.monotonic() - t0 > RECOVERY_BOUND:
             return False, round(time.monotonic() - t0, 2), per
-        todo = sorted(t for t in probes if t not in per)
-        res = ping_many([probes[t] for t in todo], count=1, interval=0, wait=1.0)
+        est = set(router.traffic())
+        todo = sorted(t for t in probes if t not in per and set(conns[t]) <= est)
+        res = ping_many([probes[t] for t in todo], count=1, interval=0, wait=1.0) if todo else []
         now = round(time.monotonic() - t0, 2)
         per.update({t: now for t, r in zip(todo, res, strict=True) if r["received"] > 0})
         if len(per) < len(probes):
             time.sleep(0.2)
-    return up, round(time.monotonic() - t0, 2), per
+    return True, round(time.monotonic() - t0, 2), per
+
+
+def _watch(lab, name: str, seconds: float) -> dict[str, int]:
+    """Pings across each tunnel of `name`, one a second per tunnel for `seconds`: how many were lost
+    (a liveness timeout that tears the IKE SA down after the link came back shows here)."""
+    probes = _probes(lab, name)
+    lost = dict.fromkeys(probes, 0)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.monotonic()
+        for tun, r in zip(sorted(probes), ping_many([probes[x] for x in sorted(probes)], count=1, interval=0, wait=1.0),
+                          strict=True):
+            lost[tun] += r["received"] == 0
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+    return lost
 
 
 def play(lab, data: dict) -> None:
@@ -104,9 +125,12 @@ def play(lab, data: dict) -> None:
     t0 = time.monotonic()
     router.restore_wan()
     up, secs, per = _back(lab, router, t0)
+    # after the link is back: do the liveness probes that ran into the cut still tear an IKE SA down?
+    # (rendered: dpddelay, retransmit-timeout, dpdaction=restart; docs/performance.md)
+    after = _watch(lab, d.router, WATCH_AFTER_CUT)
     ok = during == 0 and up
     report["wan_cut"] = {"cut_seconds": d.cut_seconds, "pings_during_cut": f"{during}/{total}", "seconds_until_traffic": secs,
-                         "per_tunnel": per}
+                         "per_tunnel": per, "lost_in_30_s_after": after}
     lab.add(Check("fault", d.router, "wan cut and restored", ok, {
         "replies_during_cut": during, "probes": total, "tunnels_back": up, "seconds": secs,
         "why": "" if ok else ("traffic crossed a cut link" if during else "traffic did not come back")}))
