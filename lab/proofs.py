@@ -96,6 +96,11 @@ def wait_tunnels(view: WanView, routers: dict[str, RouterHost],
     return status, checks
 
 
+def resolve(s: SitePlan, names: list[str]) -> dict[str, list[str]]:
+    """The A records a LAN host of `s` gets from its router for each name (for scenarios)."""
+    return _dig(s, names)
+
+
 def wait_tunnels_of(router: RouterHost, timeout: float = 60) -> bool:
     """Until every conn of this router's tunnels is established on it (whack)."""
     want = router.site.all_conns()

@@ -119,7 +119,7 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
     for n in names:
         scenarios.load(n)  # an unknown name is refused before anything is rendered
     if req.routers == "docker" and names:
-        raise LabRequestError("the scenarios (change, release, faults) run with netns routers only")
+        raise LabRequestError("the scenarios (change, release, faults, heal) run with netns routers only")
     results = Path(req.results).resolve()
     if results.exists():
         shutil.rmtree(results)

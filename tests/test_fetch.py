@@ -151,7 +151,30 @@ def test_first_fetch_installs_the_release_and_a_second_finds_nothing_to_do(world
                                          capture_output=True, text=True).stdout
     r = world.fetch()
     assert r.returncode == 0 and "nothing to do" in r.stderr
-    assert world.calls() == ["ipsec whack --trafficstatus"]  # only the status's look at pluto: nothing changed
+    assert world.calls() == ["ipsec whack --status", "ipsec whack --trafficstatus"]  # the repair's and the status's looks at pluto
+
+
+def test_with_the_latest_release_installed_fetch_repairs_what_differs_from_it(world):
+    """The tag is current, but acme-home was deleted from pluto and the DNS file edited by hand:
+    fetch says "nothing to do" about releases and runs the installed reconcile's repair, which adds
+    the conn again, initiates it (acme initiates), puts the file back and logs both repairs."""
+    world.release("v1.0.0")
+    assert world.fetch().returncode == 0
+    subprocess.run(["sh", str(world.tmp / "bin/ipsec"), "whack", "--delete", "--name", "acme-home"], env=world.env, check=True)
+    dns = world.root / "etc/dnsmasq.d/wan.conf"
+    good = dns.read_bytes()
+    dns.write_text("server=/acme.inc/10.9.9.9\n")
+    r = world.fetch()
+    assert r.returncode == 0 and "nothing to do" in r.stderr, r.stderr
+    assert "ipsec auto --add acme-home" in world.calls()
+    assert "ipsec whack --initiate --asynchronous --name acme-home" in world.calls()
+    assert dns.read_bytes() == good
+    log = (world.root / "var/run/wan/repairs.log").read_text().splitlines()
+    assert sorted(line.split(" ", 1)[1] for line in log) == ["conn acme-home", "dns /etc/dnsmasq.d/wan.conf"]
+    assert all(line.split()[0].isdigit() for line in log)
+    r = world.fetch()
+    assert r.returncode == 0 and world.calls() == ["ipsec whack --status", "ipsec whack --trafficstatus"]
+    assert len((world.root / "var/run/wan/repairs.log").read_text().splitlines()) == 2
 
 
 def test_refusals_change_nothing(world):
@@ -398,6 +421,16 @@ class Router:
         for conf in (self.root / "etc/ipsec.d").glob("*.conf"):
             pluto_load(self.state, conf, conf.read_bytes())
 
+    def damage(self) -> None:
+        """What the repair scenario finds: acme-home deleted from pluto, its conf edited by hand, the
+        firewall's rules and dnsmasq's WAN settings no longer in effect (the stand-ins' copies gone)."""
+        for d in ("loaded", "conns"):
+            (self.state / d / "acme-home").unlink()
+        conf = self.root / "etc/ipsec.d/acme-home.conf"
+        conf.write_text(conf.read_text().replace("\tauto=", "\t# edited by hand\n\tauto=", 1))
+        (self.state / "wan.nft").unlink()
+        (self.state / "dnsmasq.conf").unlink()
+
     def killed(self, where: str, sig: str, target: str) -> str:
         """fetch with the test hook armed; waits until every process of its group is gone."""
         env = dict(self.env, WAN_TEST_STOP_AT=where, WAN_TEST_SIGNAL=sig, WAN_TEST_TARGET=target)
@@ -417,13 +450,16 @@ class Router:
 def kill_template(tmp: Path, shell: list[str]) -> tuple[Path, dict, dict]:
     """A router (acme) with v1.0.0 installed, and two release servers: `good` offers v1.1.0 (home's LAN
     changes: acme-home's conf on both ends and the firewall change), `bad` offers v1.2.0 (acme gets
-    a wrong public key for its peer: it must roll back). Returns the template, its env and the servers."""
+    a wrong public key for its peer: it must roll back), `repair` offers v1.0.0 (the installed release:
+    fetch repairs). Returns the template, its env and the servers."""
     (tmp / "template").mkdir()
     w = World(tmp / "template", shell, "curl")
     with open(w.root / "etc/wan/fetch.conf", "a") as f:
         f.write("WAN_HEALTH_TIMEOUT=1\n")
     w.env["WAN_RELOAD_DNS"] = f'cp "{w.root}/etc/dnsmasq.d/wan.conf" "{w.state}/dnsmasq.conf"'
     w.env["WAN_RELOAD_FIREWALL"] = f'cp "{w.root}/etc/nftables/wan.nft" "{w.state}/wan.nft"'
+    w.env["WAN_CHECK_DNS"] = f'cmp -s "{w.root}/etc/dnsmasq.d/wan.conf" "{w.state}/dnsmasq.conf"'
+    w.env["WAN_CHECK_FIREWALL"] = f'cmp -s "{w.root}/etc/nftables/wan.nft" "{w.state}/wan.nft"'
     w.release("v1.0.0")
     r = w.fetch()
     assert r.returncode == 0, r.stderr
@@ -439,7 +475,7 @@ def kill_template(tmp: Path, shell: list[str]) -> tuple[Path, dict, dict]:
     w.release("v1.2.0", trees={"acme": bad["acme"], "home": ok["home"]}, latest=False, programs=2)
     (w.root / "etc/wan/test-hooks").write_text("")
     servers = {}
-    for scenario, tag in (("good", "v1.1.0"), ("bad", "v1.2.0")):
+    for scenario, tag in (("good", "v1.1.0"), ("bad", "v1.2.0"), ("repair", "v1.0.0")):
         d = tmp / f"dist-{scenario}"
         shutil.copytree(w.dist, d)
         (d / "latest").write_text(tag + "\n")
@@ -451,15 +487,15 @@ def kill_template(tmp: Path, shell: list[str]) -> tuple[Path, dict, dict]:
 
 def kill_points() -> list[tuple[str, str, str, str]]:
     """(where, signal, target, scenario) for every named step: fetch's under TERM, KILL and a power cut;
-    reconcile's, while applying and while rolling back, under TERM and KILL to itself, TERM and KILL to
-    the fetch that runs it, and a power cut."""
+    reconcile's, while applying, while rolling back and while repairing, under TERM and KILL to itself,
+    TERM and KILL to the fetch that runs it, and a power cut."""
     points = []
     for s in named_steps(FETCH):
-        scenario = "bad" if s.startswith("rollback-") else "good"
+        scenario = "bad" if s.startswith("rollback-") else "repair" if s.startswith("repair") else "good"
         points += [(f"fetch:{s}", sig, target, scenario)
                    for sig, target in (("TERM", "self"), ("KILL", "self"), ("KILL", "power"))]
     for s in named_steps(REPO / "router" / "reconcile"):
-        for phase, scenario in (("apply", "good"), ("rollback", "bad")):
+        for phase, scenario in (("apply", "good"), ("rollback", "bad"), ("repair", "repair")):
             points += [(f"reconcile:{s}@{phase}", sig, target, scenario) for sig, target in
                        (("TERM", "self"), ("KILL", "self"), ("TERM", "fetch"), ("KILL", "fetch"), ("KILL", "power"))]
     return points
@@ -471,7 +507,9 @@ def test_killed_at_every_step_the_next_run_ends_fully_on_the_old_or_the_new_rele
     kill -9, by kill -9 of fetch alone while reconcile runs on, and by a power cut (kill -9 of
     everything, tmpfs dropped, pluto restarted with what is on disk); then fetch runs again, as cron
     would. Each must end fully on v1.1.0 (the good change: a kill is not the release's fault, so it
-    is tried again) or fully on v1.0.0 (the broken v1.2.0 rolled back), the state files, the
+    is tried again) or fully on v1.0.0 (the broken v1.2.0 rolled back; or v1.0.0 installed and current,
+    repaired after acme-home was deleted from pluto and its conf edited, the firewall's and dnsmasq's
+    WAN settings dropped: every step of the repair is a kill point too), the state files, the
     stand-in pluto's loaded conns and public keys and the files on disk agreeing, every tunnel up; a
     further run changes nothing.
 
@@ -485,6 +523,8 @@ def test_killed_at_every_step_the_next_run_ends_fully_on_the_old_or_the_new_rele
 
     def one(i: int, where: str, sig: str, target: str, scenario: str) -> str | None:
         r = Router(template, tmp_path / f"point-{i}", shell.split(), env, servers[scenario].url)
+        if scenario == "repair":
+            r.damage()
         out = r.killed(where, sig, "group" if target == "power" else target)
         if f"WAN-TEST: at {where.split('@')[0]}" not in out:
             return f"{where} {sig} {target}: the step was never reached\n{out}"
@@ -498,12 +538,13 @@ def test_killed_at_every_step_the_next_run_ends_fully_on_the_old_or_the_new_rele
             assert_consistent(r, tmp_path / f"dist-{scenario}", want)
             # the program release both releases name is installed whole: programs, keys, programs.env
             lib = r.root / "etc/wan"
-            assert (lib / "programs.env").read_text() == "WAN_PROGRAMS_SERIAL=2\n", "program release not installed"
-            for name in ("fetch", "reconcile", "enrol"):
-                assert (lib / name).read_bytes() == (REPO / "router" / name).read_bytes(), name
-            assert len(list((lib / "keys/release").iterdir())) == 1 and len(list((lib / "keys/programs").iterdir())) == 1
+            if scenario != "repair":  # (v1.0.0 names no program release)
+                assert (lib / "programs.env").read_text() == "WAN_PROGRAMS_SERIAL=2\n", "program release not installed"
+                for name in ("fetch", "reconcile", "enrol"):
+                    assert (lib / name).read_bytes() == (REPO / "router" / name).read_bytes(), name
+                assert len(list((lib / "keys/release").iterdir())) == 1 and len(list((lib / "keys/programs").iterdir())) == 1
             again = r.fetch()
-            assert again.returncode == (0 if scenario == "good" else 1), f"a further run: rc {again.returncode}"
+            assert again.returncode == (1 if scenario == "bad" else 0), f"a further run: rc {again.returncode}"
             assert not [c for c in r.calls() if "--trafficstatus" not in c and "--status" not in c], r.calls()
         except AssertionError as e:
             return f"{where} {sig} {target}: {e}\n--- killed run:\n{out}\n--- next run:\n{res.stderr}"

@@ -258,13 +258,27 @@ def test_a_router_without_the_private_key_of_its_bundle_is_refused_before_anythi
     assert world.snapshot() == before and not [c for c in world.calls() if "showhostkey" not in c and "--trafficstatus" not in c]
 
 
+def installed_peer_keys(world, tag: str, text: str) -> None:
+    """etc/wan/peer-keys.list as a release carrying `text` leaves it: the installed file, the staged
+    bundle of `tag` and both files.list agree (a hand edit of the installed file alone is put back
+    by the repair every current run makes)."""
+    import hashlib
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    for base in (world.root, world.root / "etc/wan/releases/bundles" / tag):
+        (base / "etc/wan/peer-keys.list").write_text(text)
+        fl = base / "etc/wan/files.list"
+        fl.chmod(0o644)
+        fl.write_text("".join(f"{digest} {line.split()[1]} {line.split()[2]}\n" if line.endswith(" etc/wan/peer-keys.list")
+                              else line + "\n" for line in fl.read_text().splitlines()))
+
+
 def test_rollover_keys_pluto_lost_are_added_back_when_the_release_is_current(world):
     world.release("v1.0.0")
     assert world.fetch().returncode == 0
     peer = world.wan.site("home").router
     from lab.keys import stranger_key
     k = stranger_key()
-    (world.root / "etc/wan/peer-keys.list").write_text(f"{peer.ike_id} {k.ckaid} {k.rsasigkey}\n")
+    installed_peer_keys(world, "v1.0.0", f"{peer.ike_id} {k.ckaid} {k.rsasigkey}\n")
     r = world.fetch()  # pluto (the stand-in) holds no key: the run adds it back
     assert r.returncode == 0 and "nothing to do" in r.stderr
     assert f"ipsec whack --keyid {peer.ike_id} --addkey --pubkeyrsa {k.rsasigkey}" in world.calls(), r.stderr
@@ -339,7 +353,7 @@ def test_rollover_keys_with_real_pluto_are_added_back_once_after_a_restart(world
         from lab.keys import stranger_key
         k = stranger_key()
         peer = world.wan.site("home").router.ike_id
-        (world.root / "etc/wan/peer-keys.list").write_text(f"{peer} {k.ckaid} {k.rsasigkey}\n")
+        installed_peer_keys(world, "v1.0.0", f"{peer} {k.ckaid} {k.rsasigkey}\n")
         kid = k.rsasigkey[2:11]
 
         def held() -> int:

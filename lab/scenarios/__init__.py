@@ -24,6 +24,7 @@ REGISTRY = {
     "change": "lab.scenarios.change",    # new trees applied by reconcile (or a restart) while traffic runs
     "release": "lab.scenarios.release",  # routers enrol, fetch signed releases, refuse bad ones, roll back
     "faults": "lab.scenarios.faults",    # the RouterHost primitives: kill -9, stop, WAN cut, reboot
+    "heal": "lab.scenarios.heal",        # repairs between releases: a conn, a conf, DNS, the firewall put back
     "nat": "lab.scenarios.nat",          # dynamic sites behind a CGNAT: MSS clamp, outside address change
 }
 

@@ -115,6 +115,9 @@ def uml_labs(tmp_path_factory, lab_lock):
         "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
         # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
         "natted": LabRequest(sites=WANS / "natted", kernel="uml", results=base / "natted", timeout=900),
+        # repairs between releases: acme initiates three tunnels; two are damaged, the third must keep its SAs
+        "four+heal": LabRequest(sites=WANS / "four", kernel="uml", results=base / "four-heal", timeout=900,
+                                scenarios=(("heal", {}),)),
     }
     print(f"generated WANs: seeds {SEEDS} (WAN_LAB_SEEDS={','.join(map(str, SEEDS))} reproduces them)", file=sys.stderr)
     for seed in SEEDS:

@@ -65,6 +65,24 @@ def test_router_primitives_kill_stop_cut_and_reboot_each_recover(uml_labs):
     assert report["router"] == "acme" and report["reboot"]["seconds_until_traffic"] > 0
 
 
+def test_a_deleted_conn_an_edited_conf_and_dropped_dns_are_repaired_and_nothing_else_is_touched(uml_labs):
+    """The heal scenario on acme (four sites): acme-berlin deleted with whack, acme-home's conf edited
+    and loaded by hand, dnsmasq restarted without the WAN's file; the installed reconcile's repair (as
+    fetch runs it with its tag current) brings all of it back, no other tunnel's SPIs change, and a
+    second run repairs nothing. (The firewall's repair is not exercised on User-Mode Linux: the
+    verdict says so; tests/test_repair.py proves it with the real nft.)"""
+    outcome = uml_labs["four+heal"]
+    assert outcome.ok, failed(outcome)
+    heal = {c.dst: c for c in outcome.result.checks if c.kind == "heal"}
+    assert set(heal) == {"damage", "repaired", "second run"}
+    assert all(c.ok for c in heal.values()), [c.evidence for c in heal.values() if not c.ok]
+    assert heal["damage"].evidence["conn_deleted"] and heal["damage"].evidence["dns_dropped"]
+    assert heal["repaired"].evidence["repairs_log"] == ["conf acme-home", "conn acme-berlin", "dns /etc/dnsmasq.d/wan.conf"]
+    kept = {c.evidence["tunnel"] for c in outcome.result.checks if c.kind == "sa_kept" and c.ok}
+    assert kept == {"acme-oslo", "berlin-home", "berlin-oslo", "home-oslo"}
+    assert any("heal: the firewall's repair is not exercised" in n for n in outcome.notes)
+
+
 def test_wrong_peer_key_missing_leftsourceip_and_wrong_dns_forward_turn_exactly_their_cells_red(uml_labs):
     outcome = uml_labs["four-broken"]
     assert not outcome.ok and not outcome.result.error, outcome.result.error
