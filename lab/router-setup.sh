@@ -22,10 +22,13 @@ mkdir -p /run/pluto /var/lib/ipsec/nss
 mount -t tmpfs -o mode=0700 tmpfs /run/pluto
 mount --bind "$root/flash/nss" /var/lib/ipsec/nss
 # the programs' run-time state (status.json, repairs.log under /var/run/wan; OpenWrt's textfile in
-# /var/prometheus) is this router's own and, as on the routers (tmpfs), gone after a reboot
-mkdir -p /run/wan /var/prometheus
+# /var/prometheus) is this router's own and, as on the routers (tmpfs), gone after a reboot. The lab
+# kernel's /var may be read-only (User-Mode Linux): then there is no /var/prometheus to write to.
+mkdir -p /run/wan
 mount -t tmpfs -o mode=0755 tmpfs /run/wan
-mount -t tmpfs -o mode=0755 tmpfs /var/prometheus
+if [ -d /var/prometheus ] || mkdir /var/prometheus 2>/dev/null; then
+    mount -t tmpfs -o mode=0755 tmpfs /var/prometheus
+fi
 
 # The SPI pluto allocates for a Child SA it initiates lives 30 s in the kernel until the SA is
 # installed (net.core.xfrm_acq_expires, per network namespace). A lab kernel's one CPU shared by
