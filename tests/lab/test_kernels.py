@@ -220,3 +220,19 @@ def test_uml_xstate_launcher_refuses_exactly_the_xstate_regset(tmp_path):
     eio, esrch = str(errno.EIO), str(errno.ESRCH)
     assert [line.split()[-1] for line in plain if line] == [esrch] * 4
     assert [line.split()[-1] for line in guarded if line] == [eio, eio, esrch, esrch]
+
+
+@pytest.mark.lab
+def test_a_boot_that_does_not_reach_init_in_time_is_tried_once_more_then_given_up(tmp_path, monkeypatch):
+    """A hung boot (no @@GUEST-READY within the boot limit) is killed and booted once more; a
+    second hung boot ends the run as timed out, with the reason on the console. The limit is made
+    too short for any boot here, so both boots 'hang'."""
+    _needs("uml")
+    monkeypatch.setenv("WAN_LAB_BOOT_LIMIT", "0.2")
+    seen: list[str] = []
+    run = _run("uml", "touch ran", tmp_path, timeout=60.0, on_line=seen.append)
+    assert sum("booting it once more" in line for line in seen) == 1
+    assert run.timed_out and run.exit_code == -1 and "a hung boot" in run.console
+    assert not (tmp_path / "ran").exists() and not list(tmp_path.glob(".guest-*"))
+    with pytest.raises(ProcessLookupError):
+        os.killpg(run.pid, 0)
