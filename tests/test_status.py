@@ -232,7 +232,16 @@ def test_openwrt_writes_its_textfile_where_its_collector_reads_and_an_empty_sett
     world.release("v1.0.0")
     env = world.root / "etc/wan/router.env"
     assert world.fetch().returncode == 0
-    env.write_text(env.read_text().replace("WAN_PLATFORM=el", "WAN_PLATFORM=openwrt"))
+    # the router as if its release had been rendered for OpenWrt: the installed router.env and the staged
+    # bundle's copy, with both files.list digests, so the repair between releases finds nothing to undo
+    import hashlib
+    old = hashlib.sha256(env.read_bytes()).hexdigest()
+    text = env.read_text().replace("WAN_PLATFORM=el", "WAN_PLATFORM=openwrt")
+    new = hashlib.sha256(text.encode()).hexdigest()
+    for tree in (world.root, world.root / "etc/wan/releases/bundles/v1.0.0"):
+        (tree / "etc/wan/router.env").write_text(text)
+        lst = tree / "etc/wan/files.list"
+        lst.write_text(lst.read_text().replace(old, new))
     conf = world.root / "etc/wan/fetch.conf"
     conf.write_text("".join(line + "\n" for line in conf.read_text().splitlines() if not line.startswith("WAN_PROM_DIR")))
     assert world.fetch().returncode == 0
