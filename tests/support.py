@@ -80,9 +80,13 @@ case "$1" in
               while read -r k; do kid=$(printf %s "$k" | cut -c3-11)
                   echo "000 Nov 27 17:43:37 2026, 2048 RSA Key $kid (no private key), until --- -- --:--:-- ---- ok"
                   echo "000        ID_FQDN '${f##*/}'"; done < "$f"; done ;;
+      # $S/down/CONN: its Child SA failed (the peer refused it) while the IKE SA stands; --initiate brings it up
       --trafficstatus) for f in "$S"/loaded/*; do [ -e "$f" ] || continue; n=${f##*/}
-          up "$n" && echo "006 #2: \"$n\", type=ESP, add_time=1, inBytes=0, outBytes=0, id='x'"; done ;;
-      --status) for f in "$S"/loaded/*; do [ -e "$f" ] && echo "000 \"${f##*/}\": 10.0.0.1/32===10.0.0.2/32"; done ;;
+          up "$n" && [ ! -e "$S/down/$n" ] && echo "006 #2: \"$n\", type=ESP, add_time=1, inBytes=0, outBytes=0, id='x'"; done ;;
+      --status) for f in "$S"/loaded/*; do [ -e "$f" ] && echo "000 \"${f##*/}\": 10.0.0.1/32===10.0.0.2/32"; done
+          for f in "$S"/loaded/*; do [ -e "$f" ] && up "${f##*/}" &&
+              echo "000 #1: \"${f##*/}\":500 STATE_V2_ESTABLISHED_IKE_SA (established IKE SA); newest;"; done ;;
+      --initiate) rm -f "$S/down/$5" ;;
       --delete) [ -f "$S/loaded/$4" ] || { echo "whack: no connection named \"$4\"" >&2; exit 1; }
           rm -f "$S/loaded/$4" "$S/conns/$4" ;;
       --keyid)

@@ -151,7 +151,8 @@ def test_first_fetch_installs_the_release_and_a_second_finds_nothing_to_do(world
                                          capture_output=True, text=True).stdout
     r = world.fetch()
     assert r.returncode == 0 and "nothing to do" in r.stderr
-    assert world.calls() == ["ipsec whack --status", "ipsec whack --trafficstatus"]  # the repair's and the status's looks at pluto
+    # the repair's looks at pluto (loaded conns, Child SAs), then the status's
+    assert world.calls() == ["ipsec whack --status", "ipsec whack --trafficstatus", "ipsec whack --trafficstatus"]
 
 
 def test_with_the_latest_release_installed_fetch_repairs_what_differs_from_it(world):
@@ -173,7 +174,7 @@ def test_with_the_latest_release_installed_fetch_repairs_what_differs_from_it(wo
     assert sorted(line.split(" ", 1)[1] for line in log) == ["conn acme-home", "dns /etc/dnsmasq.d/wan.conf"]
     assert all(line.split()[0].isdigit() for line in log)
     r = world.fetch()
-    assert r.returncode == 0 and world.calls() == ["ipsec whack --status", "ipsec whack --trafficstatus"]
+    assert r.returncode == 0 and world.calls() == ["ipsec whack --status", "ipsec whack --trafficstatus", "ipsec whack --trafficstatus"]
     assert len((world.root / "var/run/wan/repairs.log").read_text().splitlines()) == 2
 
 

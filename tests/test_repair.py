@@ -34,6 +34,7 @@ fi
 exit 0
 """
 UNSHARE = shutil.which("unshare")
+LOOKS = ["ipsec whack --status", "ipsec whack --trafficstatus"]  # what a repair asks pluto, read-only
 pytestmark = pytest.mark.skipif(not shutil.which("nft") or not UNSHARE, reason="needs nft and unshare (./run installs them)")
 
 
@@ -173,25 +174,60 @@ def test_repair_brings_back_a_deleted_conn_an_edited_conf_the_firewall_and_dns_a
 
     again = r.reconcile(r.tree)
     assert again.returncode == 0 and "nothing to repair" in again.stderr, again.stderr
-    assert r.calls() == ["ipsec whack --status"]  # only a look
+    assert r.calls() == LOOKS  # only a look
     assert len(r.repairs()) == 4
 
 
-@pytest.mark.parametrize("damage", ["conn", "firewall", "dns"])
+def test_a_child_sa_is_initiated_again_only_by_its_initiator_and_only_while_the_ike_sa_stands(tmp_path, shell):
+    """Child SAs missing on acme (initiator of all three): acme-oslo with its IKE SA up is initiated
+    again; acme-home without an IKE SA (the peer unreachable: pluto keeps trying by itself) is left
+    to pluto. home is the responder of acme-home: its repair initiates nothing."""
+    r = Router(tmp_path, shell, _sites(tmp_path, _nftables_acme), "acme")
+    try:
+        assert r.nft("-f", str(r.root / "etc/nftables/wan.nft")).returncode == 0
+        (r.state / "down").mkdir()
+        (r.state / "down/acme-oslo").touch()
+        (r.tmp / "peer/loaded/acme-home").unlink()  # home's pluto does not have it: no IKE SA
+        assert r.up() == {"acme-berlin"}
+        res = r.reconcile(r.tree)
+        assert res.returncode == 0, res.stderr
+        assert [c for c in r.calls() if c not in LOOKS] == ["ipsec whack --initiate --asynchronous --name acme-oslo"]
+        assert r.repairs() == [("child", "acme-oslo")]
+        assert r.up() == {"acme-berlin", "acme-oslo"}
+    finally:
+        r.close()
+    h = Router(tmp_path / "h", shell, _sites(tmp_path / "h"), "home")
+    try:
+        (h.state / "down").mkdir()
+        for t in ("acme-home", "berlin-home"):
+            (h.state / "down" / t).touch()
+        res = h.reconcile(h.tree)
+        assert res.returncode == 0 and "nothing to repair" in res.stderr, res.stderr
+        assert h.calls() == LOOKS and h.repairs() == []
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("damage", ["conn", "child", "firewall", "dns"])
 def test_each_repair_alone_is_found_and_only_it_is_done(el, damage):
     r = el
     assert r.nft("-f", str(r.root / "etc/nftables/wan.nft")).returncode == 0
     if damage == "conn":  # acme initiates all three of its tunnels (its name sorts first)
         subprocess.run(["sh", str(r.tmp / "bin/ipsec"), "whack", "--delete", "--name", "acme-oslo"], env=r.env, check=True)
+    elif damage == "child":  # the peer refused its Child SA while the IKE SA stands: pluto does not retry
+        (r.state / "down").mkdir(exist_ok=True)
+        (r.state / "down/acme-oslo").touch()
+        assert r.up() == {"acme-berlin", "acme-home"}
     elif damage == "firewall":
         assert r.nft("delete", "table", "inet", "wan").returncode == 0
     else:
         (r.state / "dnsmasq.conf").write_text("# dnsmasq restarted without the WAN's settings\n")
     res = r.reconcile(r.tree)
     assert res.returncode == 0, res.stderr
-    calls = [c for c in r.calls() if c != "ipsec whack --status"]
+    calls = [c for c in r.calls() if c not in LOOKS]
     want = {"conn": ["ipsec whack --delete --name acme-oslo", "ipsec auto --add acme-oslo",
                      "ipsec whack --initiate --asynchronous --name acme-oslo"],
+            "child": ["ipsec whack --initiate --asynchronous --name acme-oslo"],
             "firewall": [],
             "dns": ["reload-dns"]}[damage]
     assert [c for c in calls if c.startswith("ipsec") or c == "reload-dns"] == want, calls
@@ -212,7 +248,7 @@ def test_openwrt_fw4_chains_without_our_snippets_are_reloaded_as_an_apply_does(t
         assert "fw4 reload" in r.calls() and any(c.startswith("uci batch") or c.startswith("uci commit") for c in r.calls())
         assert "wan: from the tunnels" in r.nft("list", "chain", "inet", "fw4", "forward").stdout
         assert r.repairs() == [("firewall", "fw4-chains")]
-        assert not [c for c in r.calls() if c.startswith("ipsec") and "--status" not in c]
+        assert not [c for c in r.calls() if c.startswith("ipsec") and c not in LOOKS]
     finally:
         r.close()
 

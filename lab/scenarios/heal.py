@@ -1,12 +1,14 @@
 """Repairs between releases (issue 15 item 1), played on one router of a running WAN with real pluto
 and dnsmasq: a conn deleted with whack, a conf edited by hand (and loaded so by the person who edited
-it), dnsmasq's WAN settings dropped (its conf-dir file deleted and dnsmasq restarted without it) and,
-where the lab kernel has the firewall, the WAN's rules flushed. Then the router's installed
-reconcile runs as fetch runs it when the installed release is the latest (`reconcile --repair
-INSTALLED_TREE`, WAN_PHASE=repair). Proven: each damage took effect before the repair, all of it is
-repaired after (the conn loaded and up, the conf as released, the domain of a peer resolved through
-the router, each repair one line in /var/run/wan/repairs.log), no Child SA of any tunnel the damage
-did not touch changed its SPI, and a second repair finds nothing to do.
+it), where the router initiates a third tunnel its Child SAs deleted with their IKE SA kept (as when
+the peer refused one: pluto does not bring it back), dnsmasq's WAN settings dropped (its conf-dir file
+deleted and dnsmasq restarted without it) and, where the lab kernel has the firewall, the WAN's rules
+flushed. Then the router's installed reconcile runs as fetch runs it when the installed release is
+the latest (`reconcile --repair INSTALLED_TREE`, WAN_PHASE=repair). Proven: each damage took effect
+before the repair, all of it is repaired after (the conn loaded and up, the conf as released, the
+Child SAs up again, the domain of a peer resolved through the router, each repair one line in
+/var/run/wan/repairs.log), no Child SA of any tunnel the damage did not touch changed its SPI, and a
+second repair finds nothing to do.
 
 The engine's proofs (pings, DNS, the firewall where exercised) run on the whole WAN afterwards.
 """
@@ -18,11 +20,10 @@ from dataclasses import dataclass
 
 from ..contracts import Check, Record
 from ..proc import progress
-from ..proofs import resolve, wait_tunnels_of
+from ..proofs import resolve, scheduled_repair, wait_tunnels_of
 from . import PrepareContext, Prepared
 
 STAGE = "after_tunnels"
-INSTALLED_RECONCILE = "/etc/wan/reconcile"  # as a program release installs it (enrol, fetch)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class HealData(Record):
     deleted: str  # the tunnel deleted from pluto (whack --delete)
     edited: str  # the tunnel whose conf is edited by hand
     peer: str  # a site whose domain the router forwards (its DNS answer proves dnsmasq's WAN settings)
+    child: str = ""  # a third tunnel whose Child SAs are deleted on the router (whack --deletestate), IKE SA kept
 
 
 def prepare(ctx: PrepareContext) -> Prepared:
@@ -43,15 +45,19 @@ def prepare(ctx: PrepareContext) -> Prepared:
     if len(mine) < 2:
         raise ValueError(f"the heal scenario needs a router that initiates two tunnels; {victim} initiates {mine}")
     deleted, edited = mine[0], mine[1]
+    child = mine[2] if len(mine) > 2 else ""
     peer = next(t for t in ctx.wan.tunnels if t.name == deleted).peer_of(victim)
-    return Prepared(data=HealData(router=victim, deleted=deleted, edited=edited, peer=peer).to_dict())
+    return Prepared(data=HealData(router=victim, deleted=deleted, edited=edited, peer=peer, child=child).to_dict())
 
 
-def _repair(router) -> dict:
-    t = time.monotonic()
-    r = router.exec(["sh", INSTALLED_RECONCILE, "--repair", router.site.tree],
-                    env={**router.reload_env(), "WAN_PHASE": "repair"}, timeout=300)
-    return {"rc": r.returncode, "seconds": round(time.monotonic() - t, 2), "output": (r.stdout + r.stderr)[-4000:]}
+_repair = scheduled_repair
+
+
+def _child_serials(router, tunnel: str) -> dict[str, str]:
+    """conn -> serial of its established Child SA on the router (`ipsec whack --trafficstatus`)."""
+    out = router.whack("--trafficstatus").stdout
+    return {m.group(2): m.group(1) for m in re.finditer(r'#(\d+): "([^"]+)"', out)
+            if m.group(2) == tunnel or m.group(2).startswith(tunnel + "/")}
 
 
 def _spis(lab) -> dict[str, dict[str, set[str]]]:
@@ -82,14 +88,22 @@ def play(lab, data: dict) -> None:
         flush = ["nft", "flush", "table", "inet", "wan"] if site.platform == "el" else \
             ["sh", "-c", "for c in input forward srcnat; do nft flush chain inet fw4 $c; done"]
         router.exec(flush, check=True)
+    # a Child SA gone while its IKE SA stands (as when the peer refused it): pluto does not bring it back
+    child_conns = sorted(site.conns.get(d.child, [])) if d.child else []
+    if d.child:
+        for serial in _child_serials(router, d.child).values():
+            router.whack("--deletestate", serial)
+        time.sleep(5)
+    child_down = not _child_serials(router, d.child) if d.child else True
     progress("heal", 1, 3, "damage done")
     loaded = router.whack("--status").stdout
     gone = not re.search(rf'"{re.escape(d.deleted)}[/"]', loaded)
     dns_dropped = resolve(site, [dns_name])[dns_name] != [dns_want]
-    lab.add(Check("heal", d.router, "damage", gone and dns_dropped and replaced.returncode == 0, {
+    done = gone and dns_dropped and replaced.returncode == 0 and child_down
+    lab.add(Check("heal", d.router, "damage", done, {
         "conn_deleted": gone, "conf_replaced_by_hand": replaced.returncode == 0, "dns_dropped": dns_dropped,
-        "firewall_flushed": bool(firewall),
-        "why": "" if gone and dns_dropped and replaced.returncode == 0 else "the damage did not take effect"}))
+        "firewall_flushed": bool(firewall), "child_sas_deleted": d.child and child_down,
+        "why": "" if done else "the damage did not take effect"}))
 
     # ---- the next scheduled run: fetch finds its tag current and runs the repair ----------------
     first = _repair(router)
@@ -103,7 +117,7 @@ def play(lab, data: dict) -> None:
     dns_back = resolve(site, [dns_name])[dns_name] == [dns_want]
     log = router.exec(["cat", "/var/run/wan/repairs.log"]).stdout.split("\n")
     logged = sorted(" ".join(line.split()[1:]) for line in log if line.strip())
-    want_log = sorted([f"conn {d.deleted}", f"conf {d.edited}",
+    want_log = sorted([f"conn {d.deleted}", f"conf {d.edited}"] + [f"child {c}" for c in child_conns] + [
                        f"dns {dns_file}"] + (["firewall " + ("table-inet-wan" if site.platform == "el" else "fw4-chains")]
                                              if firewall else []))
     ok = first["rc"] == 0 and up and conf_ok and back and dns_back and logged == want_log
@@ -120,7 +134,7 @@ def play(lab, data: dict) -> None:
     lab.wait_tunnels()
     after = _spis(lab)
     for t in lab.view.tunnels:
-        if t.name in (d.deleted, d.edited):
+        if t.name in (d.deleted, d.edited, d.child):
             continue
         kept = True
         for end in (t.a, t.b):
@@ -137,5 +151,5 @@ def play(lab, data: dict) -> None:
     if not firewall:
         lab.note("heal: the firewall's repair is not exercised on this kernel (User-Mode Linux has no inet/ip nftables "
                  "family); tests/test_repair.py proves it with the real nft in a network namespace")
-    lab.report("heal", {"router": d.router, "deleted": d.deleted, "edited": d.edited,
+    lab.report("heal", {"router": d.router, "deleted": d.deleted, "edited": d.edited, "child": d.child,
                         "repair_seconds": first["seconds"], "repairs": logged, "second_run_seconds": second["seconds"]})

@@ -2,7 +2,8 @@
 
 Independent proofs share kernel boots: every User-Mode Linux lab of the suite runs in one boot
 (`uml_labs`), the QEMU labs in another (`qemu_labs`); each test reads its own lab's outcome. A lab
-that fails shows in its own tests only."""
+that fails shows in its own tests only. Both boots run in a background process from the session's
+first test while the tests that boot nothing run (tests/lab/suite_labs.py); lab tests run last."""
 from __future__ import annotations
 
 import os
@@ -13,9 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from suite_labs import SuiteLabs
 
 from lab.generate import MESHED_HUBS, write_generated
-from lab.run import LabRequest, run_labs
+from lab.run import LabRequest
 from render import paths
 from render.validate import load_sites
 
@@ -96,11 +98,8 @@ def drop_nat_exemption(out: Path) -> None:
     (out / "home" / paths.fw4_snippet("srcnat")).write_text("# exemption removed by the test\n")
 
 
-@pytest.fixture(scope="session")
-def uml_labs(tmp_path_factory, lab_lock):
+def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
     """Every User-Mode Linux lab of the suite, one after another in one boot."""
-    base = tmp_path_factory.mktemp("uml-labs")
-    revisions = tmp_path_factory.mktemp("revisions")
     reqs = {
         "two+faults": LabRequest(sites=WANS / "two", kernel="uml", results=base / "two", timeout=600,
                                  scenarios=(("faults", {}),)),
@@ -115,11 +114,10 @@ def uml_labs(tmp_path_factory, lab_lock):
         "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
         # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
         "natted": LabRequest(sites=WANS / "natted", kernel="uml", results=base / "natted", timeout=900),
-        # repairs between releases: acme initiates three tunnels; two are damaged, the third must keep its SAs
+        # repairs between releases: acme initiates three tunnels; two conns are damaged and the third's Child SA
         "four+heal": LabRequest(sites=WANS / "four", kernel="uml", results=base / "four-heal", timeout=900,
                                 scenarios=(("heal", {}),)),
     }
-    print(f"generated WANs: seeds {SEEDS} (WAN_LAB_SEEDS={','.join(map(str, SEEDS))} reproduces them)", file=sys.stderr)
     for seed in SEEDS:
         sites = write_generated(seed, revisions / f"generated-{seed}")
         reqs[f"generated {seed}"] = LabRequest(sites=sites, kernel="uml", results=base / f"generated-{seed}", timeout=900)
@@ -128,16 +126,57 @@ def uml_labs(tmp_path_factory, lab_lock):
     reqs["hub"] = LabRequest(sites=WANS / "hub", kernel="uml", results=base / "hub", timeout=900)
     sites = write_generated(SEEDS[0], revisions / f"generated-hubs-{SEEDS[0]}", **MESHED_HUBS)
     reqs[f"generated-hubs {SEEDS[0]}"] = LabRequest(sites=sites, kernel="uml", results=base / "generated-hubs", timeout=900)
-    return dict(zip(reqs, run_labs(list(reqs.values())), strict=True))
+    return reqs
 
 
-@pytest.fixture(scope="session")
-def qemu_labs(tmp_path_factory, lab_lock):
+def qemu_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
     """The QEMU labs (the firewall is exercised there), one after another in one boot."""
-    base = tmp_path_factory.mktemp("qemu-labs")
-    reqs = {
+    return {
         "example": LabRequest(sites=REPO / "sites", kernel="qemu", results=base / "example", timeout=1500),
         "two-no-nat-exemption": LabRequest(sites=WANS / "two", kernel="qemu", results=base / "two", timeout=1200,
                                            tamper=drop_nat_exemption),
     }
-    return dict(zip(reqs, run_labs(list(reqs.values())), strict=True))
+
+
+SUITE = SuiteLabs({"uml": uml_requests, "qemu": qemu_requests})
+FIXTURE_KIND = {"uml_labs": "uml", "qemu_labs": "qemu"}
+
+
+def _is_lab(item) -> bool:
+    return item.get_closest_marker("lab") is not None
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # every lab test last (stable order otherwise): the tests that boot nothing run while the suite's
+    # labs run in the background
+    items[:] = [i for i in items if not _is_lab(i)] + [i for i in items if _is_lab(i)]
+
+
+def start_suite_labs(session, tmp_path_factory) -> None:
+    """Called by the session's first test (tests/conftest.py): the lab sets its tests will read."""
+    kinds = sorted({FIXTURE_KIND[f] for i in session.items for f in getattr(i, "fixturenames", ()) if f in FIXTURE_KIND},
+                   key=["uml", "qemu"].index)
+    if kinds and "uml" in kinds:
+        print(f"generated WANs: seeds {SEEDS} (WAN_LAB_SEEDS={','.join(map(str, SEEDS))} reproduces them)", file=sys.stderr)
+    SUITE.start(kinds, tmp_path_factory)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # a lab test boots (or reads) kernels only once the background labs are over: one kernel at a time
+    if _is_lab(item):
+        SUITE.wait()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    SUITE.stop()
+
+
+@pytest.fixture(scope="session")
+def uml_labs(tmp_path_factory, lab_lock):
+    return SUITE.outcomes("uml", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qemu_labs(tmp_path_factory, lab_lock):
+    return SUITE.outcomes("qemu", tmp_path_factory)

@@ -67,8 +67,9 @@ def test_router_primitives_kill_stop_cut_and_reboot_each_recover(uml_labs):
 
 def test_a_deleted_conn_an_edited_conf_and_dropped_dns_are_repaired_and_nothing_else_is_touched(uml_labs):
     """The heal scenario on acme (four sites): acme-berlin deleted with whack, acme-home's conf edited
-    and loaded by hand, dnsmasq restarted without the WAN's file; the installed reconcile's repair (as
-    fetch runs it with its tag current) brings all of it back, no other tunnel's SPIs change, and a
+    and loaded by hand, acme-oslo's Child SA deleted (its IKE SA kept), dnsmasq restarted without the
+    WAN's file; the installed reconcile's repair (as fetch runs it with its tag current) brings all of
+    it back (the Child SA by initiating that conn alone), no other tunnel's SPIs change, and a
     second run repairs nothing. (The firewall's repair is not exercised on User-Mode Linux: the
     verdict says so; tests/test_repair.py proves it with the real nft.)"""
     outcome = uml_labs["four+heal"]
@@ -77,9 +78,11 @@ def test_a_deleted_conn_an_edited_conf_and_dropped_dns_are_repaired_and_nothing_
     assert set(heal) == {"damage", "repaired", "second run"}
     assert all(c.ok for c in heal.values()), [c.evidence for c in heal.values() if not c.ok]
     assert heal["damage"].evidence["conn_deleted"] and heal["damage"].evidence["dns_dropped"]
-    assert heal["repaired"].evidence["repairs_log"] == ["conf acme-home", "conn acme-berlin", "dns /etc/dnsmasq.d/wan.conf"]
+    assert heal["damage"].evidence["child_sas_deleted"]
+    assert heal["repaired"].evidence["repairs_log"] == ["child acme-oslo", "conf acme-home", "conn acme-berlin",
+                                                        "dns /etc/dnsmasq.d/wan.conf"]
     kept = {c.evidence["tunnel"] for c in outcome.result.checks if c.kind == "sa_kept" and c.ok}
-    assert kept == {"acme-oslo", "berlin-home", "berlin-oslo", "home-oslo"}
+    assert kept == {"berlin-home", "berlin-oslo", "home-oslo"}
     assert any("heal: the firewall's repair is not exercised" in n for n in outcome.notes)
 
 

@@ -28,7 +28,7 @@ def test_every_spoke_pair_is_proven_through_its_hub(uml_labs):
         pings = [c for c in r.checks if c.kind == "ping" and (c.src, c.dst) == (src, dst)]
         assert all(c.evidence["hub_sa_out_bytes_rose"] for c in pings)
     # no tunnel between two spokes was made or checked
-    assert {tuple(sorted((c.src, c.dst))) for c in r.checks if c.kind == "tunnel"} == {(s, "home") for s in SPOKES}
+    assert {tuple(sorted((c.src, c.dst))) for c in r.checks if c.kind == "tunnel"} == {tuple(sorted((s, "home"))) for s in SPOKES}
     capture = next(c for c in r.checks if c.kind == "capture")
     assert capture.evidence["plain_icmp_between_lans"] == 0
 
