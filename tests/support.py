@@ -53,6 +53,9 @@ def site_key(name: str) -> dict:
 # key the other signs with (pluto tries every key it holds for the id: keys.c v5.2:217-310). The
 # other end is STUB_PEER (another router's STUB_STATE, or a directory made by `static_peer`).
 # `whack --delete` of a conn that is not loaded fails, as whack does.
+# what the router programs ask pluto without changing anything (a repair's and the status's looks)
+PLUTO_LOOKS = ("ipsec whack --status", "ipsec whack --trafficstatus", "ipsec whack --listpubkeys")
+
 STUB_IPSEC = r"""#!/bin/sh
 # the version query changes nothing and is not logged (as Debian's 4.10 prints it; STUB_LIBRESWAN: another)
 [ "$1" = --version ] && { echo "Libreswan ${STUB_LIBRESWAN:-4.10}"; exit 0; }
@@ -264,3 +267,18 @@ def enrol_programs(root: Path) -> Path:
         (root / hook).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / program, root / hook)
     return root
+
+
+def program_kit(tmp: Path):
+    """A program release of this checkout's programs, signed by a throw-away program key:
+    (its dist directory, the program key, the release key)."""
+    import shutil
+
+    from release import programs, signify
+    repo = tmp / "repo"
+    (repo / "release").mkdir(parents=True)
+    shutil.copytree(REPO / "router", repo / "router")
+    pkey, rkey = signify.generate(), signify.generate()
+    (repo / programs.PUBLIC_KEY).write_text(pkey.public.text("p"))
+    (repo / "release/wan-release.pub").write_text(rkey.public.text("r"))
+    return programs.build(repo, 3, tmp / "dist", pkey, "abc"), pkey, rkey

@@ -12,10 +12,10 @@ import subprocess
 import pytest
 import yaml
 
-from release import programs, signify
+from release import programs
 from render.hostkey import ckaid_of
 
-from support import REPO
+from support import REPO, program_kit
 
 ENROL = REPO / "router" / "enrol"
 SHELLS = [s for s in (["busybox", "sh"], ["bash"]) if shutil.which(s[0])]
@@ -65,16 +65,9 @@ def test_enrol_refuses_unknown_arguments(tmp_path):
 
 
 @pytest.fixture
-def kit(tmp_path, monkeypatch):
+def kit(tmp_path):
     """A program release of this checkout's programs, signed by a throw-away program key."""
-    repo = tmp_path / "repo"
-    (repo / "release").mkdir(parents=True)
-    shutil.copytree(REPO / "router", repo / "router")
-    pkey, rkey = signify.generate(), signify.generate()
-    (repo / programs.PUBLIC_KEY).write_text(pkey.public.text("p"))
-    (repo / "release/wan-release.pub").write_text(rkey.public.text("r"))
-    d = programs.build(repo, 3, tmp_path / "dist", pkey, "abc")
-    return d, pkey, rkey
+    return program_kit(tmp_path)
 
 
 @pytest.mark.parametrize("shell", SHELLS, ids=" ".join)

@@ -32,6 +32,7 @@ from render.model import Wan
 from render.render import render_wan
 from render.validate import load_sites
 
+from support import PLUTO_LOOKS as LOOKS
 from support import REPO, STUB_IPSEC, Server, pluto_expected_keys, pluto_load, static_peer
 
 FETCH = REPO / "router" / "fetch"
@@ -178,6 +179,40 @@ def test_with_the_latest_release_installed_fetch_repairs_what_differs_from_it(wo
     assert len((world.root / "var/run/wan/repairs.log").read_text().splitlines()) == 2
 
 
+@pytest.mark.parametrize("why", ["server down", "tampered", "expired"])
+def test_a_run_that_gets_no_new_release_still_repairs_the_installed_one(world, why):
+    """The release server cannot be reached (stopped), or serves a tampered SHA256SUMS, or only an
+    expired release: the run fails with its own exit code (1, 2, 4), changes no release, and on its
+    way out still repairs the installed one (a conn pluto lost, added again and initiated), logged."""
+    world.release("v1.0.0")
+    assert world.fetch().returncode == 0
+    subprocess.run(["sh", str(world.tmp / "bin/ipsec"), "whack", "--delete", "--name", "acme-home"], env=world.env, check=True)
+    if why == "server down":
+        world.server.stop()
+        want = 1
+    elif why == "tampered":
+        d = world.release("v1.1.0")
+        sums = d / "SHA256SUMS"
+        sums.write_text(sums.read_text().replace("0", "1", 1))
+        want = 2
+    else:
+        build(world.wan, world.key, "v1.1.0", world.dist, "test", date=int(time.time()) - 91 * 86400)
+        (world.dist / "latest").write_text("v1.1.0\n")
+        want = 4
+    r = world.fetch()
+    assert r.returncode == want, r.stderr
+    assert world.installed_tag() == "WAN_TAG=v1.0.0"
+    assert "repairing what differs from it" in r.stderr, r.stderr
+    assert "ipsec auto --add acme-home" in world.calls() and "ipsec whack --initiate --asynchronous --name acme-home" in world.calls()
+    log = (world.root / "var/run/wan/repairs.log").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in log] == ["conn acme-home"]
+    # --check looks and changes nothing, so it repairs nothing either
+    subprocess.run(["sh", str(world.tmp / "bin/ipsec"), "whack", "--delete", "--name", "acme-home"], env=world.env, check=True)
+    r = world.fetch("--check")
+    assert r.returncode == want and "repairing" not in r.stderr, r.stderr
+    assert "ipsec auto --add acme-home" not in world.calls()
+
+
 def test_refusals_change_nothing(world):
     """A tampered bundle, a bad signature, a bundle for another router, a downgrade, a broken-off
     download: each refused (or failed) with a reason, and the router exactly as it was."""
@@ -190,7 +225,7 @@ def test_refusals_change_nothing(world):
         assert r.returncode == rc, r.stderr
         assert words in r.stderr, r.stderr
         assert world.snapshot() == before
-        assert not [c for c in world.calls() if "--trafficstatus" not in c]  # pluto untouched
+        assert not [c for c in world.calls() if c not in LOOKS]  # pluto only looked at (the repair on the way out)
 
     d = world.release("v1.1.0")  # tampered after signing: one byte of the bundle
     b = bytearray((d / "acme.tar.gz").read_bytes())
@@ -273,7 +308,9 @@ def test_a_release_that_breaks_the_tunnels_is_rolled_back(world):
     # cron runs again: the failed release is not retried by itself
     r = world.fetch()
     assert r.returncode == 1 and "v1.1.0 was rolled back here before" in r.stderr
-    assert world.calls() == ["ipsec whack --trafficstatus"]  # only the status's look at pluto
+    # only looks at pluto: the repair of the installed v1.0.0 on the way out finds nothing, then the status
+    assert world.calls() == ["ipsec whack --status", "ipsec whack --trafficstatus", "ipsec whack --trafficstatus"]
+    assert "nothing to repair" in r.stderr, r.stderr
 
 
 def test_the_installed_bundle_and_wan_keep_older_ones_are_kept(world):

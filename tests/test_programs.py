@@ -83,3 +83,23 @@ def test_key_files_are_named_as_usign_looks_them_up():
     """usign -P DIR opens DIR/<key number printed with %PRIx64> (openwrt/usign main.c, verify())."""
     k = signify.PublicKey(bytes.fromhex("000a0b0c0d0e0f10"), bytes(32))
     assert programs.key_id(k) == "a0b0c0d0e0f10"
+
+
+def test_every_list_of_the_router_programs_names_the_same_programs():
+    """The programs travel in four lists that must agree: the program release's (release/programs.py),
+    the renderer's paths on the router (render/paths.py), and the lists fetch and enrol install from
+    (router/fetch, router/enrol PROGRAM_FILES); each is a file in router/. A program added to one list
+    and not the others would be signed but never installed, or installed from nowhere."""
+    import re
+
+    from render import paths
+
+    from support import REPO
+    want = set(programs.PROGRAMS)
+    assert set(paths.PROGRAMS.values()) == want
+    assert all(p == f"etc/wan/{n}" for p, n in paths.PROGRAMS.items())
+    for prog in ("fetch", "enrol"):
+        m = re.search(r'^PROGRAM_FILES="([^"]*)"$', (REPO / "router" / prog).read_text(), re.M)
+        assert m and set(m.group(1).split()) == want, (prog, m and m.group(1))
+    assert all((REPO / "router" / n).is_file() for n in want)
+    assert set(paths.OPENWRT_HOOKS.values()) <= set(paths.PROGRAMS)

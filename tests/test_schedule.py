@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 from test_enrol import ENROL, SHELLS
 
-from release import programs, signify
-
-from support import REPO
+from support import program_kit
 
 pytestmark = pytest.mark.skipif(not shutil.which("ipsec") or not shutil.which("certutil"), reason="needs libreswan and nss tools")
 CRON_LINE = re.compile(r"^(\S+) (\S+) \* \* \* /etc/wan/fetch >/dev/null 2>&1 # wan-fetch: ")
@@ -29,14 +27,8 @@ CRON_LINE = re.compile(r"^(\S+) (\S+) \* \* \* /etc/wan/fetch >/dev/null 2>&1 # 
 
 @pytest.fixture
 def kit(tmp_path):
-    """A program release of this checkout's programs, signed by a throw-away program key (as test_enrol's)."""
-    repo = tmp_path / "repo"
-    (repo / "release").mkdir(parents=True)
-    shutil.copytree(REPO / "router", repo / "router")
-    pkey, rkey = signify.generate(), signify.generate()
-    (repo / programs.PUBLIC_KEY).write_text(pkey.public.text("p"))
-    (repo / "release/wan-release.pub").write_text(rkey.public.text("r"))
-    return programs.build(repo, 3, tmp_path / "dist", pkey, "abc"), pkey, rkey
+    """A program release of this checkout's programs, signed by a throw-away program key."""
+    return program_kit(tmp_path)
 
 
 def enrol(shell, root: Path, *args, rc=0, kit_dir=None) -> subprocess.CompletedProcess:

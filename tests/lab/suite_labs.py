@@ -12,6 +12,7 @@ waits for it. WAN_TEST_LABS_SERIAL=1 runs each set inline when its fixture is fi
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import pickle
@@ -40,9 +41,7 @@ def _child(builders: dict[str, tuple[Builder, Path, Path]], out: Path, log: Path
     for kind, (build, base, revisions) in builders.items():  # UML first: QEMU last, on a quieter machine
         t0 = time.monotonic()
         try:
-            reqs = build(base, revisions)
-            for r in reqs.values():
-                r.on_line = say
+            reqs = {name: dataclasses.replace(r, on_line=say) for name, r in build(base, revisions).items()}
             outcome: object = dict(zip(reqs, run_labs(list(reqs.values())), strict=True))
         except BaseException as e:  # noqa: BLE001 (the fixture raises it again in the test)
             outcome = RuntimeError(f"{kind} labs failed to run: {type(e).__name__}: {e}\n{traceback.format_exc()}")
