@@ -199,7 +199,7 @@ def dns_settings(old: Tree | None, new: Tree | None) -> list[str]:
         changes = [f"+{v}" for k, v in sorted(b - a) if k == opt] + [f"-{v}" for k, v in sorted(a - b) if k == opt]
         note = ""
         if opt.endswith(")") and not any(k == opt for k, _ in b):
-            note = " (the router keeps the value: nothing sets it back; change it by hand if you want the old one)"
+            note = " (the router's own value, kept by reconcile before the first apply, is put back)"
         out.append(f"{opt}: {', '.join(changes)}{note}")
     return out
 

@@ -88,9 +88,10 @@ def test_a_router_becoming_its_lans_dns_server_names_the_dnsmasq_settings(tmp_pa
     assert "localservice (uci dhcp.@dnsmasq[0].localservice): +0" in home
     assert plans["acme"].dns_settings == ["server: +/home.lan/192.168.2.82@10.1.2.1, -/home.lan/192.168.2.53@10.1.2.1"]
     assert "dnsmasq local: +/home.lan/" in as_text(list(plans.values()))
-    # and back: the UCI value stays on the router, and the plan says so
+    # and back: reconcile puts the router's own UCI value back, and the plan says so
     back = {p.router: p for p in plan_trees(_wan(tmp_path, "c"), _wan(tmp_path, "d", separate_dns_host))}
-    assert any(d.startswith("localservice") and "-0" in d and "keeps the value" in d for d in back["home"].dns_settings)
+    assert any(d.startswith("localservice") and "-0" in d and "own value" in d and "put back" in d
+               for d in back["home"].dns_settings)
 
 
 def test_the_plan_commands_are_what_reconcile_then_runs(tmp_path):

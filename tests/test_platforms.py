@@ -263,6 +263,7 @@ def test_the_dns_file_goes_into_the_first_instance_conf_dir_and_check_sees_it(tm
 # Run with a recording `ipsec` (pluto cannot hold tunnels on this kernel) and recording `systemctl`,
 # `firewall-cmd`, `nft`, `fw4` and `/etc/init.d/*` stand-ins: none of these services runs here.
 # `uci` is a stand-in too (OpenWrt's uci is not packaged for Debian): it keeps `set` values in a file
+# (a batch's `delete KEY` drops the key)
 # and, with STUB_UCI_DROP=WORD, ignores every batch line containing WORD while still exiting 0, as
 # the real `uci batch` does for a failed line (openwrt/uci cli.c uci_batch).
 
@@ -271,12 +272,15 @@ echo "uci $*" >> "$STUB_LOG"
 db=$STUB_ROOT/uci.db
 case $1 in
   batch) while IFS= read -r l; do
-           case $l in "set "*) ;; *) continue ;; esac
+           case $l in "delete "*) k=${l#delete }; awk -v k="$k" '$1 != k' "$db" > "$db.n" 2>/dev/null; mv -f "$db.n" "$db"
+                                  continue ;;
+                       "set "*) ;; *) continue ;; esac
            [ -n "${STUB_UCI_DROP:-}" ] && case $l in *"$STUB_UCI_DROP"*) continue ;; esac
            kv=${l#set }; echo "${kv%%=*} $(echo "${kv#*=}" | sed "s/^'//; s/'$//")" >> "$db"
          done; exit 0 ;;
   -q) [ "$2" = get ] || exit 0
-      awk -v k="$3" '$1 == k { v = substr($0, length(k) + 2) } END { if (v == "") exit 1; print v }' "$db" 2>/dev/null ;;
+      awk -v k="$3" '$1 == k { v = substr($0, length(k) + 2) } END { if (v == "") exit 1; print v }' "$db" 2>/dev/null
+      exit ;;  # uci -q get exits 1 for an unset option
 esac
 exit 0
 """
@@ -384,6 +388,59 @@ def test_reconcile_openwrt_dns_goes_through_openwrt_dns_and_a_failed_uci_line_fa
     assert calls.index("uci commit dhcp") < calls.index("dnsmasq reload")
     assert "uci -q get dhcp.@dnsmasq[0].localservice" in calls  # read back
     assert not (root / "etc/wan/reconcile.journal").exists()
+
+
+@pytest.mark.parametrize("before", ["1", None], ids=["stock localservice 1", "unset"])
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_the_routers_own_dhcp_settings_come_back_when_its_site_stops_being_router_dns(tmp_path, shell, before):
+    """home (OpenWrt) becomes its LAN's DNS server: reconcile keeps the router's own localservice
+    (OpenWrt's stock 1, or unset) before etc/wan/dhcp.uci turns it off; a later release in which home's
+    DNS server is a LAN host again (no dhcp.uci) puts the router's value back (or deletes the key),
+    and a run killed just before that is finished by the next run (the kept values stay until then)."""
+    functions = tmp_path / "functions.sh"
+    functions.write_text("config_load() { :; }\nconfig_foreach() { \"$1\" cfg01411c; }\n"
+                         "config_get() { eval \"$1=\\$4\"; }\n")
+    root, tree, log, run = _rec_router(tmp_path, shell, _sites(tmp_path), "home", {"WAN_FUNCTIONS": str(functions)})
+    (root / "etc/init.d/dnsmasq").write_text('#!/bin/sh\necho "dnsmasq $*" >> "$STUB_LOG"\n')
+    (root / "etc/init.d/dnsmasq").chmod(0o755)
+    (root / "etc/rc.d").mkdir()
+    (root / "etc/rc.d/S18wan").symlink_to("../init.d/wan")
+    key = "dhcp.@dnsmasq[0].localservice"
+    if before:
+        (root / "uci.db").write_text(f"{key} {before}\n")
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "TMPDIR": str(tmp_path), "STUB_LOG": str(log),
+           "STUB_ROOT": str(root), "WAN_FUNCTIONS": str(functions)}
+
+    def uci_get() -> str | None:
+        r = subprocess.run(["sh", str(tmp_path / "bin/uci"), "-q", "get", key], capture_output=True, text=True, env=env)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert uci_get() == "0"
+    kept = root / "etc/wan/dhcp-before.list"
+    assert kept.read_text() == f"{key} {before or '-'}\n" and kept.stat().st_mode & 0o777 == 0o600
+    # home's DNS server becomes a LAN host again
+    d2 = _sites(tmp_path / "v2", lambda d: _set(d, "home", "  server: 192.168.2.82", "  server: 192.168.2.53"))
+    from render.render import write_trees
+    write_trees(render_wan(load_sites(d2)), tmp_path / "out2")
+    tree2 = tmp_path / "out2/home"
+    assert not (tree2 / "etc/wan/dhcp.uci").exists()
+    dry = subprocess.run(shell + [str(REPO / "router/reconcile"), "--dry-run", "--root", str(root), str(tree2)],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert "would run: uci batch (the router's own dhcp settings back" in dry.stdout, dry.stdout
+    assert uci_get() == "0" and kept.exists()
+    # killed at the reload: the next run finishes it
+    (root / "etc/wan/test-hooks").touch()
+    killed = subprocess.run(shell + [str(REPO / "router/reconcile"), "--root", str(root), str(tree2)],
+                            capture_output=True, text=True, env={**env, "WAN_TEST_STOP_AT": "reconcile:reload-dns"}, timeout=60)
+    assert killed.returncode != 0 and kept.exists() and uci_get() == "0", killed.stderr
+    r = subprocess.run(shell + [str(REPO / "router/reconcile"), "--root", str(root), str(tree2)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "putting back the router's own dhcp settings" in r.stderr
+    assert uci_get() == before and not kept.exists()
+    assert "dnsmasq reload" in log.read_text().splitlines()
 
 
 @pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
