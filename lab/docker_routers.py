@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import re
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from .contracts import LabPlan, SitePlan
 from .network import Network
 from .platform import dnsmasq_base, dnsmasq_conf, enrolled_files, firewall_text
 from .proc import LabError, log, progress, run
-from .routers import ESTABLISHED_RE, STALE_LOCK, WHACK, parse_spis, parse_traffic, pids_in_mount_ns
+from .routers import ESTABLISHED_RE, STALE_LOCK, WHACK, BootWaits, parse_spis, parse_traffic, pids_in_mount_ns
 
 HERE = Path(__file__).resolve().parent
 INSIDE = Path("/run/wan-lab")  # the lab's files inside a router container
@@ -77,8 +76,9 @@ def _tar(files: dict[str, tuple[bytes, int]], tree: Path, nss: Path | None = Non
     return buf.getvalue()
 
 
-class DockerRouter:
+class DockerRouter(BootWaits):
     """A RouterHost in a container: its PID 1 is lab/docker-router.sh; the lab enters it by that PID."""
+    boot_files = property(lambda self: self.dir)  # where its setup writes prepared, ready
 
     def __init__(self, site: SitePlan, fleet: DockerFleet):
         self.site = site
@@ -120,17 +120,7 @@ class DockerRouter:
     def boot(self) -> None:
         self._tell("wired")
 
-    def _wait_for(self, what, label: str, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while not what():
-            if not self.alive():
-                raise LabError(f"router {self.name} failed to start: {self.logs().get('setup.log', '')[-2000:]}")
-            if time.monotonic() > end:
-                raise LabError(f"router {self.name}: {label} not within {timeout:.0f} s")
-            time.sleep(0.05)
 
-    def wait_prepared(self, timeout: float = 60) -> None:
-        self._wait_for(lambda: (self.dir / "prepared").exists(), "prepared", timeout)
 
     def start_pluto(self) -> None:
         self._tell("go")
@@ -141,13 +131,7 @@ class DockerRouter:
         except FileNotFoundError:
             return ""
 
-    def wait_loaded(self, timeout: float = 60) -> None:
-        want = sum(len(c) for c in self.site.conns.values())
-        self._wait_for(lambda: len(re.findall(r"added IKEv2 connection", self._pluto_log())) >= want,
-                       f"pluto loading its {want} connections", timeout)
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        self._wait_for(lambda: (self.dir / "ready").exists(), "pluto started", timeout)
 
     def alive(self) -> bool:
         return bool(self.pid) and Path(f"/proc/{self.pid}").exists() and not (self.dir / "failed").exists()

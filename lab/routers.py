@@ -85,6 +85,42 @@ class RouterHost(Protocol):
     def teardown(self) -> None: ...
 
 
+def wait_router(router: RouterHost, what: Callable[[], bool], label: str, timeout: float) -> None:
+    """Until `what()`, while the router lives (its setup.log's end says why it died), within the timeout."""
+    end = time.monotonic() + timeout
+    while not what():
+        if not router.alive():
+            raise RouterFailed(f"router {router.name} failed to start: {router.logs().get('setup.log', '')[-2000:]}")
+        if time.monotonic() > end:
+            raise RouterFailed(f"router {router.name}: {label} not within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+class BootWaits:
+    """The waits both router kinds share: on the files their setup writes into `boot_files`
+    (prepared, ready) and on pluto's log (`_pluto_log`), while the router lives (`alive`)."""
+    name: str
+    site: SitePlan
+
+    @property
+    def boot_files(self) -> Path:
+        raise NotImplementedError
+
+    def _wait_for(self, what: Callable[[], bool], label: str, timeout: float) -> None:
+        wait_router(self, what, label, timeout)
+
+    def wait_prepared(self, timeout: float = 60) -> None:
+        self._wait_for(lambda: (self.boot_files / "prepared").exists(), "prepared", timeout)
+
+    def wait_loaded(self, timeout: float = 60) -> None:
+        want = sum(len(c) for c in self.site.conns.values())
+        self._wait_for(lambda: len(re.findall(r"added IKEv2 connection", self._pluto_log())) >= want,
+                       f"pluto loading its {want} connections", timeout)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        self._wait_for(lambda: (self.boot_files / "ready").exists(), "pluto started", timeout)
+
+
 def pids_in_mount_ns(ns_of: int, process: str) -> list[int]:
     """PIDs whose mount namespace is that of `ns_of` and whose name is `process` (comm or argv[0])."""
     try:
@@ -139,8 +175,9 @@ def parse_spis(text: str) -> dict[str, set[str]]:
     return out
 
 
-class NetnsRouter:
+class NetnsRouter(BootWaits):
     """A router in a network namespace and a mount namespace of its own, held by router-setup.sh."""
+    boot_files = property(lambda self: self.bootdir)  # where its setup writes prepared, ready
 
     def __init__(self, site: SitePlan, network: Network, state: Path, isp_resolver: str, firewall: bool,
                  nss_template: Path):
@@ -202,17 +239,7 @@ class NetnsRouter:
     def _bridges(self) -> tuple[str, ...]:
         return tuple(lan.bridge for lan in self.site.lans)
 
-    def _wait_for(self, what: Callable[[], bool], label: str, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while not what():
-            if not self.alive():
-                raise RouterFailed(f"router {self.name} failed to start: {self.logs().get('setup.log', '')[-2000:]}")
-            if time.monotonic() > end:
-                raise RouterFailed(f"router {self.name}: {label} not within {timeout:.0f} s")
-            time.sleep(0.05)
 
-    def wait_prepared(self, timeout: float = 60) -> None:
-        self._wait_for(lambda: (self.bootdir / "prepared").exists(), "prepared", timeout)
 
     def start_pluto(self) -> None:
         try:
@@ -230,13 +257,7 @@ class NetnsRouter:
         except FileNotFoundError:
             return ""
 
-    def wait_loaded(self, timeout: float = 60) -> None:
-        want = sum(len(c) for c in self.site.conns.values())
-        self._wait_for(lambda: len(re.findall(r"added IKEv2 connection", self._pluto_log())) >= want,
-                       f"pluto loading its {want} connections", timeout)
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        self._wait_for(lambda: (self.bootdir / "ready").exists(), "pluto started", timeout)
 
     def alive(self) -> bool:
         return self.holder is not None and self.holder.poll() is None and not (self.bootdir / "failed").exists()
