@@ -75,6 +75,7 @@ class RouterHost(Protocol):
     def pids(self, process: str) -> list[int]: ...  # the router's processes of that name
     def stop(self) -> None: ...  # IPsec stopped as `ipsec stop` does (pluto shuts down)
     def start_ipsec(self) -> None: ...  # pluto started again as the platform's service starts it
+    def respawn_ipsec(self) -> float: ...  # after pluto died: what the platform's service manager does; its delay
     def kill(self, process: str) -> list[int]: ...  # kill -9 every process of that name, by its PID
     def reboot(self) -> None: ...  # down and up again from the files on its disk
     def cut_wan(self) -> None: ...
@@ -322,6 +323,26 @@ class NetnsRouter(BootWaits):
         pluto = f'exec /usr/libexec/ipsec/pluto --config /etc/ipsec.conf --logfile "{self.bootdir}/pluto.log"'
         self.exec(["sh", "-c", STALE_LOCK + pluto],
                   check=True)
+
+    def respawn_ipsec(self) -> float:
+        """pluto died (kill -9): what the platform's service manager does, as the lab models it.
+        EL: libreswan's ipsec.service has `Restart=always` and no RestartSec (systemd's default: 100 ms)
+        and `ExecStopPost=/sbin/ip xfrm policy flush` and `... state flush`, which systemd runs when
+        the main process dies, before the restart (libreswan initsystems/systemd/ipsec.service.in, read
+        at commit 00c8c8e; the 4.x/5.x RHEL unit is the same file, not checked here line by line).
+        OpenWrt: /etc/init.d/ipsec (openwrt/packages net/libreswan/files/etc/init.d/ipsec, start_service)
+        runs pluto --nofork under procd with `procd_set_param respawn` and no values: procd.sh's
+        defaults, threshold 3600 s, timeout 5 s, retry 5 (openwrt/openwrt package/system/procd/files/
+        procd.sh, _procd_set_param respawn), so procd starts it again 5 s later; no stop hook runs, the
+        kernel's XFRM state stays. Returns the modelled delay in seconds."""
+        if self.site.platform == "el":
+            self.exec(["sh", "-c", "ip xfrm policy flush; ip xfrm state flush"], check=True)
+            delay = 0.1
+        else:
+            delay = 5.0
+        time.sleep(delay)
+        self.start_ipsec()
+        return delay
 
     def kill(self, process: str) -> list[int]:
         pids = self.pids(process)

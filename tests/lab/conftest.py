@@ -101,13 +101,16 @@ def drop_nat_exemption(out: Path) -> None:
 def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
     """Every User-Mode Linux lab of the suite, one after another in one boot."""
     reqs = {
+        # the faults on acme (EL: systemd restarts pluto) with a 20 s cut; the example WAN's lab plays
+        # them on home (OpenWrt behind the CGNAT: procd respawns pluto) with the 60 s cut (issue 15 item 4)
         "two+faults": LabRequest(sites=WANS / "two", kernel="uml", results=base / "two", timeout=600,
-                                 scenarios=(("faults", {}),)),
+                                 scenarios=(("faults", {"cut_seconds": 20}),)),
         # the broken tunnel never comes up: the wait for it is bounded (the good ones are up long before)
         "four-broken": LabRequest(sites=WANS / "four", kernel="uml", results=base / "four", timeout=600,
                                   tamper=break_three_things, tunnel_timeout=30),
-        "changes": LabRequest(sites=REPO / "sites", kernel="uml", results=base / "changes", timeout=1200, scenarios=(
-            ("change", {"to": [str(seven(revisions)), str(REPO / "sites"), str(oslo_wider(revisions))]}),)),
+        "changes": LabRequest(sites=REPO / "sites", kernel="uml", results=base / "changes", timeout=1500, scenarios=(
+            ("faults", {"router": "home"}),
+            ("change", {"to": [str(seven(revisions)), str(REPO / "sites"), str(oslo_wider(revisions))]}))),
         "release": LabRequest(sites=WANS / "two", kernel="uml", results=base / "release", timeout=900,
                               scenarios=(("release", {"negatives": True}),)),
         # berlin (EL) and home (OpenWrt) are their LANs' DNS servers: DHCP names, no DNS host, not for the internet
