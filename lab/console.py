@@ -102,8 +102,8 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
         lines.append(f"later: seed {later['seed']} (WAN_LAB_LATER_SEED reproduces it); fetched at "
                      + ", ".join(f"{n} {s} s" for n, s in later["moments"].items()))
         for name, o in later["outages"].items():
-            lines.append(f"later: {name} down {o['seconds']} s (its ends applied at {o['applied_at'][0]} and "
-                         f"{o['applied_at'][1]} s)")
+            lines.append(f"later: {name} down {o['seconds']} s (its ends began to apply at {o['applying_at'][0]} and "
+                         f"{o['applying_at'][1]} s)")
         lines.append(f"later: unchanged tunnel {later['stream']['tunnel']}: {later['stream']['lost']} of "
                      f"{later['stream']['sent']} echoes lost")
     for k, step in enumerate((result.scenarios.get("change") or {}).get("steps", []), 1):

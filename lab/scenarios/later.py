@@ -9,8 +9,9 @@ Its other tunnels (between the other sites) are unchanged.
 
 Evidence: each fetch's exit code and words (applied, healthy or waiting for its peers; never rolled
 back), a ping probe across every changed tunnel every half second (its outage: from the last echo
-answered before it went down to the first one answered after; the probes while only one end had
-applied must all be lost: the change really breaks the tunnel), a ping stream across an unchanged
+answered before it went down to the first one answered after its second end began to apply, the
+moment fetch logs "applying"; the probes while only one end had applied must all be lost: the change
+really breaks the tunnel), a ping stream across an unchanged
 tunnel (it loses nothing; its SAs are kept), then one more fetch on every router as its timer would run
 it (it clears WAN_STATE/pending once the peers caught up): every router on release 2, nothing pending,
 nothing marked failed, every tunnel up on both ends.
@@ -51,6 +52,7 @@ FETCH_TIMEOUT = 90
 SPREAD = 4  # the moments fall within this many WAN_HEALTH_TIMEOUTs
 SETTLE = 75  # pluto's own retries after the last apply (IKE_SA_INIT retransmits back off to 32 s)
 PROBE_PERIOD = 0.5
+APPLYING = f"applying {SECOND}"  # fetch logs it just before its reconcile changes anything
 # the changed tunnels' profile: nothing in common with the lab WANs' own ("modern": aes256, dh19,
 # aes_gcm256), so an end that still runs the old one answers NO_PROPOSAL_CHOSEN
 PROFILE = CryptoProfile(name="later", ike=("aes128-sha2_256;dh19",), esp=("aes_gcm128",))
@@ -90,7 +92,7 @@ def moments(seed: int, names: list[str], pairs: list[tuple[str, str]], health_ti
     """A random moment per router within SPREAD health timeouts; drawn again (from the same seed) until
     the two ends of at least one changed tunnel fetch more than two health timeouts apart and a
     download, so that at least one end must find its tunnel down and wait for its peer, and the probes
-    see the tunnel down before its second end even starts to fetch."""
+    see the tunnel down before its second end begins to apply."""
     rng = random.Random(seed)
     while True:
         m = {n: round(rng.uniform(0, SPREAD * health_timeout), 1) for n in names}
@@ -163,9 +165,9 @@ class Prober:
 
 def outage(rows: list[tuple[float, bool]], first: float, second: float) -> dict:
     """One changed tunnel's probes (time, answered): `first` and `second` the moments its two ends
-    started their fetch. `seconds`: from the last echo answered before it went down to the first one
-    answered after its second end started; `one_end`: the probes from its going down until its second
-    end started (only one end had applied: none may be answered)."""
+    began to apply (fetch's "applying"). `seconds`: from the last echo answered before it went down to
+    the first one answered after its second end began to apply; `one_end`: the probes from its going
+    down until then (only one end had applied: none may be answered)."""
     down = next((t for t, ok in rows if t >= first and not ok), None)
     if down is None:
         return {"seconds": None, "broke": False, "probes_while_one_end": 0, "answered_while_one_end": 0}
@@ -216,7 +218,7 @@ def _apply_later(lab, d: LaterData, report: dict) -> None:
 
     def one(name: str, at: float, into: dict) -> None:
         time.sleep(max(0.0, t0 + at - time.monotonic()))
-        into[name] = fetch(lab, name)
+        into[name] = fetch(lab, name, watch=(APPLYING,))
 
     def all_up(deadline: float) -> dict[str, bool]:
         return {n: wait_tunnels_of(r, timeout=max(0.0, deadline - time.monotonic())) for n, r in lab.routers.items()}
@@ -244,7 +246,8 @@ def _apply_later(lab, d: LaterData, report: dict) -> None:
         time.sleep(2 * PROBE_PERIOD)  # the prober sees the last tunnel back
     spis_after = _conn_spis(lab, list(d.unchanged))
     rel = lambda t: round(t - t0, 2)  # noqa: E731
-    report["fetches"] = {n: {"at": rel(r["t0"]), "rc": r["rc"], "seconds": r["seconds"],
+    report["fetches"] = {n: {"at": rel(r["t0"]), "applying_at": rel(r["marks"][APPLYING]) if APPLYING in r["marks"] else None,
+                             "rc": r["rc"], "seconds": r["seconds"],
                              "pending": "wait for their peers" in r["output"]} for n, r in sorted(runs.items())}
     report["settled_without_a_fetch"] = settled
     report["final"] = {n: {"rc": r["rc"], "seconds": r["seconds"]} for n, r in sorted(final.items())}
@@ -269,9 +272,12 @@ def _apply_later(lab, d: LaterData, report: dict) -> None:
         ra, rb = runs.get(p.a), runs.get(p.b)
         if not ra or not rb:
             continue
-        first, second = sorted((ra, rb), key=lambda r: r["t0"])
-        o = outage([(t, oks[i]) for t, oks in prober.rows], first["t0"], second["t0"])
-        o.update(first_end=p.a if first is ra else p.b, applied_at=[rel(first["t0"]), rel(second["t0"])])
+        if APPLYING not in ra["marks"] or APPLYING not in rb["marks"]:
+            continue
+        first, second = sorted((ra, rb), key=lambda r: r["marks"][APPLYING])
+        o = outage([(t, oks[i]) for t, oks in prober.rows], first["marks"][APPLYING], second["marks"][APPLYING])
+        o.update(first_end=p.a if first is ra else p.b,
+                 applying_at=[rel(first["marks"][APPLYING]), rel(second["marks"][APPLYING])])
         outages[p.tunnel] = o
         ok = o["broke"] and o["seconds"] is not None and o["answered_while_one_end"] == 0
         why = ("" if ok else "it never went down: the change did not break it" if not o["broke"]

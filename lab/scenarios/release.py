@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +171,9 @@ def _busybox_bin(lab) -> Path:
     return d
 
 
-def fetch(lab, name: str) -> dict:
+def fetch(lab, name: str, watch: tuple[str, ...] = ()) -> dict:
+    """The router's real fetch, run once. `watch`: words of its log whose first appearance is timed
+    (result "marks": word -> monotonic time; the log is then read as it is written)."""
     router = lab.routers[name]
     env = router.reload_env()
     env["WAN_RELOAD_FIREWALL"] = "true"  # the release lab runs without the firewall (see Prepared.no_firewall)
@@ -180,8 +183,25 @@ def fetch(lab, name: str) -> dict:
     else:
         shell = ["bash"]
     t = time.monotonic()
-    r = router.exec([*shell, "/etc/wan/fetch"], env=env, timeout=300)
-    return {"rc": r.returncode, "seconds": round(time.monotonic() - t, 2), "output": (r.stdout + r.stderr)[-3000:], "t0": t}
+    if not watch:
+        r = router.exec([*shell, "/etc/wan/fetch"], env=env, timeout=300)
+        return {"rc": r.returncode, "seconds": round(time.monotonic() - t, 2), "output": (r.stdout + r.stderr)[-3000:], "t0": t}
+    marks: dict[str, float] = {}
+    out = []
+    p = subprocess.Popen([*router.enter(), "env", *(f"{k}={v}" for k, v in env.items()), *shell, "/etc/wan/fetch"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killer = threading.Timer(300, p.kill)
+    killer.start()
+    try:
+        for line in p.stdout:
+            out.append(line)
+            for w in watch:
+                if w in line and w not in marks:
+                    marks[w] = time.monotonic()
+        rc = p.wait()
+    finally:
+        killer.cancel()
+    return {"rc": rc, "seconds": round(time.monotonic() - t, 2), "output": "".join(out)[-3000:], "t0": t, "marks": marks}
 
 
 def _snapshot(router) -> str:
