@@ -70,3 +70,9 @@ def test_the_outage_runs_from_the_last_answer_before_it_broke_to_the_first_after
 def test_a_wan_too_small_for_the_proof_is_refused(tmp_path):
     with pytest.raises(LabError, match="use a WAN of at least four sites"):
         _prepare(LabRequest(sites=REPO / "tests/lab/wans/two", results=tmp_path / "r", scenarios=(("later", {}),)), "uml", 4)
+
+
+def test_a_seed_that_is_not_a_number_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAN_LAB_LATER_SEED", "soon")
+    with pytest.raises(LabError, match="the seed must be a whole number .* not 'soon'"):
+        _prepare(LabRequest(sites=FOUR, results=tmp_path / "r", scenarios=(("later", {}),)), "uml", 4)

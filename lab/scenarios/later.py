@@ -117,7 +117,10 @@ def prepare(ctx: PrepareContext) -> Prepared:
     if len(changed) < 2 or not unchanged or not both:
         raise LabError(f"later: changing the crypto profile of {', '.join(sorted(sites))} must change both ends of several "
                        "tunnels and leave one unchanged; use a WAN of at least four sites (tests/lab/wans/four)")
-    seed = int(ctx.options.get("seed") or os.environ.get("WAN_LAB_LATER_SEED") or random.randrange(10**6))
+    given = ctx.options.get("seed", os.environ.get("WAN_LAB_LATER_SEED") or None)
+    if given is not None and not str(given).isdigit():
+        raise LabError(f"later: the seed must be a whole number (WAN_LAB_LATER_SEED or the option seed), not {given!r}")
+    seed = int(given) if given is not None else random.randrange(10**6)
     when = moments(seed, names, [(t.a, t.b) for t in changed], HEALTH_TIMEOUT)
     print(f"later: seed {seed} (WAN_LAB_LATER_SEED={seed} or options seed reproduces it): "
           + ", ".join(f"{n} at {s} s" for n, s in when), file=sys.stderr, flush=True)
