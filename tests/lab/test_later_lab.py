@@ -2,7 +2,7 @@
 (lab/scenarios/later.py, docs/releases.md "Peers that apply later"): four routers enrol and fetch
 release 1, then release 2 changes the crypto profile of home's three tunnels at both ends (an end on
 the old profile answers NO_PROPOSAL_CHOSEN), and each router runs its real fetch at a random moment
-spread over three WAN_HEALTH_TIMEOUTs (12 s here; the seed is printed and in result.json,
+spread over four WAN_HEALTH_TIMEOUTs (12 s here; the seed is printed and in result.json,
 WAN_LAB_LATER_SEED reproduces it). No router rolls back; an end whose peer has not applied yet waits
 (exit 0, `pending`); the next scheduled run clears it; every router ends on release 2 with every
 tunnel up; a ping stream across an unchanged tunnel loses nothing. The outage of each changed
