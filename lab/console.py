@@ -97,6 +97,15 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
     for st in rel.get("steps", []):
         how = "handled as it must be" if st["ok"] else "WRONG"
         lines.append(f"release: {st['step']}: {how} (fetch exit {st['rc']}, {st['seconds']} s)")
+    later = result.scenarios.get("later") or {}
+    if "outages" in later:
+        lines.append(f"later: seed {later['seed']} (WAN_LAB_LATER_SEED reproduces it); fetched at "
+                     + ", ".join(f"{n} {s} s" for n, s in later["moments"].items()))
+        for name, o in later["outages"].items():
+            lines.append(f"later: {name} down {o['seconds']} s (its ends began to apply at {o['applying_at'][0]} and "
+                         f"{o['applying_at'][1]} s)")
+        lines.append(f"later: unchanged tunnel {later['stream']['tunnel']}: {later['stream']['lost']} of "
+                     f"{later['stream']['sent']} echoes lost")
     for k, step in enumerate((result.scenarios.get("change") or {}).get("steps", []), 1):
         lines.append(f"change {k} ({step['mode']}): {step['seconds']} s; unrelated tunnels disturbed "
                      f"{len(step['disturbed'])}/{step['unchanged_tunnels']}; stream {step['stream']}")

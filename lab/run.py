@@ -125,7 +125,7 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
         shutil.rmtree(results)
     results.mkdir(parents=True)
     wan, targets, notes = as_lab_version(req.wan or load_sites(req.sites), major)
-    if (req.routers == "netns" and "nat" not in names and not {"change", "release"} & set(names)
+    if (req.routers == "netns" and "nat" not in names and not {"change", "release", "later"} & set(names)
             and any(s.router.dynamic for s in wan.sites)):
         # a dynamic site sits behind a CGNAT in the lab: its address change is played and measured, except
         # in a lab that proves a change or a release (it takes about two minutes; those labs prove other

@@ -56,7 +56,7 @@ def revisions(options: dict) -> list[Path]:
     return [Path(p) for p in options["to"]]
 
 
-def _digests(out: Path, wan) -> dict[str, list[tuple]]:
+def digests(out: Path, wan) -> dict[str, list[tuple]]:
     d: dict[str, list[tuple]] = {}
     for s in wan.sites:
         for t, v in Manifest.read(out / s.name / paths.MANIFEST).tunnels.items():
@@ -78,7 +78,7 @@ def prepare(ctx: PrepareContext) -> Prepared:
     views = [ctx.view(wan, out, index) for wan, out in wans]
     steps = []
     for (wb, ob), (wa, oa), vb, va in zip(wans, wans[1:], views, views[1:], strict=False):
-        db, da = _digests(ob, wb), _digests(oa, wa)
+        db, da = digests(ob, wb), digests(oa, wa)
         old = {t.name: t for t in vb.tunnels}
         unchanged = tuple(t.name for t in va.tunnels if t.name in old and sorted(db[t.name]) == sorted(da[t.name]))
         stream = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,9 +107,18 @@ def prepare(ctx: PrepareContext) -> Prepared:
             {"name": "broken release rolled back", "tag": "v1.8.0", "router": victim, "rc": 1,
              "words": f"v1.8.0 was rolled back; {GOOD} is installed again and its tunnels are up", "rollback": True},
         ]
+    data = ReleaseData(dist=str(dist), steps=tuple(ReleaseStep(**s) for s in steps), victim=victim)
+    return Prepared(data=data.to_dict(), install=enrolment(ctx, signing), serve_release=True,
+                    no_firewall="the release lab installs no firewall: the firewall was NOT exercised")
+
+
+def enrolment(ctx: PrepareContext, signing, health_timeout: int = HEALTH_TIMEOUT, fetch_timeout: int = 20) -> dict[str, str]:
+    """router -> the tree it starts from: its enrolment only (the trusted release key, fetch.conf
+    naming the lab's release server, this WAN_HEALTH_TIMEOUT and WAN_FETCH_TIMEOUT). Other scenarios
+    enrol with it too."""
     pub = ctx.results / "release.pub"
     pub.write_text(signing.public.text("lab release key (throw-away)"))
-    enrol = {}
+    trees = {}
     for s in ctx.wan.sites:
         e = ctx.results / "enrol" / s.name
         tree = ctx.out / s.name
@@ -121,16 +131,14 @@ def prepare(ctx: PrepareContext) -> Prepared:
         shutil.copy(pub, e / "etc/wan/keys/release" / key_id(signing.public))
         downloader = "wget" if s.router.platform == "openwrt" else "curl"
         (e / "etc/wan/fetch.conf").write_text(
-            f"WAN_RELEASE_URL=http://{ctx.infra.release_server}/releases\nWAN_ROUTER={s.name}\nWAN_HEALTH_TIMEOUT={HEALTH_TIMEOUT}\n"
-            f"WAN_FETCH_TIMEOUT=20\nWAN_DOWNLOADER={downloader}\n")
-        enrol[s.name] = str(e)
-    data = ReleaseData(dist=str(dist), steps=tuple(ReleaseStep(**s) for s in steps), victim=victim)
-    return Prepared(data=data.to_dict(), install=enrol, serve_release=True,
-                    no_firewall="the release lab installs no firewall: the firewall was NOT exercised")
+            f"WAN_RELEASE_URL=http://{ctx.infra.release_server}/releases\nWAN_ROUTER={s.name}\nWAN_HEALTH_TIMEOUT={health_timeout}\n"
+            f"WAN_FETCH_TIMEOUT={fetch_timeout}\nWAN_DOWNLOADER={downloader}\n")
+        trees[s.name] = str(e)
+    return trees
 
 
 # ---- in the lab --------------------------------------------------------------------------------
-class _Server:
+class Server:
     def __init__(self, lab, dist: str):
         self.lab, self.dist, self.proc = lab, dist, None
         self.log = lab.state / "release-server.log"
@@ -163,7 +171,9 @@ def _busybox_bin(lab) -> Path:
     return d
 
 
-def _fetch(lab, name: str) -> dict:
+def fetch(lab, name: str, watch: tuple[str, ...] = ()) -> dict:
+    """The router's real fetch, run once. `watch`: words of its log whose first appearance is timed
+    (result "marks": word -> monotonic time; the log is then read as it is written)."""
     router = lab.routers[name]
     env = router.reload_env()
     env["WAN_RELOAD_FIREWALL"] = "true"  # the release lab runs without the firewall (see Prepared.no_firewall)
@@ -173,8 +183,25 @@ def _fetch(lab, name: str) -> dict:
     else:
         shell = ["bash"]
     t = time.monotonic()
-    r = router.exec([*shell, "/etc/wan/fetch"], env=env, timeout=300)
-    return {"rc": r.returncode, "seconds": round(time.monotonic() - t, 2), "output": (r.stdout + r.stderr)[-3000:], "t0": t}
+    if not watch:
+        r = router.exec([*shell, "/etc/wan/fetch"], env=env, timeout=300)
+        return {"rc": r.returncode, "seconds": round(time.monotonic() - t, 2), "output": (r.stdout + r.stderr)[-3000:], "t0": t}
+    marks: dict[str, float] = {}
+    out = []
+    p = subprocess.Popen([*router.enter(), "env", *(f"{k}={v}" for k, v in env.items()), *shell, "/etc/wan/fetch"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killer = threading.Timer(300, p.kill)
+    killer.start()
+    try:
+        for line in p.stdout:
+            out.append(line)
+            for w in watch:
+                if w in line and w not in marks:
+                    marks[w] = time.monotonic()
+        rc = p.wait()
+    finally:
+        killer.cancel()
+    return {"rc": rc, "seconds": round(time.monotonic() - t, 2), "output": "".join(out)[-3000:], "t0": t, "marks": marks}
 
 
 def _snapshot(router) -> str:
@@ -184,7 +211,7 @@ def _snapshot(router) -> str:
     return router.exec(["sh", "-c", script]).stdout
 
 
-def _set_latest(dist: str, tag: str) -> None:
+def set_latest(dist: str, tag: str) -> None:
     p = Path(dist) / "latest"
     p.with_suffix(".tmp").write_text(tag + "\n")
     p.with_suffix(".tmp").rename(p)
@@ -205,11 +232,11 @@ def _until_traffic(lab, name: str, t0: float, timeout: float = 60) -> float | No
     return round(time.monotonic() - t0, 2)
 
 
-def _enrol(lab, d: ReleaseData, report: dict) -> None:
+def enrol(lab, d: ReleaseData, report: dict) -> None:
     good = d.steps[0].tag
     order = lab.view.start_order
     for k, name in enumerate(order, 1):
-        r = _fetch(lab, name)
+        r = fetch(lab, name)
         lab.wait_initiated(name)
         traffic = _until_traffic(lab, name, r["t0"]) if r["rc"] == 0 else None
         ok = r["rc"] == 0 and f"{good} applied and healthy" in r["output"] and traffic is not None
@@ -221,12 +248,12 @@ def _enrol(lab, d: ReleaseData, report: dict) -> None:
         progress("routers fetched their release", k, len(order), name)
 
 
-def _refusal(lab, server: _Server, d: ReleaseData, step: ReleaseStep) -> Check:
+def _refusal(lab, server: Server, d: ReleaseData, step: ReleaseStep) -> Check:
     router = lab.routers[step.router]
     wait_tunnels_of(router)
     before, spi_before = _snapshot(router), router.spis()
-    _set_latest(d.dist, step.tag)
-    r = _fetch(lab, step.router)
+    set_latest(d.dist, step.tag)
+    r = fetch(lab, step.router)
     after, spi_after = _snapshot(router), router.spis()
     ok = r["rc"] == step.rc and step.words in r["output"]
     why = [] if ok else [f"expected exit {step.rc} saying '{step.words}'"]
@@ -254,18 +281,18 @@ def _refusal(lab, server: _Server, d: ReleaseData, step: ReleaseStep) -> Check:
 
 def play(lab, data: dict) -> None:
     d = ReleaseData.from_dict(data)
-    server = _Server(lab, d.dist)
+    server = Server(lab, d.dist)
     server.start()
     report: dict = {"enrol": {}, "steps": []}
     try:
-        _set_latest(d.dist, d.steps[0].tag)
-        _enrol(lab, d, report)
+        set_latest(d.dist, d.steps[0].tag)
+        enrol(lab, d, report)
         for k, step in enumerate(d.steps[1:], 1):
             c = _refusal(lab, server, d, step)
             lab.add(c)
             report["steps"].append({"step": step.name, "rc": c.evidence["rc"], "seconds": c.evidence["seconds"], "ok": c.ok})
             progress("release cases", k, len(d.steps) - 1, step.name)
-        _set_latest(d.dist, d.steps[0].tag)
+        set_latest(d.dist, d.steps[0].tag)
     finally:
         server.stop()
         lab.report("release", report)

@@ -113,6 +113,10 @@ def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
             ("change", {"to": [str(seven(revisions)), str(REPO / "sites"), str(oslo_wider(revisions))]}))),
         "release": LabRequest(sites=WANS / "two", kernel="uml", results=base / "release", timeout=900,
                               scenarios=(("release", {"negatives": True}),)),
+        # peers that apply later: release 2 changes home's three tunnels at both ends; the four routers
+        # fetch it at random moments (WAN_LAB_LATER_SEED=N reproduces them; the seed is printed)
+        "later": LabRequest(sites=WANS / "four", kernel="uml", results=base / "later", timeout=900,
+                            scenarios=(("later", {}),)),
         # berlin (EL) and home (OpenWrt) are their LANs' DNS servers: DHCP names, no DNS host, not for the internet
         "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
         # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
