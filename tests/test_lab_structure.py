@@ -117,7 +117,8 @@ def test_scenarios_are_found_by_name_and_an_unknown_one_is_refused():
     for name in scenarios.REGISTRY:
         sc = scenarios.load(name)
         assert sc.STAGE in ("before_tunnels", "after_tunnels") and callable(sc.prepare) and callable(sc.play)
-    with pytest.raises(scenarios.LabError, match="no lab scenario 'nope'; choose one of change, faults, heal, nat, release"):
+    with pytest.raises(scenarios.LabError,
+                       match="no lab scenario 'nope'; choose one of change, faults, heal, nat, release, rotation"):
         scenarios.load("nope")
 
 

@@ -26,6 +26,7 @@ REGISTRY = {
     "faults": "lab.scenarios.faults",    # the RouterHost primitives: kill -9, stop, WAN cut, reboot
     "heal": "lab.scenarios.heal",        # repairs between releases: a conn, a conf, DNS, the firewall put back
     "nat": "lab.scenarios.nat",          # dynamic sites behind a CGNAT: MSS clamp, outside address change
+    "rotation": "lab.scenarios.rotation",  # a router key rolled over in three releases while pings run; old key refused
 }
 
 

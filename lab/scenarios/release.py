@@ -56,10 +56,11 @@ class ReleaseData(Record):
 
 
 # ---- host side ---------------------------------------------------------------------------------
-def prepare(ctx: PrepareContext) -> Prepared:
-    """Releases, enrolment trees and the steps. Without options["negatives"]: only the enrolment fetch."""
+def prepare(ctx: PrepareContext, signing: signify.SecretKey | None = None) -> Prepared:
+    """Releases, enrolment trees and the steps. Without options["negatives"]: only the enrolment fetch.
+    `signing`: the lab's release key (another scenario that signs more releases passes its own)."""
     negatives = bool(ctx.options.get("negatives", True))
-    signing = signify.generate()
+    signing = signing or signify.generate()
     dist = ctx.results / "releases"
     build(ctx.wan, signing, GOOD, dist, "lab")
     steps = [{"name": "enrol", "tag": GOOD}]
@@ -269,3 +270,7 @@ def play(lab, data: dict) -> None:
     finally:
         server.stop()
         lab.report("release", report)
+
+
+# ---- for scenarios that play more releases on top of these (lab/scenarios/rotation.py) ------------
+Server, fetch, set_latest, enrol = _Server, _fetch, _set_latest, _enrol

@@ -110,6 +110,9 @@ def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
             ("change", {"to": [str(seven(revisions)), str(REPO / "sites"), str(oslo_wider(revisions))]}),)),
         "release": LabRequest(sites=WANS / "two", kernel="uml", results=base / "release", timeout=900,
                               scenarios=(("release", {"negatives": True}),)),
+        # a key rollover in three releases while pings run: berlin initiates one tunnel and responds to another
+        "rotation": LabRequest(sites=WANS / "three", kernel="uml", results=base / "rotation", timeout=600,
+                               scenarios=(("rotation", {}),)),
         # berlin (EL) and home (OpenWrt) are their LANs' DNS servers: DHCP names, no DNS host, not for the internet
         "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
         # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
