@@ -310,7 +310,7 @@ def play(lab, data: dict) -> None:
     finally:
         for p in (t.peer_of(d.rotated) for t in lab.view.tunnels if d.rotated in (t.a, t.b)):
             if p in r:
-                r[p].whack("--debug", "none")
+                r[p].whack("--no-debug", "base")
         server.stop()
         Path(d.secret).unlink(missing_ok=True)
         lab.report("rotation", report)
