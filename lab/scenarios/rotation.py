@@ -167,35 +167,47 @@ def _reauthenticate(lab, rotated: str) -> dict[str, str]:
     return out
 
 
-def _probe_old_key(lab, rotated: str, peer: str, old, mark: int) -> tuple[bool, str]:
-    """A stand-in conn on R signing with the OLD key initiates to `peer`: the peer's refusal line."""
-    r = lab.routers[rotated]
+def _probe_old_key(lab, rotated: str, peer: str, old, mark: int) -> tuple[bool, str, dict]:
+    """A stand-in conn on R signing with the OLD key initiates to `peer`: the peer's refusal line.
+
+    The tunnel's conns are terminated on both ends first: pluto initiates a conn over an IKE SA it
+    already has with the same host pair and ids (a CREATE_CHILD_SA, no authentication at all:
+    find_phase1_state, programs/pluto/initiate.c v4.10:333 and state.c v4.10:1923-1943), so the
+    stand-in must start a new IKE SA to be authenticated. The fresh authentication that follows
+    (_reauthenticate) brings the tunnel back."""
+    r, p = lab.routers[rotated], lab.routers[peer]
     t = next(t for t in lab.view.tunnels if {t.a, t.b} == {rotated, peer})
     conf = r.exec(["cat", f"/etc/ipsec.d/{t.name}.conf"]).stdout
     block = re.search(r"^conn \S+\n(?:\t.*\n)+", conf, re.M)
     if not block:
-        return False, f"no conn in R's /etc/ipsec.d/{t.name}.conf"
+        return False, f"no conn in {rotated}'s /etc/ipsec.d/{t.name}.conf", {}
     name = f"oldkey-{peer}"
     text = re.sub(r"^conn \S+", f"conn {name}", block.group(0), flags=re.M)
     text = re.sub(r"^\tleftrsasigkey=.*$", f"\tleftrsasigkey={old.rsasigkey}", text, flags=re.M)
     text = re.sub(r"^\tauto=.*$", "\tauto=add", text, flags=re.M) + "\tkeyingtries=1\n"
-    path = f"/run/{name}.conf"
-    r.exec(["sh", "-c", 'printf "%s" "$1" > "$2"', "sh", text, path])
-    added = r.exec(["ipsec", "addconn", "--config", path, name])
-    r.whack("--name", name, "--initiate", "--asynchronous")
     me = re.search(r"^\tleftid=(\S+)", text, re.M).group(1)
-    pattern = re.compile(r"authentication failed: using RSA\S* with \S+ for '([^']+)' tried[^\n]*")
+    for end, router in ((peer, p), (rotated, r)):  # the initiator first: it would start the tunnel again
+        for c in lab.view.site(end).conns[t.name]:
+            router.whack("--name", c, "--terminate")
+    path = f"/run/{name}.conf"
+    steps = {}
+    x = r.exec(["sh", "-c", 'printf "%s" "$1" > "$2" && ipsec addconn --config "$2" "$3"', "sh", text, path, name])
+    steps["addconn"] = {"rc": x.returncode, "output": (x.stdout + x.stderr).strip()[-500:]}
+    x = r.whack("--name", name, "--initiate", "--asynchronous")
+    steps["initiate"] = {"rc": x.returncode, "output": (x.stdout + x.stderr).strip()[-500:]}
+    # keys.c v4.10:372-376: "authentication failed: using SIGNER with HASH for 'ID' tried KEYS"
+    pattern = re.compile(r"authentication failed: using \S+ with \S+ for '([^']+)' tried[^\n]*")
     end, line = time.monotonic() + 30, ""
     while time.monotonic() < end and not line:
-        for m in pattern.finditer(_since(lab.routers[peer], mark)):
+        for m in pattern.finditer(_since(p, mark)):
             if m.group(1) == me:
                 line = m.group(0)
         time.sleep(0.25)
     r.whack("--name", name, "--delete")
     r.exec(["rm", "-f", path])
     if not line:
-        return False, f"no refusal in {peer}'s pluto log (addconn: {(added.stdout + added.stderr).strip()[-300:]})"
-    return True, line
+        return False, f"no refusal of {me} in {peer}'s pluto log", steps
+    return True, line, steps
 
 
 def _step(lab, d: RotationData, name: str, tag: str, first: str, keys: dict, report: dict) -> None:
@@ -250,11 +262,11 @@ def _step(lab, d: RotationData, name: str, tag: str, first: str, keys: dict, rep
     refusals = {}
     if name == "retired":  # the old key, presented by a stand-in conn on R, is refused by every peer
         for p in peers:
-            ok, line = _probe_old_key(lab, rotated, p, keys["old_key"], len(_log(lab.routers[p])))
+            ok, line, probe = _probe_old_key(lab, rotated, p, keys["old_key"], len(_log(lab.routers[p])))
             ok = ok and f"*{keys['new']}" in line and keys["old"] not in line
             refusals[p] = line
             lab.add(Check("rotation", p, f"{name}: old key refused", ok, {
-                "step": name, "log_line": line, "old": keys["old"], "new": keys["new"],
+                "step": name, "log_line": line, "old": keys["old"], "new": keys["new"], "probe": probe,
                 "why": "" if ok else f"{p} did not refuse {rotated}'s old key as expected"}))
     reauth = _reauthenticate(lab, rotated)
     ids = {keys["old"], keys["new"]}
