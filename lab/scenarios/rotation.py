@@ -186,9 +186,16 @@ def _probe_old_key(lab, rotated: str, peer: str, old, mark: int) -> tuple[bool, 
     text = re.sub(r"^\tleftrsasigkey=.*$", f"\tleftrsasigkey={old.rsasigkey}", text, flags=re.M)
     text = re.sub(r"^\tauto=.*$", "\tauto=add", text, flags=re.M) + "\tkeyingtries=1\n"
     me = re.search(r"^\tleftid=(\S+)", text, re.M).group(1)
-    for end, router in ((peer, p), (rotated, r)):  # the initiator first: it would start the tunnel again
-        for c in lab.view.site(end).conns[t.name]:
-            router.whack("--name", c, "--terminate")
+    # the initiator first: terminated by the responder first, it would start the tunnel again at once
+    # (its conn is auto=start: "deleting IKE SA but connection is supposed to remain up")
+    for who in (t.initiator, t.peer_of(t.initiator)):
+        for c in lab.view.site(who).conns[t.name]:
+            lab.routers[who].whack("--name", c, "--terminate")
+    conns = lab.view.site(rotated).conns[t.name]
+    end = time.monotonic() + 10
+    while time.monotonic() < end and any(f'"{c}"' in line and "ESTABLISHED_IKE_SA" in line  # an IKE SA to share
+                                         for c in conns for line in r.whack("--status").stdout.splitlines()):
+        time.sleep(0.25)
     path = f"/run/{name}.conf"
     steps = {}
     x = r.exec(["sh", "-c", 'printf "%s" "$1" > "$2" && ipsec addconn --config "$2" "$3"', "sh", text, path, name])
