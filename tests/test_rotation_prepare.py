@@ -58,6 +58,6 @@ def test_the_keys_pluto_holds_for_an_id_are_read_from_listpubkeys():
     assert held_keys(_Whack(text), "192.0.2.40") == ["AwEAAbs+J", "AwEAAdq1F"]
     assert held_keys(_Whack(text), "192.0.2.99") == []
     assert keyid("0sAwEAAbs+JTqvTZhSSOChTUBm") == "AwEAAbs+J"
-    # pluto's debug line for the key that verified a signature (keys.c v4.10:279)
+    # pluto's debug line for the key that verified a signature (keys.c v4.10:282)
     log = "|   trying '192.0.2.40' aka *AwEAAbs+J issued by CA '%any'\n|   'AwEAAbs+J' passed\n|   'AwEAAxxxx' passed\n"
     assert _passed(log, {"AwEAAbs+J", "AwEAAdq1F"}) == ["AwEAAbs+J"]

@@ -19,10 +19,10 @@ v1.3.0 (key NEW), and the routers fetch them:
 After each step, on top of what the step's fetches did: each tunnel of R authenticates afresh (its
 initiator terminates and initiates its conns), and the peer's pluto log says which of R's keys
 verified the signature. Pluto logs that only in its debug stream: `dbg("  '%s' passed",
-keyid_str)` in try_all_keys (programs/pluto/keys.c v4.10:279, v4.12:282, v5.2:305), the keyid
+keyid_str)` in try_all_keys (programs/pluto/keys.c v4.10:282, v4.12:282, v5.2:305), the keyid
 being the first nine base64 digits of the RFC 3110 key (lib/libswan/keyid.c v4.10:31); the
 "established IKE SA; authenticated peer ... using preloaded certificate '<id>'" line names the id
-only (keys.c v4.10:390-408). So the peers run with `whack --debug base` for this scenario.
+only (keys.c v4.10:378-405). So the peers run with `whack --debug base` for this scenario.
 After release 3, a stand-in conn on R (a copy of R's conn with the OLD public key, so pluto signs
 with the OLD private key, still in R's database) initiates to each peer; the peer refuses it with
 "authentication failed: using RSA... for '<R's id>' tried preloaded: *<NEW keyid>" (keys.c
@@ -203,7 +203,7 @@ def _probe_old_key(lab, rotated: str, peer: str, old, mark: int) -> tuple[bool, 
     steps["addconn"] = {"rc": x.returncode, "output": (x.stdout + x.stderr).strip()[-500:]}
     x = r.whack("--name", name, "--initiate", "--asynchronous")
     steps["initiate"] = {"rc": x.returncode, "output": (x.stdout + x.stderr).strip()[-500:]}
-    # keys.c v4.10:372-376: "authentication failed: using SIGNER with HASH for 'ID' tried KEYS"
+    # keys.c v4.10:365-369: "authentication failed: using SIGNER with HASH for 'ID' tried KEYS"
     pattern = re.compile(r"authentication failed: using \S+ with \S+ for '([^']+)' tried[^\n]*")
     end, line = time.monotonic() + 30, ""
     while time.monotonic() < end and not line:
