@@ -150,20 +150,31 @@ def _build_releases(lab, d: RotationData, new) -> dict[str, str]:
     return old
 
 
+def _conns_up(router, conns: tuple[str, ...], timeout: float) -> bool:
+    """Until each of these conns has an established Child SA on the router (whack --trafficstatus)."""
+    end = time.monotonic() + timeout
+    while not set(conns) <= set(router.traffic()):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.25)
+    return True
+
+
 def _reauthenticate(lab, rotated: str) -> dict[str, str]:
-    """Each tunnel of R authenticates afresh: its initiator terminates and initiates its conns."""
-    out = {}
-    for t in lab.view.tunnels:
-        if rotated not in (t.a, t.b):
-            continue
+    """Each tunnel of R authenticates afresh: its initiator terminates and initiates its conns (all
+    tunnels first, then the wait: a tunnel the old-key probe left down is initiated here too)."""
+    tunnels = [t for t in lab.view.tunnels if rotated in (t.a, t.b)]
+    for t in tunnels:
         init = lab.routers[t.initiator]
         conns = lab.view.site(t.initiator).conns[t.name]
         for c in conns:
             init.whack("--name", c, "--terminate")
         for c in conns:
             init.whack("--name", c, "--initiate", "--asynchronous")
-        # every conn of each end (a loaded machine: the initiator's IKE_AUTH may be retransmitted)
-        down = [e for e in (t.a, t.b) if not wait_tunnels_of(lab.routers[e], timeout=120)]
+    out = {}
+    for t in tunnels:
+        # this tunnel's conns on each end (a loaded machine: an IKE_AUTH may be retransmitted)
+        down = [e for e in (t.a, t.b) if not _conns_up(lab.routers[e], lab.view.site(e).conns[t.name], 120)]
         out[t.name] = "up" if not down else f"down on {', '.join(down)}"
     return out
 
