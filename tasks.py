@@ -88,7 +88,8 @@ def _lab_errors(fn):
             "release": "enrol: routers start empty and fetch a signed release from a server in the lab; "
                        "full: also tampered, unsigned, misaddressed, older and broken releases and a broken-off download",
             "routers": "netns (default: a namespace per router) or docker (a container per router; see lab.image)",
-            "scenario": "also play these lab scenarios, comma-separated (faults: kill -9, stop, WAN cut, reboot; heal: repairs)",
+            "scenario": "also play these lab scenarios, comma-separated (faults: kill -9, stop, WAN cut, reboot; heal: repairs; "
+                        "rotation: a router key rolled in three releases; later: peers that apply a release later)",
             "generate": "prove a WAN generated from this seed (lab/generate.py) instead of --sites; it is kept in "
                         "<results>/sites"},
       default=True, name="run")

@@ -109,6 +109,11 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
     for k, step in enumerate((result.scenarios.get("change") or {}).get("steps", []), 1):
         lines.append(f"change {k} ({step['mode']}): {step['seconds']} s; unrelated tunnels disturbed "
                      f"{len(step['disturbed'])}/{step['unchanged_tunnels']}; stream {step['stream']}")
+    rot = result.scenarios.get("rotation") or {}
+    for st in rot.get("steps", []):
+        loss = ", ".join(f"{t} {v['lost']}/{v['sent']}" for t, v in st["loss"].items())
+        lines.append(f"rotation of {rot['rotated']}'s key: {st['step']} ({st['tag']}, {' then '.join(st['order'])}): "
+                     f"{st['seconds']} s; pings lost {loss}")
     faults = result.scenarios.get("faults") or {}
     for what in ("kill_pluto", "stop_start", "wan_cut", "reboot"):
         if what in faults:

@@ -53,17 +53,19 @@ def _run(argv: list[str]) -> str:
     return r.stdout + r.stderr
 
 
-def make_key(nss: Path) -> tuple[HostKey, float]:
+def make_key(nss: Path, run=None) -> tuple[HostKey, float]:
     """A new raw RSA key pair inside the NSS database `nss`, as `ipsec newhostkey` makes it on a
-    router; returns its public half and the seconds the generation took."""
+    router; returns its public half and the seconds the generation took. `run(argv) -> output`
+    (raising on failure) runs the tools somewhere else: inside a lab router (lab/scenarios/rotation.py)."""
+    run = run or _run
     t0 = time.monotonic()
-    out = _run(["ipsec", "newhostkey", "--nssdir", str(nss)])
+    out = run(["ipsec", "newhostkey", "--nssdir", str(nss)])
     seconds = time.monotonic() - t0
     m = re.search(r"CKAID ([0-9a-f]{40})", out)
     if not m:
         raise RuntimeError("ipsec newhostkey printed no CKAID")
     ckaid = m.group(1)
-    shown = _run(["ipsec", "showhostkey", "--nssdir", str(nss), "--left", "--ckaid", ckaid])
+    shown = run(["ipsec", "showhostkey", "--nssdir", str(nss), "--left", "--ckaid", ckaid])
     m = re.search(r"leftrsasigkey=(0s[A-Za-z0-9+/=]+)", shown)
     if not m or ckaid_of(m.group(1)) != ckaid:
         raise RuntimeError("ipsec showhostkey did not print the key newhostkey made")

@@ -118,7 +118,7 @@ def test_scenarios_are_found_by_name_and_an_unknown_one_is_refused():
         sc = scenarios.load(name)
         assert sc.STAGE in ("before_tunnels", "after_tunnels") and callable(sc.prepare) and callable(sc.play)
     with pytest.raises(scenarios.LabError,
-                       match="no lab scenario 'nope'; choose one of change, faults, heal, later, nat, release"):
+                       match="no lab scenario 'nope'; choose one of change, faults, heal, later, nat, release, rotation"):
         scenarios.load("nope")
 
 

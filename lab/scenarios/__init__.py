@@ -27,6 +27,7 @@ REGISTRY = {
     "heal": "lab.scenarios.heal",        # repairs between releases: a conn, a conf, DNS, the firewall put back
     "nat": "lab.scenarios.nat",          # dynamic sites behind a CGNAT: MSS clamp, outside address change
     "later": "lab.scenarios.later",      # a release changing both ends of tunnels, fetched at random moments
+    "rotation": "lab.scenarios.rotation",  # a router key rolled over in three releases while pings run; old key refused
 }
 
 

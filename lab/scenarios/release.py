@@ -57,10 +57,11 @@ class ReleaseData(Record):
 
 
 # ---- host side ---------------------------------------------------------------------------------
-def prepare(ctx: PrepareContext) -> Prepared:
-    """Releases, enrolment trees and the steps. Without options["negatives"]: only the enrolment fetch."""
+def prepare(ctx: PrepareContext, signing: signify.SecretKey | None = None) -> Prepared:
+    """Releases, enrolment trees and the steps. Without options["negatives"]: only the enrolment fetch.
+    `signing`: the lab's release key (another scenario that signs more releases passes its own)."""
     negatives = bool(ctx.options.get("negatives", True))
-    signing = signify.generate()
+    signing = signing or signify.generate()
     dist = ctx.results / "releases"
     build(ctx.wan, signing, GOOD, dist, "lab")
     steps = [{"name": "enrol", "tag": GOOD}]
@@ -296,3 +297,4 @@ def play(lab, data: dict) -> None:
     finally:
         server.stop()
         lab.report("release", report)
+

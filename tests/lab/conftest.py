@@ -117,6 +117,9 @@ def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
         # fetch it at random moments (WAN_LAB_LATER_SEED=N reproduces them; the seed is printed)
         "later": LabRequest(sites=WANS / "four", kernel="uml", results=base / "later", timeout=900,
                             scenarios=(("later", {}),)),
+        # a key rollover in three releases while pings run: berlin initiates one tunnel and responds to another
+        "rotation": LabRequest(sites=WANS / "three", kernel="uml", results=base / "rotation", timeout=600,
+                               scenarios=(("rotation", {}),)),
         # berlin (EL) and home (OpenWrt) are their LANs' DNS servers: DHCP names, no DNS host, not for the internet
         "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
         # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
