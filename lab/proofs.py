@@ -128,6 +128,27 @@ def wait_tunnels(view: WanView, routers: dict[str, RouterHost],
     return status, checks
 
 
+def spis(lab: Lab) -> dict[str, dict[str, set[str]]]:
+    """router -> conn -> the ESP SPIs pluto holds (for `sas_kept`)."""
+    return {n: r.spis() for n, r in lab.routers.items() if n in lab.view.names}
+
+
+def sas_kept(lab: Lab, before: dict[str, dict[str, set[str]]], touched: set[str], scenario: str,
+             why: str) -> Iterator[Check]:
+    """A `sa_kept` row per tunnel not in `touched`: every SPI its conns held before is still held on
+    both ends (nothing tore it down or rekeyed it)."""
+    after = spis(lab)
+    for t in lab.view.tunnels:
+        if t.name in touched:
+            continue
+        kept = True
+        for end in (t.a, t.b):
+            for c in lab.view.site(end).conns[t.name]:
+                b, a = before.get(end, {}).get(c, set()), after.get(end, {}).get(c, set())
+                kept &= bool(b) and b <= a
+        yield Check("sa_kept", t.a, t.b, kept, {"tunnel": t.name, "scenario": scenario, "why": "" if kept else why})
+
+
 def resolve(s: SitePlan, names: list[str]) -> dict[str, list[str]]:
     """The A records a LAN host of `s` gets from its router for each name (for scenarios)."""
     return _dig(s, names)

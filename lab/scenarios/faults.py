@@ -3,7 +3,8 @@ WAN and each proven: kill -9 of pluto (by its PID) and pluto started again as th
 service manager does (RouterHost.respawn_ipsec: systemd on EL, procd on OpenWrt); IPsec stopped and
 started; the WAN link cut and restored; a reboot (every process killed, the namespace with its
 XFRM state, routes and firewall gone, tmpfs dropped; back from the files on the router's disk).
-After them the engine's proofs run on the whole WAN: everything must have come back.
+After them the engine's proofs run on the whole WAN: everything must have come back, and every
+tunnel the router is not part of kept its SAs through all four faults (rows `sa_kept`).
 
 Recovery times are reported (result.json scenarios/faults), for the router and for each of its
 tunnels (the first ping across it that comes back, polled about once a second); they are
@@ -19,6 +20,7 @@ from ..contracts import Check, Record
 from ..network import ns_path
 from ..probes import ping_many
 from ..proc import progress
+from ..proofs import sas_kept, spis
 from . import PrepareContext, Prepared
 
 STAGE = "after_tunnels"
@@ -92,6 +94,7 @@ def play(lab, data: dict) -> None:
     d = FaultsData.from_dict(data)
     router = lab.routers[d.router]
     report: dict = {"router": d.router}
+    before = spis(lab)  # the tunnels the router is not part of must keep their SAs through every fault
 
     # 1. kill -9 of pluto, by its PID; then what the platform's service manager does (systemd's
     # Restart=always after its ExecStopPost XFRM flush, or procd's respawn 5 s later: RouterHost.respawn_ipsec)
@@ -160,4 +163,9 @@ def play(lab, data: dict) -> None:
         "tunnels_back": up, "seconds": secs, "tmpfs_dropped": runtime_dropped, "disk_kept": disk_kept,
         "pluto_restarted": new_pluto, "dnsmasq_running": dnsmasq, "why": "; ".join(why)}))
     progress("faults", 4, 4, "reboot")
+    mine = {t.name for t in lab.view.tunnels if d.router in (t.a, t.b)}
+    kept = list(sas_kept(lab, before, mine, "faults", f"its SAs were torn down or rekeyed by the faults on {d.router}"))
+    for check in kept:
+        lab.add(check)
+    report["others_kept_their_sas"] = {c.evidence["tunnel"]: c.ok for c in kept}
     lab.report("faults", report)

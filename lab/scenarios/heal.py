@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..contracts import Check, Record
 from ..proc import progress
-from ..proofs import resolve, scheduled_repair, wait_tunnels_of
+from ..proofs import resolve, sas_kept, scheduled_repair, spis, wait_tunnels_of
 from . import PrepareContext, Prepared
 
 STAGE = "after_tunnels"
@@ -60,17 +60,13 @@ def _child_serials(router, tunnel: str) -> dict[str, str]:
             if m.group(2) == tunnel or m.group(2).startswith(tunnel + "/")}
 
 
-def _spis(lab) -> dict[str, dict[str, set[str]]]:
-    return {n: r.spis() for n, r in lab.routers.items() if n in lab.view.names}
-
-
 def play(lab, data: dict) -> None:
     d = HealData.from_dict(data)
     router = lab.routers[d.router]
     site = lab.view.site(d.router)
     peer = lab.view.site(d.peer)
     dns_name, dns_want = peer.check_name
-    before = _spis(lab)
+    before = spis(lab)
     firewall = lab.plan.firewall
 
     # ---- the damage --------------------------------------------------------------------------
@@ -132,17 +128,9 @@ def play(lab, data: dict) -> None:
 
     # ---- no unrelated Child SA changed its SPI; a second run repairs nothing ---------------------
     lab.wait_tunnels()
-    after = _spis(lab)
-    for t in lab.view.tunnels:
-        if t.name in (d.deleted, d.edited, d.child):
-            continue
-        kept = True
-        for end in (t.a, t.b):
-            for c in lab.view.site(end).conns[t.name]:
-                b, a = before[end].get(c, set()), after.get(end, {}).get(c, set())
-                kept &= bool(b) and b <= a
-        lab.add(Check("sa_kept", t.a, t.b, kept, {"tunnel": t.name, "scenario": "heal",
-                                                   "why": "" if kept else "its SAs were torn down or rekeyed by the repair"}))
+    for check in sas_kept(lab, before, {d.deleted, d.edited, d.child}, "heal",
+                          "its SAs were torn down or rekeyed by the repair"):
+        lab.add(check)
     second = _repair(router)
     quiet = second["rc"] == 0 and "nothing to repair" in second["output"]
     lab.add(Check("heal", d.router, "second run", quiet, {

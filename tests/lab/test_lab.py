@@ -51,10 +51,11 @@ def test_two_site_smoke_on_uml(uml_labs):
     assert any("its own key pair per router" in n for n in outcome.notes)
 
 
-@pytest.mark.parametrize("lab, router, n_tunnels, respawn, cut",
-                         [("changes", "home", 5, 5.0, 60.0), ("two+faults", "acme", 1, 0.1, 20.0)],
+@pytest.mark.parametrize("lab, router, n_tunnels, n_others, respawn, cut",
+                         [("changes", "home", 5, 10, 5.0, 60.0), ("two+faults", "acme", 1, 0, 0.1, 20.0)],
                          ids=["example WAN, home (OpenWrt behind NAT, procd)", "two, acme (EL, systemd)"])
-def test_router_primitives_kill_stop_cut_and_reboot_each_recover(uml_labs, lab, router, n_tunnels, respawn, cut):
+def test_router_primitives_kill_stop_cut_and_reboot_each_recover(uml_labs, lab, router, n_tunnels, n_others, respawn,
+                                                                  cut):
     """RouterHost's primitives on one router, each proven; the whole WAN's proofs run after them. On
     the example WAN (home, OpenWrt behind the CGNAT, initiator of all five of its tunnels: procd
     respawns a killed pluto 5 s later) with the 60 s cut, and on two (acme, EL: systemd flushes XFRM
@@ -72,6 +73,9 @@ def test_router_primitives_kill_stop_cut_and_reboot_each_recover(uml_labs, lab, 
     report = outcome.result.scenarios["faults"]
     assert report["router"] == router and report["reboot"]["seconds_until_traffic"] > 0
     assert report["wan_cut"]["cut_seconds"] == cut
+    # the tunnels the router is not part of kept their SAs through all four faults
+    others = report["others_kept_their_sas"]
+    assert len(others) == n_others and all(others.values()), others
     # a recovery time for each of the router's tunnels, after each fault
     for fault in ("kill_pluto", "stop_start", "wan_cut", "reboot"):
         assert len(report[fault]["per_tunnel"]) == n_tunnels and all(v > 0 for v in report[fault]["per_tunnel"].values())
