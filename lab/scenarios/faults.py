@@ -94,7 +94,7 @@ def play(lab, data: dict) -> None:
     d = FaultsData.from_dict(data)
     router = lab.routers[d.router]
     report: dict = {"router": d.router}
-    before = spis(lab)  # the tunnels the router is not part of must keep their SAs through every fault
+    sas_before = spis(lab)  # the tunnels the router is not part of must keep their SAs through every fault
 
     # 1. kill -9 of pluto, by its PID; then what the platform's service manager does (systemd's
     # Restart=always after its ExecStopPost XFRM flush, or procd's respawn 5 s later: RouterHost.respawn_ipsec)
@@ -164,7 +164,7 @@ def play(lab, data: dict) -> None:
         "pluto_restarted": new_pluto, "dnsmasq_running": dnsmasq, "why": "; ".join(why)}))
     progress("faults", 4, 4, "reboot")
     mine = {t.name for t in lab.view.tunnels if d.router in (t.a, t.b)}
-    kept = list(sas_kept(lab, before, mine, "faults", f"its SAs were torn down or rekeyed by the faults on {d.router}"))
+    kept = list(sas_kept(lab, sas_before, mine, "faults", f"its SAs were torn down or rekeyed by the faults on {d.router}"))
     for check in kept:
         lab.add(check)
     report["others_kept_their_sas"] = {c.evidence["tunnel"]: c.ok for c in kept}
