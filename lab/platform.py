@@ -12,7 +12,7 @@ changed them gives the platform's new view. Run inside a router's mount namespac
 hooks fetch/reconcile call:
 
     python3 -m lab.platform dns BOOT_DIR el|openwrt
-    python3 -m lab.platform firewall BOOT_DIR BRIDGE...
+    python3 -m lab.platform firewall BOOT_DIR el|openwrt BRIDGE...
 """
 from __future__ import annotations
 
@@ -126,9 +126,9 @@ def main(argv: list[str]) -> int:
         base = (boot / "dnsmasq.base").read_text().splitlines()
         (boot / "dnsmasq.conf").write_text(dnsmasq_conf(argv[2], base, Path("/")))
         return _restart_dnsmasq(boot)
-    if what == "firewall":
+    if what == "firewall":  # EL: what wan-firewall.service / the nftables include load; OpenWrt: fw4 reload
         fw = boot / "firewall.nft"
-        fw.write_text(firewall_text("openwrt", Path("/"), tuple(argv[2:])))
+        fw.write_text(firewall_text(argv[2], Path("/"), tuple(argv[3:])))
         return subprocess.run(["nft", "-f", str(fw)]).returncode
     print(f"usage: python3 -m lab.platform dns|firewall BOOT_DIR ...; not {what!r}", file=sys.stderr)
     return 2

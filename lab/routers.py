@@ -304,8 +304,11 @@ class NetnsRouter(BootWaits):
         env = {"WAN_RELOAD_DNS": f"{sys.executable} -m lab.platform dns {b} {self.site.platform}"}
         if not self.firewall:
             env["WAN_RELOAD_FIREWALL"] = "true"  # the lab kernel has no nftables for it (UML)
-        elif self.site.platform == "openwrt":  # fw4's composite, rebuilt from the installed snippets
-            env["WAN_RELOAD_FIREWALL"] = f"{sys.executable} -m lab.platform firewall {b} {' '.join(self._bridges())}"
+        else:  # the lab has neither systemd/firewalld nor fw4: its models load what they would (lab/platform.py),
+            # and reconcile's own check of the rules in effect (nft) runs as on a router
+            bridges = f" {' '.join(self._bridges())}" if self.site.platform == "openwrt" else ""
+            env["WAN_RELOAD_FIREWALL"] = f"{sys.executable} -m lab.platform firewall {b} {self.site.platform}{bridges}"
+            env["WAN_CHECK_FIREWALL"] = "builtin"
         return env
 
     # ---- the primitives the fault scenarios use ------------------------------------------------

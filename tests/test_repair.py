@@ -290,3 +290,20 @@ def test_nothing_installed_means_nothing_to_repair(tmp_path, shell):
                          capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": str(tmp_path)})
     assert res.returncode == 0 and "nothing to repair" in res.stderr, res.stderr
     assert not (root / "etc/ipsec.d").exists()
+
+
+def test_a_stand_in_firewall_reload_is_checked_by_the_builtin_check_only_when_asked(el):
+    """The lab replaces the platform's firewall reload (no systemd, firewalld or fw4 there) but keeps
+    reconcile's own check of the rules in effect with WAN_CHECK_FIREWALL=builtin; without it a
+    stand-in reload means the firewall is not checked (as documented)."""
+    r = el
+    wan = r.root / "etc/nftables/wan.nft"
+    assert r.nft("-f", str(wan)).returncode == 0
+    reload = f'echo reload-fw >> "{r.log}"; nft -f "{wan}"'
+    assert r.nft("flush", "table", "inet", "wan").returncode == 0
+    res = r.reconcile(r.tree, env={"WAN_RELOAD_FIREWALL": reload})
+    assert res.returncode == 0 and "nothing to repair" in res.stderr, res.stderr
+    res = r.reconcile(r.tree, env={"WAN_RELOAD_FIREWALL": reload, "WAN_CHECK_FIREWALL": "builtin"})
+    assert res.returncode == 0, res.stderr
+    assert "reload-fw" in r.calls() and r.repairs() == [("firewall", "table-inet-wan")]
+    assert "meta ipsec missing drop" in r.nft("list", "table", "inet", "wan").stdout
