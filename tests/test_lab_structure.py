@@ -188,3 +188,34 @@ def test_the_labs_own_addresses_are_picked_around_the_wans(tmp_path):
 def test_the_whole_repository_is_ruff_clean():
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def _status(*sas: tuple[int, str, str, str]) -> dict[str, set[str]]:
+    """pluto 4.10 `whack --status` lines (as in CI's diagnostics), parsed as the lab parses them."""
+    from lab.routers import parse_spis
+    return parse_spis("\n".join(f'000 #{n}: "{conn}" esp.{out}@192.0.2.1 esp.{inn}@192.0.2.2 tun.0@192.0.2.1 '
+                                f'tun.0@192.0.2.2 Traffic: ESPin=0B' for n, conn, out, inn in sas))
+
+
+def test_sa_kept_ignores_stale_sas_one_end_alone_held_and_sees_a_rekey_on_both(example_plan):
+    """After home rebooted, paris kept the old IKE SA's Child SAs until liveness cleared them, while the new
+    ones carried the traffic (CI, session 5): their going away is no disturbance; a rekey is."""
+    from lab.proofs import sa_kept
+    view = example_plan.wan
+    tun = view.tunnel_between("home", "paris")
+    home_conns = sorted(view.site("home").conns[tun.name])
+    paris_conns = sorted(view.site("paris").conns[tun.name])
+    assert len(home_conns) == len(paris_conns) == 2  # paris has two LANs: one Child SA each
+    live_home = _status((9, home_conns[0], "2cfb30e3", "3aec684"), (11, home_conns[1], "9c4ad9e5", "1363caa0"))
+    live_paris = _status((26, paris_conns[0], "3aec684", "2cfb30e3"), (27, paris_conns[1], "1363caa0", "9c4ad9e5"))
+    stale_paris = _status((23, paris_conns[1], "dc81b353", "ae5e3d3b"), (24, paris_conns[0], "cd83891f", "542543b6"))
+    both = {c: live_paris.get(c, set()) | stale_paris.get(c, set()) for c in paris_conns}
+    before = {"home": live_home, "paris": both}
+    assert sa_kept(view, before, {"home": live_home, "paris": live_paris}, tun)
+    assert sa_kept(view, before, before, tun)
+    rekeyed_home = _status((30, home_conns[0], "aaaa0001", "bbbb0001"), (11, home_conns[1], "9c4ad9e5", "1363caa0"))
+    rekeyed_paris = _status((31, paris_conns[0], "bbbb0001", "aaaa0001"), (27, paris_conns[1], "1363caa0", "9c4ad9e5"))
+    assert not sa_kept(view, before, {"home": rekeyed_home, "paris": rekeyed_paris}, tun)
+    assert not sa_kept(view, before, {"home": live_home, "paris": stale_paris}, tun)  # only the stale ones left
+    one_conn = {"home": {home_conns[0]: live_home[home_conns[0]]}, "paris": live_paris}
+    assert not sa_kept(view, one_conn, one_conn, tun)  # a conn with no live SA before proves nothing

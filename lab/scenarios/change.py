@@ -22,6 +22,7 @@ from render.render import render_wan, write_trees
 from ..contracts import Check, Record, WanView
 from ..network import ns_path
 from ..probes import ping_many
+from ..proofs import sa_kept
 from . import PrepareContext, Prepared
 
 STAGE = "after_tunnels"
@@ -169,11 +170,7 @@ def _one(lab, mode: str, step: Step) -> dict:
     disturbed = []
     for name in step.unchanged_tunnels:
         tun = next(t for t in before_view.tunnels if t.name == name)
-        kept = True
-        for end in (tun.a, tun.b):
-            for c in before_view.site(end).conns[name]:
-                b, a = before[end].get(c, set()), after.get(end, {}).get(c, set())
-                kept &= bool(b) and b <= a
+        kept = sa_kept(before_view, before, after, tun)
         if not kept:
             disturbed.append(name)
         why = "" if kept else "its SAs were torn down or rekeyed by the change"
