@@ -176,9 +176,8 @@ class Lab:
         if not failed:
             return
         proven = {c.evidence.get("tunnel"): c.ok for c in self.result.checks if c.kind == "tunnel"}  # the latest wait's
-        status = proofs.all_traffic(self.routers, self.view.names)
-        down = [t.name for t in self.view.tunnels if proven.get(t.name)
-                and not all(set(self.view.site(e).conns[t.name]) <= set(status[e]) for e in (t.a, t.b))]
+        up = proofs.tunnels_up(self.view, proofs.all_traffic(self.routers, self.view.names))
+        down = [name for name, ok in up.items() if proven.get(name) and not ok]
         if not down:
             return
         self.note(f"tunnels {', '.join(down)} went down after they were proven up (see their routers' pluto logs); "

@@ -68,6 +68,13 @@ def scheduled_repair(router: RouterHost) -> dict:
     return {"rc": r.returncode, "seconds": round(time.monotonic() - t, 2), "output": (r.stdout + r.stderr)[-4000:]}
 
 
+def tunnels_up(view: WanView, status: dict[str, dict]) -> dict[str, bool]:
+    """tunnel -> whether every Child SA (conn) of it is established on both ends, read from
+    `all_traffic`'s status (router -> conn -> trafficstatus) or the pluto logs (router -> conns)."""
+    return {t.name: all(set(view.site(e).conns[t.name]) <= set(status.get(e, {})) for e in (t.a, t.b))
+            for t in view.tunnels}
+
+
 def wait_tunnels(view: WanView, routers: dict[str, RouterHost],
                  bound: float | None = None) -> tuple[dict[str, dict], list[Check]]:
     """Until every Child SA of every tunnel is established on both ends, or the timeout. The logs
@@ -81,13 +88,12 @@ def wait_tunnels(view: WanView, routers: dict[str, RouterHost],
     absolute, stall = tunnel_bound(len(tunnels), bound)
     start = time.monotonic()
     want = {n: view.site(n).all_conns() for n in names}
-    conns = {(t.name, e): set(view.site(e).conns[t.name]) for t in tunnels for e in (t.a, t.b)}
 
     def wait(end: float) -> tuple[dict[str, dict], dict[str, bool]]:
         shown, seen = -1, -1
         while time.monotonic() < end:
             logged = {n: routers[n].established() for n in names}
-            n_up = sum(all(conns[(t.name, e)] <= logged[e] for e in (t.a, t.b)) for t in tunnels)
+            n_up = sum(tunnels_up(view, logged).values())
             if n_up != shown:
                 progress("tunnels (pluto logs)", n_up, len(tunnels))
                 shown = n_up
@@ -100,7 +106,7 @@ def wait_tunnels(view: WanView, routers: dict[str, RouterHost],
             time.sleep(0.1)
         while True:
             status = all_traffic(routers, names)
-            up = {t.name: all(conns[(t.name, e)] <= set(status[e]) for e in (t.a, t.b)) for t in tunnels}
+            up = tunnels_up(view, status)
             progress("tunnels", sum(up.values()), len(tunnels))
             if all(up.values()) or time.monotonic() > end:
                 return status, up
