@@ -197,9 +197,10 @@ def run_lab(request: LabRequest) -> LabOutcome:
     return run_labs([request])[0]
 
 
-def run_labs(requests: list[LabRequest]) -> list[LabOutcome]:
-    """Several labs one after another in ONE kernel boot (they must want the same kernel and router
-    kind; their results directories must share a parent). Each gets its own outcome."""
+def run_labs(requests: list[LabRequest], jobs: int = 1) -> list[LabOutcome]:
+    """Several labs in ONE kernel boot, one after another or up to `jobs` at once in the order given
+    (lab/inner.py); they must want the same kernel and router kind, and their results directories
+    must share a parent. Each gets its own outcome."""
     first = requests[0]
     kind = (substrate.choose_docker_kernel(first.kernel) if first.routers == "docker"
             else substrate.choose_kernel(first.kernel))
@@ -218,7 +219,7 @@ def run_labs(requests: list[LabRequest]) -> list[LabOutcome]:
     for k in ("WAN_LAB_TUNNEL_TIMEOUT", "WAN_LAB_DIAGNOSTICS"):
         if k in os.environ:
             env[k] = os.environ[k]
-    argv = [sys.executable, "-m", "lab.inner"]
+    argv = [sys.executable, "-m", "lab.inner"] + (["--jobs", str(jobs)] if jobs > 1 and len(prepared) > 1 else [])
     for p in prepared:
         argv += [str(p.results / "plan.json"), str(p.results / "inner")]
     say = first.on_line or console.Progress()
@@ -235,8 +236,9 @@ def run_labs(requests: list[LabRequest]) -> list[LabOutcome]:
                         p.plan.docker, data_root=str(docker_image.ensure_data_root(say))))
                     p.plan.write(p.results / "plan.json")
                 image_seconds = round(time.monotonic() - t0, 2)
+            mem = 2048 if first.routers == "docker" else 1024 + 512 * (max(jobs, 1) - 1)
             guest = kernels.run_in_guest(kind, argv, share, cwd=REPO, env=env, timeout=sum(r.timeout for r in requests),
-                                         on_line=say, mem_mb=2048 if first.routers == "docker" else 1024)
+                                         on_line=say, mem_mb=mem)
             total = round(time.monotonic() - t0, 2)
     finally:
         if kind == "host":

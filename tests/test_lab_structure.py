@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from ipaddress import IPv4Address, IPv4Network
@@ -219,3 +220,16 @@ def test_sa_kept_ignores_stale_sas_one_end_alone_held_and_sees_a_rekey_on_both(e
     assert not sa_kept(view, before, {"home": live_home, "paris": stale_paris}, tun)  # only the stale ones left
     one_conn = {"home": {home_conns[0]: live_home[home_conns[0]]}, "paris": live_paris}
     assert not sa_kept(view, one_conn, one_conn, tun)  # a conn with no live SA before proves nothing
+
+
+def test_labs_at_once_each_run_in_a_process_of_their_own_named_in_the_output(tmp_path):
+    """lab.inner --jobs 2: every lab runs (here each fails at once: its plan is missing), its lines carry
+    its name, and the exit code says a lab failed. (A lab kernel is needed for real labs: tests/lab.)"""
+    argv = ["--jobs", "2"]
+    for name in ("one", "two", "three"):
+        argv += [str(tmp_path / f"{name}.json"), str(tmp_path / name / "inner")]
+    r = subprocess.run([sys.executable, "-m", "lab.inner", *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    for name in ("one", "two", "three"):
+        assert f"@lab {name} (started;" in r.stdout
+        assert re.search(rf"^\[{name}\] .*FileNotFoundError.*{name}\.json", r.stdout, re.M), r.stdout

@@ -99,34 +99,36 @@ def drop_nat_exemption(out: Path) -> None:
 
 
 def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
-    """Every User-Mode Linux lab of the suite, one after another in one boot."""
+    """Every User-Mode Linux lab of the suite, in one boot (two at a time: SUITE's jobs)."""
+    # longest first (UML times of CI, session 5): the suite runs two labs at once in one boot (lab/inner.py)
     reqs = {
-        # the faults on acme (EL: systemd restarts pluto) with a 20 s cut; the example WAN's lab plays
-        # them on home (OpenWrt behind the CGNAT: procd respawns pluto) with the 60 s cut (issue 15 item 4)
-        "two+faults": LabRequest(sites=WANS / "two", kernel="uml", results=base / "two", timeout=600,
-                                 scenarios=(("faults", {"cut_seconds": 20}),)),
-        # the broken tunnel never comes up: the wait for it is bounded (the good ones are up long before)
-        "four-broken": LabRequest(sites=WANS / "four", kernel="uml", results=base / "four", timeout=600,
-                                  tamper=break_three_things, tunnel_timeout=30),
         "changes": LabRequest(sites=REPO / "sites", kernel="uml", results=base / "changes", timeout=1500, scenarios=(
             ("faults", {"router": "home"}),
             ("change", {"to": [str(seven(revisions)), str(REPO / "sites"), str(oslo_wider(revisions))]}))),
-        "release": LabRequest(sites=WANS / "two", kernel="uml", results=base / "release", timeout=900,
-                              scenarios=(("release", {"negatives": True}),)),
+        # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
+        "natted": LabRequest(sites=WANS / "natted", kernel="uml", results=base / "natted", timeout=900),
+        # a key rollover in three releases while pings run: berlin initiates one tunnel and responds to another
+        "rotation": LabRequest(sites=WANS / "three", kernel="uml", results=base / "rotation", timeout=600,
+                               scenarios=(("rotation", {}),)),
         # peers that apply later: release 2 changes home's three tunnels at both ends; the four routers
         # fetch it at random moments (WAN_LAB_LATER_SEED=N reproduces them; the seed is printed)
         "later": LabRequest(sites=WANS / "four", kernel="uml", results=base / "later", timeout=900,
                             scenarios=(("later", {}),)),
-        # a key rollover in three releases while pings run: berlin initiates one tunnel and responds to another
-        "rotation": LabRequest(sites=WANS / "three", kernel="uml", results=base / "rotation", timeout=600,
-                               scenarios=(("rotation", {}),)),
-        # berlin (EL) and home (OpenWrt) are their LANs' DNS servers: DHCP names, no DNS host, not for the internet
-        "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
-        # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
-        "natted": LabRequest(sites=WANS / "natted", kernel="uml", results=base / "natted", timeout=900),
-        # repairs between releases: acme initiates three tunnels; two conns are damaged and the third's Child SA
+        "release": LabRequest(sites=WANS / "two", kernel="uml", results=base / "release", timeout=900,
+                              scenarios=(("release", {"negatives": True}),)),
+        # the broken tunnel never comes up: the wait for it is bounded (the good ones are up long before)
+        "four-broken": LabRequest(sites=WANS / "four", kernel="uml", results=base / "four", timeout=600,
+                                  tamper=break_three_things, tunnel_timeout=30),
+        # the faults on acme (EL: systemd restarts pluto) with a 20 s cut; the example WAN's lab plays
+        # them on home (OpenWrt behind the CGNAT: procd respawns pluto) with the 60 s cut (issue 15 item 4)
+        "two+faults": LabRequest(sites=WANS / "two", kernel="uml", results=base / "two", timeout=600,
+                                 scenarios=(("faults", {"cut_seconds": 20}),)),
+        # repairs between releases: acme initiates three tunnels; two conns are damaged and the third's Child SAs
+        # deleted; the next scheduled repair restores each alone
         "four+heal": LabRequest(sites=WANS / "four", kernel="uml", results=base / "four-heal", timeout=900,
                                 scenarios=(("heal", {}),)),
+        # berlin (EL) and home (OpenWrt) are their LANs' DNS servers: DHCP names, no DNS host, not for the internet
+        "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
     }
     for seed in SEEDS:
         sites = write_generated(seed, revisions / f"generated-{seed}")
@@ -148,7 +150,11 @@ def qemu_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
     }
 
 
-SUITE = SuiteLabs({"uml": uml_requests, "qemu": qemu_requests})
+# labs at once in a boot: User-Mode Linux labs mostly wait (liveness, cuts, health waits), so two
+# share its one CPU well; QEMU's example keeps both vCPUs busy starting routers: one at a time.
+# WAN_TEST_LAB_JOBS=1 runs the User-Mode Linux labs one after another (as before).
+SUITE = SuiteLabs({"uml": uml_requests, "qemu": qemu_requests},
+                  jobs={"uml": int(os.environ.get("WAN_TEST_LAB_JOBS") or 2), "qemu": 1})
 FIXTURE_KIND = {"uml_labs": "uml", "qemu_labs": "qemu"}
 
 

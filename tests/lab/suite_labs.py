@@ -26,7 +26,7 @@ from pathlib import Path
 Builder = Callable[[Path, Path], dict]  # (results base, revisions dir) -> {name: LabRequest}
 
 
-def _child(builders: dict[str, tuple[Builder, Path, Path]], out: Path, log: Path) -> None:
+def _child(builders: dict[str, tuple[Builder, Path, Path]], jobs: dict[str, int], out: Path, log: Path) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -42,7 +42,7 @@ def _child(builders: dict[str, tuple[Builder, Path, Path]], out: Path, log: Path
         t0 = time.monotonic()
         try:
             reqs = {name: dataclasses.replace(r, on_line=say) for name, r in build(base, revisions).items()}
-            outcome: object = dict(zip(reqs, run_labs(list(reqs.values())), strict=True))
+            outcome: object = dict(zip(reqs, run_labs(list(reqs.values()), jobs=jobs.get(kind, 1)), strict=True))
         except BaseException as e:  # noqa: BLE001 (the fixture raises it again in the test)
             outcome = RuntimeError(f"{kind} labs failed to run: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             if isinstance(e, KeyboardInterrupt):
@@ -54,8 +54,9 @@ def _child(builders: dict[str, tuple[Builder, Path, Path]], out: Path, log: Path
 
 
 class SuiteLabs:
-    def __init__(self, builders: dict[str, Builder]):
+    def __init__(self, builders: dict[str, Builder], jobs: dict[str, int] | None = None):
         self.builders = builders
+        self.jobs = jobs or {}
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.out: Path | None = None
         self.log: Path | None = None
@@ -68,7 +69,7 @@ class SuiteLabs:
         self.log = self.out / "labs.log"
         work = {k: (self.builders[k], tmp_path_factory.mktemp(f"{k}-labs"), tmp_path_factory.mktemp(f"{k}-revisions"))
                 for k in kinds}
-        self.proc = multiprocessing.get_context("fork").Process(target=_child, args=(work, self.out, self.log),
+        self.proc = multiprocessing.get_context("fork").Process(target=_child, args=(work, self.jobs, self.out, self.log),
                                                                 name="suite-labs")
         self.proc.start()
         self.started = set(kinds)
@@ -84,7 +85,7 @@ class SuiteLabs:
         if kind not in self.started:  # serial, or a fixture nobody announced: inline, as it always was
             from lab.run import run_labs
             reqs = self.builders[kind](tmp_path_factory.mktemp(f"{kind}-labs"), tmp_path_factory.mktemp(f"{kind}-revisions"))
-            return dict(zip(reqs, run_labs(list(reqs.values())), strict=True))
+            return dict(zip(reqs, run_labs(list(reqs.values()), jobs=self.jobs.get(kind, 1)), strict=True))
         self.wait()
         assert self.out is not None
         p = self.out / f"{kind}.pickle"
