@@ -18,14 +18,21 @@ mount --make-rprivate /
 mkdir -p "$root/hostetc"
 mount --bind /etc "$root/hostetc"
 mount --bind "$root/flash/etc" /etc
-mkdir -p /run/pluto /var/lib/ipsec/nss
-mount -t tmpfs -o mode=0700 tmpfs /run/pluto
+# /run (and /var/run, its symlink on Debian): the router's own tmpfs, as on a router (EL: systemd's
+# tmpfs; OpenWrt: /var -> /tmp), so its run-time state (the programs' lock /var/run/wan-NAME.lock,
+# status.json and repairs.log under /var/run/wan, pluto's socket and pid) is its own and gone after a
+# reboot. Two labs in one kernel (lab/inner.py --jobs) both have a router called acme: a shared /run
+# gave one lab's reconcile the other's lock ("another fetch or reconcile holds ..."). The lab kernel's
+# own /run/wan-lab (its modprobe wrapper, on PATH) stays visible.
+mkdir -p "$root/hostrun"
+mount --bind /run "$root/hostrun"
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/wan-lab /run/lock /run/pluto /run/wan /var/lib/ipsec/nss
+mount --bind "$root/hostrun/wan-lab" /run/wan-lab 2>/dev/null || true  # the host run has none: nothing to keep
+chmod 0700 /run/pluto
 mount --bind "$root/flash/nss" /var/lib/ipsec/nss
-# the programs' run-time state (status.json, repairs.log under /var/run/wan; OpenWrt's textfile in
-# /var/prometheus) is this router's own and, as on the routers (tmpfs), gone after a reboot. The lab
-# kernel's /var may be read-only (User-Mode Linux): then there is no /var/prometheus to write to.
-mkdir -p /run/wan
-mount -t tmpfs -o mode=0755 tmpfs /run/wan
+# OpenWrt's textfile in /var/prometheus is this router's own too. The lab kernel's /var may be
+# read-only (User-Mode Linux): then there is no /var/prometheus to write to.
 if [ -d /var/prometheus ] || mkdir /var/prometheus 2>/dev/null; then
     mount -t tmpfs -o mode=0755 tmpfs /var/prometheus
 fi
