@@ -88,6 +88,9 @@ def _describe_site(s: SiteSpec, spec: WanSpec) -> str:
     words = [f"{s.name} {s.platform}{release}{fw}/{s.libreswan} {len(s.lans)} LAN{'s' if len(s.lans) > 1 else ''} "
              f"/{prefixes} {s.dns_mode or spec.default_dns_mode}"]
     words += [w for w, on in ((ROUTER_DNS[True].strip(), s.dns_server == s.router), ("dynamic", s.dynamic)) if on]
+    router_lan = next((j for j, lan in enumerate(s.lans) if _within(s.router, lan)), 0)
+    if router_lan:
+        words.append(f"router in LAN {router_lan}")
     if s.ike_id:
         words.append(f"id {s.ike_id}")
     if s.dpd:
@@ -101,6 +104,11 @@ def _describe_site(s: SiteSpec, spec: WanSpec) -> str:
     if any("." in r for r in s.records):
         words.append("dotted records")
     return " ".join(words)
+
+
+def _within(address: str, lan: str) -> bool:
+    from ipaddress import ip_address, ip_network
+    return ip_address(address) in ip_network(lan)
 
 
 ROUTER_DNS = {True: " router-dns", False: ""}  # describe(): a site whose router is its DNS server
@@ -164,6 +172,11 @@ def build(choose: Choose, n_sites: int | None = None, topology: str | None = Non
         named = {o.crypto_profile for o in spec.sites if o.crypto_profile and spec.joined(s.name, o.name)}
         s.crypto_profile = choose(f"{s.name} crypto profile", [None, None, *sorted(named or PROFILES)])
         s.key_fields = choose(f"{s.name} keys", [("key",), ("key",), ("key", "next_key"), ("key", "previous_key")])
+    # an address as IKE id that is not the router's own (a router behind a 1:1 NAT that announces the
+    # address it holds): any unicast address no other router has (render/validate.py)
+    for i, s in enumerate(spec.sites):
+        if s.ike_id == s.public and choose(f"{s.name} ike id address", ["its own", "another"]) == "another":
+            s.ike_id = f"192.0.2.{200 + i}"
     return spec
 
 

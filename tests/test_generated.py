@@ -59,7 +59,8 @@ def test_seeds_cover_every_platform_major_dns_mode_topology_and_lan_count():
             seen["prefix"] |= {lan.rsplit("/", 1)[1] for lan in s.lans}
             seen["router lan"].add(next(j for j, lan in enumerate(s.lans) if ip_address(s.router) in ip_network(lan)))
             seen["router dns"].add(s.dns_server == s.router)
-            seen["ike id"].add("none" if s.ike_id is None else "@name" if s.ike_id.startswith("@") else "address")
+            seen["ike id"].add("none" if s.ike_id is None else "@name" if s.ike_id.startswith("@")
+                               else "its address" if s.ike_id == s.public else "another address")
             seen["dpd"].add(s.dpd is not None)
             seen["profile override"].add(s.crypto_profile)
             seen["keys"].add(s.key_fields)
@@ -81,7 +82,7 @@ def test_seeds_cover_every_platform_major_dns_mode_topology_and_lan_count():
             ("hub-and-spoke", ("site", "site"))} <= seen["dynamic"]
     assert all(len(d) <= 1 for t, d in seen["dynamic"] if t == "mesh")
     assert all(d == ("hub",) for t, d in seen["dynamic"] if "hub" in d)
-    assert seen["ike id"] == {"none", "@name", "address"}
+    assert seen["ike id"] == {"none", "@name", "its address", "another address"}
     assert seen["dpd"] == {False, True}
     assert seen["default profile"] == seen["profile override"] - {None} == {"modern", "compatible", "legacy"}
     assert seen["keys"] == {("key",), ("key", "next_key"), ("key", "previous_key")}
