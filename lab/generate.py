@@ -312,7 +312,7 @@ def write(spec: WanSpec, d: Path) -> Path:
     for s in spec.sites:
         lines = [f"name: {s.name}", "router:", f"  platform: {s.platform}", f"  libreswan: {s.libreswan}"]
         if s.release is not None:
-            lines.append(f"  platform_release: {s.release!r}" if isinstance(s.release, str) else f"  platform_release: {s.release}")
+            lines.append(f"  platform_release: {s.release!r}")  # '23.05' quoted, 9 a number
         if s.firewall:
             lines.append(f"  firewall: {s.firewall}")
         lines.append(f"  public_address: {s.public}")
