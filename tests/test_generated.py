@@ -125,3 +125,42 @@ def test_a_seed_always_gives_the_same_wan(tmp_path):
     b = write(from_seed(41), tmp_path / "b")
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
     assert all((a / p.name).read_text() == (b / p.name).read_text() for p in a.iterdir())
+
+
+def _pcap(packets: list[bytes]) -> bytes:
+    """A pcap file of raw IPv4 packets (LINKTYPE_RAW, 101)."""
+    import struct
+    out = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101)
+    for i, p in enumerate(packets):
+        out += struct.pack("<IIII", 1_700_000_000 + i, 0, len(p), len(p)) + p
+    return out
+
+
+def _ipv4(proto: int, payload: bytes, src: str = "198.18.16.1", dst: str = "192.0.2.10") -> bytes:
+    import struct
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, proto, 0,
+                         ip_address(src).packed, ip_address(dst).packed)
+    return header + payload
+
+
+def _udp(sport: int, dport: int, data: bytes) -> bytes:
+    import struct
+    return _ipv4(17, struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data)
+
+
+def test_the_wan_capture_counts_esp_in_udp_4500_and_not_ike_or_keepalives(tmp_path):
+    """Generated seed 1 (a 2-site mesh whose one tunnel has a dynamic end) failed the lab's capture
+    check: its only tunnel crosses the internet as ESP in UDP 4500, which `tcpdump esp` does not
+    count. The real tcpdump reads a capture of each kind of packet."""
+    from lab.proofs import count_capture
+    esp_in_udp = _udp(4500, 4500, bytes.fromhex("c0ffee01") + bytes(4) + b"x" * 40)  # SPI c0ffee01
+    ike_on_4500 = _udp(4500, 4500, bytes(4) + b"ike" * 20)  # the non-ESP marker: four zero bytes
+    keepalive = _udp(4500, 4500, b"\xff")  # RFC 3948 NAT keepalive
+    raw_esp = _ipv4(50, bytes.fromhex("c0ffee02") + bytes(4) + b"y" * 40)
+    plain = _ipv4(1, b"\x08\x00" + bytes(6), src="10.1.0.5", dst="10.2.0.5")  # an echo request between LANs
+    for packets, want in (([esp_in_udp, ike_on_4500, keepalive], (1, 0)), ([raw_esp, esp_in_udp, plain], (2, 1)),
+                          ([ike_on_4500, keepalive], (0, 0))):
+        pcap = tmp_path / "wan.pcap"
+        pcap.write_bytes(_pcap(packets))
+        esp, icmp, stderr = count_capture(pcap, ["10.1.0.0/24", "10.2.0.0/24"])
+        assert (esp, icmp) == want, stderr
