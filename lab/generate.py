@@ -70,6 +70,7 @@ class WanSpec:
     sites: list[SiteSpec] = field(default_factory=list)
     default_profile: str = "modern"
     valid_days: int | None = None  # release.valid_days; None: left out
+    dpd: tuple[int, int] = (10, 60)  # defaults.dpd (delay, timeout)
 
     def joined(self, a: str, b: str) -> bool:
         """Whether the topology gives a and b a tunnel of their own (render/topology.py plan_tunnels)."""
@@ -77,7 +78,8 @@ class WanSpec:
 
     def describe(self) -> str:
         hubs = f" (hubs {', '.join(self.hubs)})" if self.hubs else ""
-        wide = f", profile {self.default_profile}" + (f", valid_days {self.valid_days}" if self.valid_days else "")
+        wide = f", profile {self.default_profile}, dpd {self.dpd[0]}/{self.dpd[1]}" \
+            + (f", valid_days {self.valid_days}" if self.valid_days else "")
         return f"{self.topology}{hubs}{wide}: " + ", ".join(_describe_site(s, self) for s in self.sites)
 
 
@@ -177,6 +179,9 @@ def build(choose: Choose, n_sites: int | None = None, topology: str | None = Non
     for i, s in enumerate(spec.sites):
         if s.ike_id == s.public and choose(f"{s.name} ike id address", ["its own", "another"]) == "another":
             s.ike_id = f"192.0.2.{200 + i}"
+    # the WAN's liveness default: a dynamic site's tunnels come back after its address changes once its
+    # peers declare the old address dead, so this also sets how long the lab's nat scenario takes
+    spec.dpd = choose("default dpd", [(10, 60), SHORT_DPD])
     return spec
 
 
@@ -306,8 +311,8 @@ def write(spec: WanSpec, d: Path) -> Path:
         lines += [f"  {name}:"] + [f"    {x}" for x in body]
     if spec.valid_days:
         lines += ["release:", f"  valid_days: {spec.valid_days}"]
-    lines += ["defaults:", f"  crypto_profile: {spec.default_profile}", "  dpd: {delay: 10, timeout: 60}",
-              f"  dns_mode: {spec.default_dns_mode}"]
+    lines += ["defaults:", f"  crypto_profile: {spec.default_profile}",
+              f"  dpd: {{delay: {spec.dpd[0]}, timeout: {spec.dpd[1]}}}", f"  dns_mode: {spec.default_dns_mode}"]
     (d / "wan.yaml").write_text("\n".join(lines) + "\n")
     for s in spec.sites:
         lines = [f"name: {s.name}", "router:", f"  platform: {s.platform}", f"  libreswan: {s.libreswan}"]

@@ -48,6 +48,7 @@ def test_seeds_cover_every_platform_major_dns_mode_topology_and_lan_count():
         seen["topology"].add((spec.topology, len(spec.hubs)))
         seen["default profile"].add(spec.default_profile)
         seen["valid days"].add(spec.valid_days)
+        seen["default dpd"].add(spec.dpd)
         dynamic = [s for s in spec.sites if s.dynamic]
         seen["dynamic"].add((spec.topology, tuple(sorted("hub" if s.name in spec.hubs else "site" for s in dynamic))))
         for s in spec.sites:
@@ -87,6 +88,7 @@ def test_seeds_cover_every_platform_major_dns_mode_topology_and_lan_count():
     assert seen["default profile"] == seen["profile override"] - {None} == {"modern", "compatible", "legacy"}
     assert seen["keys"] == {("key",), ("key", "next_key"), ("key", "previous_key")}
     assert seen["valid days"] == {None, 30}
+    assert seen["default dpd"] == {(10, 60), (5, 30)}
     assert seen["nested domain"] == seen["dotted records"] == {False, True}
 
 
