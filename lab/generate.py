@@ -1,10 +1,13 @@
-"""Generated WANs: valid sites directories across platform x Libreswan major x DNS mode x topology
-(mesh, hub-and-spoke with one or two meshed hubs, spokes reaching each other through a hub) x number
-of LANs, for the renderer, `check` and the lab.
+"""Generated WANs: valid sites directories across every site shape the schema allows, for the
+renderer, `check` and the lab: topology (mesh; hub-and-spoke with one or more meshed hubs, spokes
+reaching each other through a hub) x platform, release and firewall x Libreswan major x fixed or
+dynamic public address and IKE id x LANs (count, prefix, the router's) x DNS (mode, router-DNS,
+records, nested domains) x crypto profile and liveness x key rollover (docs/lab.md "Generated WANs").
 
 One builder, two sources of choices: `from_seed(seed)` (random.Random: `./run lab --generate SEED`
 reproduces a WAN) and the hypothesis strategy `wans()` (tests shrink over the same choices). The
-builder excludes only what validation refuses: Libreswan 5 on OpenWrt (its feed ships 4.12).
+builder excludes only what validation refuses (two dynamic ends of one tunnel, two profiles named
+by the ends of one tunnel, Libreswan 5 on OpenWrt, overlapping LANs, ...).
 Public addresses come from documentation ranges and, on purpose, from 100.64.0.0/10 (CGNAT) and
 198.18.0.0/15, where the lab's own addresses live by default (lab/plan.py picks around them).
 """
