@@ -173,9 +173,7 @@ def build(choose: Choose, n_sites: int | None = None, topology: str | None = Non
         _lan_choices(choose, s, spec)
         _dns_choices(choose, s, spec)
         s.dpd = choose(f"{s.name} dpd", [None, None, SHORT_DPD])
-        # both ends of a tunnel that name a profile must name the same one (render/topology.py)
-        named = {o.crypto_profile for o in spec.sites if o.crypto_profile and spec.joined(s.name, o.name)}
-        s.crypto_profile = choose(f"{s.name} crypto profile", [None, None, *sorted(named or PROFILES)])
+        s.crypto_profile = choose(f"{s.name} crypto profile", _profile_options(s, spec))
         s.key_fields = choose(f"{s.name} keys", [("key",), ("key",), ("key", "next_key"), ("key", "previous_key")])
     # an address as IKE id that is not the router's own (a router behind a 1:1 NAT that announces the
     # address it holds): any unicast address no other router has (render/validate.py)
@@ -188,6 +186,23 @@ def build(choose: Choose, n_sites: int | None = None, topology: str | None = Non
     return spec
 
 
+def _profile_options(s: SiteSpec, spec: WanSpec) -> list[str | None]:
+    """The crypto profile overrides validation accepts for s (render/topology.py): both ends of a tunnel
+    that name a profile name the same one; and the tunnels of a fixed router to its dynamic peers all
+    use one profile (it answers them from any address and picks the conn before it knows the peer),
+    so a dynamic site whose fixed peer names none takes the profile its other dynamic peers' tunnels
+    have (the later of them are held to it when they choose)."""
+    named = {o.crypto_profile for o in spec.sites if o.crypto_profile and spec.joined(s.name, o.name)}
+    options = [None, None, *sorted(named or PROFILES)]
+    if not s.dynamic:
+        return options
+    earlier = spec.sites[:spec.sites.index(s)]
+    want = {o.crypto_profile or spec.default_profile
+            for x in spec.sites if not x.dynamic and not x.crypto_profile and spec.joined(s.name, x.name)
+            for o in earlier if o.dynamic and spec.joined(x.name, o.name)}
+    return [p for p in options if not want or {p or spec.default_profile} == want]
+
+
 def _platform_choices(choose: Choose, s: SiteSpec) -> None:
     s.release = choose(f"{s.name} platform release", RELEASES[s.platform])
     if s.platform == "el":
@@ -197,8 +212,13 @@ def _platform_choices(choose: Choose, s: SiteSpec) -> None:
 def _address_choices(choose: Choose, s: SiteSpec, spec: WanSpec) -> None:
     """Dynamic (behind NAT, known by an @name IKE id) unless a site the topology joins it to is dynamic
     already: validation refuses two dynamic ends of one tunnel (render/validate.py _dynamic_pairs), so a
-    mesh holds at most one dynamic site, a dynamic hub no other, and any number of spokes under fixed hubs."""
-    dynamic_ok = not any(o.dynamic and spec.joined(s.name, o.name) for o in spec.sites)
+    mesh holds at most one dynamic site, a dynamic hub no other, and any number of spokes under fixed hubs
+    (where a crypto profile is left for it: `_profile_options`)."""
+    fixed = s.public
+    s.public = "dynamic"  # would a profile be left for it (its fixed peers' other dynamic peers)?
+    dynamic_ok = not any(o.dynamic and spec.joined(s.name, o.name) for o in spec.sites if o is not s) \
+        and bool(_profile_options(s, spec))
+    s.public = fixed
     if dynamic_ok and choose(f"{s.name} public address", ["fixed", "fixed", "dynamic"]) == "dynamic":
         s.public = "dynamic"
         s.ike_id = choose(f"{s.name} ike id", [f"@{s.name}-gw.{s.domain}", f"@{s.name}"])

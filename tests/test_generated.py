@@ -4,6 +4,7 @@ in tests/lab/test_generated_lab.py (two seeds per run, printed)."""
 from __future__ import annotations
 
 import collections
+import re
 import tempfile
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -117,6 +118,15 @@ def test_what_the_builder_leaves_out_is_what_validation_refuses(tmp_path):
     spec.sites[0].platform, spec.sites[0].libreswan, spec.sites[0].firewall = "openwrt", 5, None
     spec.sites[0].release = None
     _refused(spec, tmp_path / "v5", "OpenWrt ships Libreswan 4")
+    # a fixed router's dynamic peers on tunnels with different IKE proposals (the lab: seed 48 as it was)
+    spec = from_seed(48)
+    assert [x.name for x in spec.sites if x.dynamic] == ["s1", "s3"] and spec.hubs == ["s0"]
+    spec.sites[3].crypto_profile = "modern"
+    with pytest.raises(WanError) as e:
+        load_sites(write(spec, tmp_path / "dynamic-profiles"))
+    assert re.search(r"s3\.yaml:\d+: overrides\.crypto_profile: s0 answers s1 and s3 from any address .*"
+                     r"tunnel s0-s1 uses crypto profile 'legacy' and s0-s3 'modern'.*give the tunnels of s0's dynamic "
+                     r"peers one profile", str(e.value)), str(e.value)
     spec = from_seed(7)
     spec.sites[1].lans.append(str(ip_network(spec.sites[0].lans[0]).supernet(new_prefix=22)))
     _refused(spec, tmp_path / "overlap", "overlaps")
