@@ -51,7 +51,38 @@ def plan_tunnels(topology: str, hubs: tuple[str, ...], sites: list[Site], profil
             continue
         profile = profiles[wanted.pop() if wanted else default_profile]
         tunnels.append(Tunnel(tunnel_name(a, b), a, b, initiator, profile))
+    problems += _dynamic_peer_proposals(tunnels, by_name, docs)
     return tuple(sorted(tunnels, key=lambda t: t.name)), problems
+
+
+def _dynamic_peer_proposals(tunnels: list[Tunnel], by_name: dict[str, Site], docs: dict) -> list[Problem]:
+    """A router with several dynamic peers answers each from any address (right=%any), and pluto picks
+    the conn for an IKE_SA_INIT by the addresses alone: the peer's id only comes in IKE_AUTH (Libreswan
+    4.x programs/pluto/ikev2_host_pair.c find_v2_host_pair_connection; the exact lines at v4.10 are not
+    checked here). So every such conn must accept the same IKE proposals, or a peer whose tunnel uses
+    another profile gets NO_PROPOSAL_CHOSEN from the first conn (the lab: generated seed 48, a hub with two
+    dynamic spokes on the profiles legacy and modern: pluto answered one spoke's IKE_SA_INIT on the other
+    spoke's conn, and that tunnel never came up)."""
+    problems = []
+    for name, site in sorted(by_name.items()):
+        if site.router.dynamic:
+            continue  # it initiates to fixed peers only (two dynamic ends are refused before this)
+        towards = sorted((t for t in tunnels if name in (t.a, t.b) and by_name[t.peer_of(name)].router.dynamic),
+                         key=lambda t: t.name)
+        for t in towards[1:]:
+            first = towards[0]
+            if t.crypto.ike == first.crypto.ike:
+                continue
+            peer = t.peer_of(name)
+            doc = docs[peer]
+            path = ("overrides", "crypto_profile") if by_name[peer].crypto_profile else ("router", "public_address")
+            problems.append(Problem(doc.file, doc.line(path), where(path),
+                                    f"{name} answers {first.peer_of(name)} and {peer} from any address (both are dynamic), "
+                                    f"and Libreswan picks the conn for a new IKE SA before it knows which peer is calling: "
+                                    f"tunnel {first.name} uses crypto profile {first.crypto.name!r} and {t.name} "
+                                    f"{t.crypto.name!r}, whose IKE proposals differ; give the tunnels of {name}'s dynamic "
+                                    f"peers one profile (overrides.crypto_profile, or the same IKE proposals)"))
+    return problems
 
 
 def plan_transits(topology: str, hubs: tuple[str, ...], tunnels: tuple[Tunnel, ...]) -> tuple[Transit, ...]:

@@ -38,3 +38,12 @@ def _proven(outcome, seed: int, **kw) -> None:
             pings = [c for c in r.checks if c.kind == "ping" and (c.src, c.dst) == (src, dst)]
             assert pings and all(c.ok and c.evidence["via"] == hub for c in pings), (src, dst)
     assert len([c for c in r.checks if c.kind == "tunnel"]) == len({(c.src, c.dst) for c in r.checks if c.kind == "tunnel"})
+    # the shapes the reviewer reads in the verdict; each dynamic site proven behind its NAT (ESP in UDP
+    # 4500 only) and after its address changed (the nat scenario plays by itself)
+    assert {n for n, words in r.shapes.items() if "dynamic" in words} == {s.name for s in spec.sites if s.dynamic}
+    router_dns = {s.name for s in spec.sites if s.dns_server == s.router}
+    assert {n for n, words in r.shapes.items() if "router-dns" in words} == router_dns
+    for s in spec.sites:
+        if s.dynamic:
+            nat = sorted((c.kind, c.ok) for c in r.checks if c.kind in ("capture_nat", "nat_readdress") and c.src == s.name)
+            assert nat == [("capture_nat", True), ("nat_readdress", True)], s.name
