@@ -139,6 +139,20 @@ def test_router_dns_sites_serve_their_dhcp_names_to_every_site_and_not_the_inter
     assert outcome.result.shapes == {"berlin": ["router-dns"], "home": ["router-dns"]}
 
 
+def test_router_dns_sites_refuse_the_internet_with_the_firewall_on_qemu(qemu_labs):
+    """The same WAN with the rendered firewalls loaded: home's (OpenWrt) dnsmasq answers any source once
+    localservice is off, and fw4 with our rules keeps the internet out; berlin's (EL) DHCP server still
+    answers a DISCOVER from 0.0.0.0 through its firewall (issue 13 item 2)."""
+    outcome = qemu_labs["router-dns"]
+    assert outcome.ok, failed(outcome)
+    assert outcome.result.firewall_exercised is True
+    checks = outcome.result.checks
+    assert {(c.src, c.dst) for c in checks if c.kind == "dns_internet" and c.ok} == {("internet", "berlin"), ("internet", "home")}
+    assert not [n for n in outcome.notes if n.startswith("dns_internet")]
+    assert {(c.src, c.dst) for c in checks if c.kind == "dhcp" and c.ok} == {("berlin", "berlin"), ("home", "home")}
+    assert len([c for c in checks if c.kind == "dns_dhcp" and c.ok]) == 4
+
+
 def test_example_wan_passes_on_qemu_with_the_firewall_active(qemu_labs):
     outcome = qemu_labs["example"]
     assert outcome.ok, failed(outcome)

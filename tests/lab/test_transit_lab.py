@@ -16,7 +16,20 @@ SPOKES = ("acme", "berlin", "oslo")
 
 
 def test_every_spoke_pair_is_proven_through_its_hub(uml_labs):
-    outcome = uml_labs["hub"]
+    assert_transit(uml_labs["hub"])
+
+
+def test_the_hubs_firewall_forwards_transit_on_qemu(qemu_labs):
+    """The same WAN on QEMU with the rendered firewalls loaded (the hub is OpenWrt: fw4's forward chain
+    with our transit rules; the spokes EL): every spoke pair still passes through the hub."""
+    outcome = qemu_labs["hub"]
+    assert_transit(outcome)
+    assert outcome.result.firewall_exercised is True
+    fw = [c for c in outcome.result.checks if c.kind == "firewall"]
+    assert len(fw) == 8 and all(c.ok for c in fw)  # before and after the probes, every router
+
+
+def assert_transit(outcome) -> None:
     r = outcome.result
     assert outcome.ok, r.error or [c for c in r.checks if not c.ok][:5]
     assert r.unjoined_pairs == []
