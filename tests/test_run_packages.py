@@ -19,7 +19,7 @@ NOBLE = REPO / "tests/data/pkgnames-ubuntu2404.txt"
 SHELLS = [s for s in (["dash"], ["bash", "--posix"], ["busybox", "sh"]) if shutil.which(s[0])]
 BASE = ["python3", "python3-venv", "libreswan", "dnsmasq-base", "nftables", "iproute2", "busybox-static", "kmod",
         "iputils-ping", "bind9-dnsutils", "tcpdump", "signify-openbsd", "procps", "util-linux", "cpio", "gzip", "curl",
-        "nodejs", "docker.io optional", "debootstrap optional"]
+        "nodejs", "docker.io optional", "debootstrap"]
 
 
 def choose(shell: list[str], listing: str | Path, *args: str) -> subprocess.CompletedProcess:
