@@ -63,7 +63,7 @@ def compare(a: SitePlan, b: SitePlan, mine: dict[int, dict], theirs: dict[int, d
     grouped the same way, one pair per Child SA, each with ESP states both ways, and (`expected`:
     a's LANs x b's LANs, when the tunnel carries only those) every LAN pair covered."""
     ours = sorted(tuple(map(tuple, c["pairs"])) for c in mine.values())
-    mirrored = sorted(tuple(sorted((r, l) for l, r in c["pairs"])) for c in theirs.values())
+    mirrored = sorted(tuple(sorted((remote, local) for local, remote in c["pairs"])) for c in theirs.values())
     if ours != mirrored:
         return False, (f"the two ends hold different Child SAs: {a.name} {[list(map(list, x)) for x in ours]}, "
                        f"{b.name} (mirrored) {[list(map(list, x)) for x in mirrored]}")

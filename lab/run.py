@@ -188,7 +188,8 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
     calls, install, serve, index, more = [], {}, False, None, []
     for n, opts in req.scenarios:
         ctx = scenarios.PrepareContext(wan=wan, out=out, keys=lab_keys, results=results, prefix=prefix, infra=infra,
-                                       options=opts, load=load, view=lambda w, o, i: wan_view(w, o, prefix, i, targets, nss(), roots))
+                                       options=opts, load=load,
+                                       view=lambda w, o, i: wan_view(w, o, prefix, i, targets, nss(), roots))
         p = scenarios.load(n).prepare(ctx)
         calls.append(ScenarioCall(name=n, data=p.data))
         install.update(p.install)
