@@ -26,16 +26,28 @@ POLICY_RE = re.compile(r"^src (\S+) dst (\S+) .*?\bdir (out|in|fwd)\b.*?\btmpl s
 STATE_RE = re.compile(r"^src (\S+) dst (\S+)\s.*?\bproto esp spi (0x[0-9a-f]+) reqid (\d+)")
 
 
+def _records(text: str) -> list[str]:
+    """One line per policy or state, from `ip -o xfrm ...` (fields split by a backslash) or from the
+    plain form (a record's further lines indented)."""
+    out: list[str] = []
+    for line in text.replace("\\", " ").splitlines():
+        if line[:1].isspace() and out:
+            out[-1] += " " + line.strip()
+        elif line.strip():
+            out.append(line.strip())
+    return out
+
+
 def parse_xfrm(policies: str, states: str) -> tuple[list[dict], list[dict]]:
-    """`ip -o xfrm policy` and `ip -o xfrm state` (one line each, fields split by backslash-tab)."""
+    """`ip -o xfrm policy` and `ip -o xfrm state` (or their plain forms)."""
     pols, sts = [], []
-    for line in policies.splitlines():
-        m = POLICY_RE.search(line.replace("\\", " "))
+    for line in _records(policies):
+        m = POLICY_RE.search(line)
         if m:
             pols.append({"src": m.group(1), "dst": m.group(2), "dir": m.group(3), "tmpl_src": m.group(4),
                          "tmpl_dst": m.group(5), "reqid": int(m.group(6))})
-    for line in states.splitlines():
-        m = STATE_RE.search(line.replace("\\", " "))
+    for line in _records(states):
+        m = STATE_RE.search(line)
         if m:
             sts.append({"src": m.group(1), "dst": m.group(2), "spi": m.group(3), "reqid": int(m.group(4))})
     return pols, sts

@@ -154,7 +154,8 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
         # in a lab that proves a change or a release (it takes about two minutes; those labs prove other
         # things, and name "nat" themselves if they want it)
         req = dataclasses.replace(req, scenarios=req.scenarios + (("nat", {}),))
-    other_major = {s: f"targets Libreswan {t}; ran a {major}.x rendering" for s, t in targets.items() if t != major}
+    other_major = {s: f"targets Libreswan {t}; ran a {major}.x rendering" for s, t in targets.items()
+                   if t != major and t not in also}
     # the lab's own key pair per router (made in that router's own NSS database, lab/keys.py) in
     # place of the site files' public keys, whose private halves only the real routers hold; one
     # mapping for every revision of a change: an untouched tunnel renders byte-identical

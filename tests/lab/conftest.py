@@ -125,6 +125,8 @@ def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
         # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
         "natted": LabRequest(sites=WANS / "natted", kernel="uml", results=base / "natted", timeout=900),
         # repairs between releases: acme initiates three tunnels; two conns are damaged and the third's Child SA
+        # Libreswan 5.2 (acme, in the Debian 13 root) beside 4.10 with multi-LAN sites: one Child SA per LAN pair on both ends
+        "mixed": LabRequest(sites=WANS / "mixed", kernel="uml", results=base / "mixed", timeout=600),
         "four+heal": LabRequest(sites=WANS / "four", kernel="uml", results=base / "four-heal", timeout=900,
                                 scenarios=(("heal", {}),)),
     }

@@ -1,0 +1,100 @@
+"""The Libreswan 5 root of the lab (lab/libreswan5.py) and what the host side makes of it, without
+a lab kernel: the recipe and its cache key, debootstrap's failure reported clearly with nothing
+left behind (real debootstrap against a mirror that is not there), the per-router Libreswan in the
+plan and the verdict (with the root, and the 4.x fallback said clearly), and the parsers of 5.2's
+output against output recorded from a real 5.2 pluto in the mixed lab (tests/data/pluto-5.2/)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lab import console, libreswan5
+from lab.contracts import LabPlan, LabResult
+from lab.run import LabRequest, _prepare
+from support import REPO
+
+MIXED = REPO / "tests/lab/wans/mixed"
+
+
+def test_the_recipe_is_debian_13_with_libreswan_and_its_hash_keys_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAN_LAB_CACHE", str(tmp_path))
+    r = libreswan5.RECIPE
+    assert r["suite"] == "trixie" and "libreswan" in r["packages"] and "libnss3-tools" in r["packages"]
+    # libreswan depends on the virtual package `host`: debootstrap needs a real one named
+    assert "bind9-host" in r["packages"]
+    before = libreswan5.root_dir()
+    assert before.parent == tmp_path and before.name == f"root-trixie-{libreswan5.recipe_hash()}"
+    monkeypatch.setitem(libreswan5.RECIPE, "packages", [*r["packages"], "tcpdump"])
+    assert libreswan5.root_dir() != before  # another recipe, another root
+    assert libreswan5.built() is None
+
+
+def test_a_run_without_a_5x_router_builds_nothing_and_the_switch_turns_the_root_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAN_LAB_CACHE", str(tmp_path))
+    assert libreswan5.choose({"a": 4, "b": 4}) == (None, None)
+    monkeypatch.setenv("WAN_LAB_LIBRESWAN5", "0")
+    assert libreswan5.choose({"a": 5, "b": 4}) == (None, "WAN_LAB_LIBRESWAN5=0")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("debootstrap"), reason="needs root and debootstrap")
+def test_debootstrap_failing_is_reported_with_its_mirror_and_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAN_LAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("WAN_LAB_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")  # nothing listens there
+    lines: list[str] = []
+    with pytest.raises(RuntimeError) as e:
+        libreswan5.ensure_root(lines.append)
+    assert "debootstrap trixie" in str(e.value) and "http://127.0.0.1:9/debian" in str(e.value)
+    assert lines and lines[0].startswith("lab: building the Libreswan 5 root (trixie) with debootstrap")
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    # the lab goes on with the lab kernel's Libreswan and says why
+    root, why = libreswan5.choose({"acme": 5}, lines.append)
+    assert root is None and why.startswith("building the Libreswan 5 root failed: debootstrap trixie")
+
+
+def _fake_root(cache: Path) -> Path:
+    """A directory shaped like a built root (its metadata and /etc): enough for the host side,
+    which only names it in the plan (a stand-in: nothing boots here)."""
+    os.environ["WAN_LAB_CACHE"] = str(cache)
+    root = libreswan5.root_dir()
+    (root / "etc").mkdir(parents=True)
+    (root / libreswan5.META).write_text(json.dumps({"libreswan": "5.2", "recipe": libreswan5.RECIPE}))
+    return root
+
+
+def test_the_plan_names_the_root_and_the_libreswan_of_each_router(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAN_LAB_CACHE", str(tmp_path / "cache"))
+    root = _fake_root(tmp_path / "cache")
+    p = _prepare(LabRequest(sites=MIXED, kernel="uml", results=tmp_path / "r"), "uml", 4, lambda line: None)
+    plan = LabPlan.read(tmp_path / "r/plan.json")
+    acme, berlin = plan.wan.site("acme"), plan.wan.site("berlin")
+    assert (acme.libreswan, acme.target_libreswan, acme.root) == (5, 5, str(root))
+    assert (berlin.libreswan, berlin.root) == (4, "")
+    assert plan.libreswan["acme"] == {"target": 5, "ran": "5.2", "root": str(root), "why": ""}
+    assert plan.libreswan["home"]["ran"].startswith("4.") and plan.libreswan["home"]["root"] == ""
+    assert p.other_major == {}
+    # acme gets the 5.x rendering: its router.env and 5.x commands
+    env = next((tmp_path / "r/out/acme").rglob("router.env")).read_text()
+    assert "WAN_LIBRESWAN=5" in env
+    result = LabResult(libreswan=plan.libreswan)
+    lines = console.libreswan_lines(result)
+    assert lines[0].startswith("libreswan: acme 5.2 (own root), berlin 4.") and not any("NOT PROVEN" in x for x in lines)
+
+
+def test_without_a_root_a_5x_router_runs_4x_and_the_verdict_says_it_was_not_proven_on_5x(monkeypatch, tmp_path):
+    monkeypatch.setenv("WAN_LAB_CACHE", str(tmp_path / "cache"))
+    _fake_root(tmp_path / "cache")
+    monkeypatch.setenv("WAN_LAB_LIBRESWAN5", "0")  # the root is there, but switched off
+    p = _prepare(LabRequest(sites=MIXED, kernel="uml", results=tmp_path / "r"), "uml", 4, lambda line: None)
+    acme = p.plan.wan.site("acme")
+    assert (acme.libreswan, acme.target_libreswan, acme.root) == (4, 5, "")
+    assert p.plan.libreswan["acme"]["why"] == "WAN_LAB_LIBRESWAN5=0" and p.plan.libreswan["acme"]["ran"].startswith("4.")
+    assert "WAN_LIBRESWAN=4" in next((tmp_path / "r/out/acme").rglob("router.env")).read_text()
+    assert any("NOT proven on 5.x (WAN_LAB_LIBRESWAN5=0)" in n for n in p.notes)
+    text = console.verdict(LabResult(libreswan=p.plan.libreswan), ["acme", "berlin", "home"], tmp_path)
+    assert ("NOT PROVEN on Libreswan 5.x: acme targets 5 but ran Libreswan 4." in text
+            and "with a 4.x rendering (WAN_LAB_LIBRESWAN5=0)" in text)
