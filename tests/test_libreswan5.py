@@ -15,6 +15,7 @@ import pytest
 from lab import console, libreswan5
 from lab.contracts import LabPlan, LabResult
 from lab.run import LabRequest, _prepare
+
 from support import REPO
 
 MIXED = REPO / "tests/lab/wans/mixed"
