@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from .engine import Lab
 
 POLICY_RE = re.compile(r"^src (\S+) dst (\S+) .*?\bdir (out|in|fwd)\b.*?\btmpl src (\S+) dst (\S+)\s.*?\breqid (\d+)")
-STATE_RE = re.compile(r"^src (\S+) dst (\S+)\s.*?\bproto esp spi (0x[0-9a-f]+) reqid (\d+)")
+# `ip -s xfrm state` adds the numbers in decimal: "spi 0x616ff060(1634725984) reqid 16401(0x00004011)"
+STATE_RE = re.compile(r"^src (\S+) dst (\S+)\s.*?\bproto esp spi (0x[0-9a-f]+)(?:\(\d+\))? reqid (\d+)")
 
 
 def _records(text: str) -> list[str]:
