@@ -6,8 +6,8 @@ output against output recorded from a real 5.2 pluto in the mixed lab (tests/dat
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 from pathlib import Path
 
