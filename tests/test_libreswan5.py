@@ -163,3 +163,15 @@ def test_both_ends_of_the_mixed_tunnel_hold_one_child_sa_per_lan_pair():
     back = {k: v for k, v in theirs.items() if v["pairs"] != [[gone[1], gone[0]]]}
     ok, why = compare(acme, berlin, {k: v for k, v in mine.items() if k != drop}, back, expected)
     assert not ok and why == f"no Child SA for the LAN pairs [{gone}]"
+
+
+def test_a_keyword_pluto_dropped_is_found_in_its_log():
+    from lab.plutoconf import ignored
+    lines = ignored(_rec("acme-pluto.log"))
+    # recorded: 5.2 took `esp=aes_gcm256` (line 19) for `encapsulation` and proposed its default ESP list
+    assert lines == ["addconn: ipsec %s: /etc/ipsec.d/acme-berlin.conf:19: warning: invalid, keyword ignored: "
+                     "encapsulation=aes_gcm256"]
+    assert "2:ESP=AES_GCM_16_128" in _rec("acme-pluto.log")
+    assert ignored("Nov 28 03:14:51.877433: \"a/1x1\":   1:ESP=AES_GCM_16_256-NONE-NONE-ESN:YES+NO\n") == []
+    assert ignored("Nov 28 03:14:51.1: Warning: ignored obsolete keyword 'dpdaction'\n") == [
+        "Warning: ignored obsolete keyword 'dpdaction'"]
