@@ -61,6 +61,10 @@ def test_the_lab_kernel_in_use_decides_uml_and_qemu(shell):
 def test_alternatives_and_missing_lists(shell):
     old = "\n".join(l for l in NOBLE.read_text().splitlines() if l != "bind9-dnsutils")
     assert "dnsutils" in choose(shell, old).stdout.splitlines()  # dig from the transitional name
+    # the lab builds its Libreswan 5 root with debootstrap: required, so a fresh machine gets it
+    no_debootstrap = "\n".join(line for line in DEBIAN12.read_text().splitlines() if line != "debootstrap")
+    r = choose(shell, no_debootstrap)
+    assert r.returncode == 3 and "apt knows no debootstrap" in r.stderr
     empty = choose(shell, "")  # a fresh machine whose apt has no lists yet
     assert empty.returncode == 3 and "apt knows no libreswan" in empty.stderr
 
