@@ -212,16 +212,9 @@ class NetnsRouter(BootWaits):
         etc.mkdir(parents=True)
         extra = enrolled_files(self.site.platform)  # the programs (and OpenWrt's hooks), as enrol leaves them
         mine = {p.name for p in (Path(tree) / "etc").iterdir()} | {p.split("/")[1] for p in extra}
-        # a router in a root of its own (Libreswan 5) sees that root's /etc through hostetc, except the
-        # stock files pluto parses, copied onto its disk as a real router has them: 5.2's config parser,
-        # reading /etc/ipsec.conf from the lab kernel's hostfs (User-Mode Linux), took the first
-        # included conn's `esp=` for a word of that file's comments ("encapsulation", line 61) and
-        # dropped it (3 of 3 UML runs; never on the host; lab/plutoconf.py, docs/platforms.md)
-        own = {"ipsec.conf", "ipsec.secrets"} if self.site.root else set()
+        # a router in a root of its own (Libreswan 5) sees that root's /etc through hostetc
         for e in sorted(os.listdir(Path(self.site.root or "/") / "etc")):
-            if e in own and e not in mine:
-                shutil.copy2(Path(self.site.root) / "etc" / e, etc / e)
-            elif e not in mine:
+            if e not in mine:
                 (etc / e).symlink_to(self.dir / "hostetc" / e)
         shutil.copytree(Path(tree) / "etc", etc, symlinks=True, dirs_exist_ok=True)
         for path, (data, mode) in extra.items():

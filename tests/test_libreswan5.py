@@ -175,31 +175,3 @@ def test_a_keyword_pluto_dropped_is_found_in_its_log():
     assert ignored("Nov 28 03:14:51.877433: \"a/1x1\":   1:ESP=AES_GCM_16_256-NONE-NONE-ESN:YES+NO\n") == []
     assert ignored("Nov 28 03:14:51.1: Warning: ignored obsolete keyword 'dpdaction'\n") == [
         "Warning: ignored obsolete keyword 'dpdaction'"]
-
-
-def test_a_5x_router_gets_its_roots_etc_and_the_stock_files_pluto_parses_on_its_own_disk(monkeypatch, tmp_path):
-    from lab.routers import NetnsRouter
-    monkeypatch.setenv("WAN_LAB_CACHE", str(tmp_path / "cache"))
-    root = _fake_root(tmp_path / "cache")
-    (root / "etc/ipsec.conf").write_text("config setup\n# IPsec encapsulation over TCP\ninclude /etc/ipsec.d/*.conf\n")
-    (root / "etc/ipsec.secrets").write_text("include /etc/ipsec.d/*.secrets\n")
-    (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
-    p = _prepare(LabRequest(sites=MIXED, kernel="uml", results=tmp_path / "r"), "uml", 4, lambda line: None)
-    template = tmp_path / "nss"
-    template.mkdir()
-    routers = {}
-    for name in ("acme", "berlin"):
-        r = NetnsRouter(p.plan.wan.site(name), None, tmp_path / "state", "", False, template)
-        r.install(r.site.tree)
-        routers[name] = r.flash / "etc"
-    acme, berlin = routers["acme"], routers["berlin"]
-    # acme (5.x): its root's /etc, the files pluto parses copied (read from the lab kernel's hostfs, 5.2's
-    # parser dropped a keyword), the rest through hostetc; its rendering as installed
-    assert not (acme / "ipsec.conf").is_symlink() and (acme / "ipsec.conf").read_text() == (root / "etc/ipsec.conf").read_text()
-    assert not (acme / "ipsec.secrets").is_symlink()
-    assert os.readlink(acme / "hosts").endswith("router-acme/hostetc/hosts")
-    assert not (acme / "passwd").exists()  # the lab kernel's /etc is not the 5.x router's
-    rendered = Path(p.plan.wan.site("acme").tree) / "etc/ipsec.d/acme-berlin.conf"
-    assert (acme / "ipsec.d/acme-berlin.conf").read_text() == rendered.read_text()
-    # berlin (4.x): the lab kernel's own /etc, all through hostetc, as before
-    assert (berlin / "ipsec.conf").is_symlink() and (berlin / "passwd").is_symlink()
