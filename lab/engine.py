@@ -160,8 +160,10 @@ class Lab:
 
     def _traffic_proofs(self) -> Iterator[Check]:
         before = proofs.all_traffic(self.routers, self.view.names)
-        for proof in (plutoconf.checks(self), childsas.checks(self), proofs.pings(self, before), proofs.router_pings(self),
-                      proofs.dns(self), proofs.router_dns(self)):
+        for text in plutoconf.notes(self):
+            self.note(text)
+        for proof in (childsas.checks(self), proofs.pings(self, before), proofs.router_pings(self), proofs.dns(self),
+                      proofs.router_dns(self)):
             yield from proof
 
     def _recheck_after_flaps(self, first: int) -> None:
@@ -172,7 +174,7 @@ class Lab:
         minute later. Each re-run check keeps the failed attempt (evidence `first_attempt`) and a note
         names the tunnels; a failure with every tunnel up (a missing NAT exemption, a wrong DNS
         forward) is not re-run."""
-        kinds = {"pluto_config", "child_sas", "ping", "router_ping", "dns", "dhcp", "dns_dhcp", "dns_internet"}
+        kinds = {"child_sas", "ping", "router_ping", "dns", "dhcp", "dns_dhcp", "dns_internet"}
         failed = [c for c in self.result.checks[first:] if not c.ok and c.kind in kinds]
         if not failed:
             return

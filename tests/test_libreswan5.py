@@ -165,7 +165,7 @@ def test_both_ends_of_the_mixed_tunnel_hold_one_child_sa_per_lan_pair():
     assert not ok and why == f"no Child SA for the LAN pairs [{gone}]"
 
 
-def test_a_keyword_pluto_dropped_is_found_in_its_log():
+def test_a_keyword_pluto_dropped_is_found_in_its_log_and_named_in_a_note():
     from lab.plutoconf import ignored
     lines = ignored(_rec("acme-pluto.log"))
     # recorded: 5.2 took `esp=aes_gcm256` (line 19) for `encapsulation` and proposed its default ESP list
@@ -175,3 +175,38 @@ def test_a_keyword_pluto_dropped_is_found_in_its_log():
     assert ignored("Nov 28 03:14:51.877433: \"a/1x1\":   1:ESP=AES_GCM_16_256-NONE-NONE-ESN:YES+NO\n") == []
     assert ignored("Nov 28 03:14:51.1: Warning: ignored obsolete keyword 'dpdaction'\n") == [
         "Warning: ignored obsolete keyword 'dpdaction'"]
+    from types import SimpleNamespace
+
+    from lab.plutoconf import notes
+
+    def router(log: str, major: int) -> SimpleNamespace:
+        return SimpleNamespace(site=SimpleNamespace(libreswan=major), logs=lambda: {"pluto.log": log})
+    lab = SimpleNamespace(view=SimpleNamespace(names=["acme", "berlin"]),
+                          routers={"acme": router(_rec("acme-pluto.log"), 5), "berlin": router("", 4)})
+    assert notes(lab) == ["NOT PROVEN on acme (Libreswan 5.x): its pluto ignored keywords of the rendering and used "
+                          "its own defaults for them: " + lines[0]]
+
+
+def test_a_5x_router_sees_its_roots_etc_not_the_lab_kernels(monkeypatch, tmp_path):
+    from lab.routers import NetnsRouter
+    monkeypatch.setenv("WAN_LAB_CACHE", str(tmp_path / "cache"))
+    root = _fake_root(tmp_path / "cache")
+    (root / "etc/ipsec.conf").write_text("config setup\ninclude /etc/ipsec.d/*.conf\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    p = _prepare(LabRequest(sites=MIXED, kernel="uml", results=tmp_path / "r"), "uml", 4, lambda line: None)
+    template = tmp_path / "nss"
+    template.mkdir()
+    etc = {}
+    for name in ("acme", "berlin"):
+        r = NetnsRouter(p.plan.wan.site(name), None, tmp_path / "state", "", False, template)
+        r.install(r.site.tree)
+        etc[name] = r.flash / "etc"
+    acme, berlin = etc["acme"], etc["berlin"]
+    # acme (5.x): the root's /etc entries through hostetc (bound to the root's /etc by its holder)
+    assert os.readlink(acme / "ipsec.conf").endswith("router-acme/hostetc/ipsec.conf")
+    assert os.readlink(acme / "hosts").endswith("router-acme/hostetc/hosts")
+    assert not (acme / "passwd").exists() and not (acme / "passwd").is_symlink()  # not the lab kernel's /etc
+    rendered = Path(p.plan.wan.site("acme").tree) / "etc/ipsec.d/acme-berlin.conf"
+    assert (acme / "ipsec.d/acme-berlin.conf").read_text() == rendered.read_text()
+    # berlin (4.x): the lab kernel's own /etc, as before
+    assert (berlin / "ipsec.conf").is_symlink() and (berlin / "passwd").is_symlink()

