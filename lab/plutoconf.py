@@ -29,7 +29,7 @@ def notes(lab: Lab) -> list[str]:
     """A verdict note per router whose pluto dropped keywords of the rendering: what it ran with is
     NOT what the WAN declares, so that part (its crypto, say) is not proven there. A note and not a
     failing check for now: Libreswan 5.2 in User-Mode Linux drops the first included conn's `esp=`
-    on every run (5 of 5 here, mixed and generated WANs), the same files on the host never (4 of 4),
+    on every run (8 of 8 here, mixed and generated WANs), the same files on the host never (4 of 4),
     cause not found (docs/platforms.md); failing on it would fail every lab with a 5.x router."""
     out = []
     for name in lab.view.names:
