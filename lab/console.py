@@ -82,6 +82,20 @@ def matrix(result: LabResult, sites: list[str]) -> str:
     return "\n".join(lines)
 
 
+def libreswan_lines(result: LabResult) -> list[str]:
+    """Which Libreswan ran each router, and every router that targets a major it did not run on:
+    NOT proven on that major (no root with it here: lab/libreswan5.py)."""
+    if not result.libreswan:
+        return []
+    ran = ", ".join(f"{n} {v['ran']}" + (" (own root)" if v.get("root") else "") for n, v in sorted(result.libreswan.items()))
+    lines = [f"libreswan: {ran}"]
+    for n, v in sorted(result.libreswan.items()):
+        if not str(v["ran"]).startswith(f"{v['target']}."):
+            lines.append(f"NOT PROVEN on Libreswan {v['target']}.x: {n} targets {v['target']} but ran Libreswan {v['ran']} "
+                         f"with a {str(v['ran']).split('.')[0]}.x rendering ({v.get('why') or 'no root with it'})")
+    return lines
+
+
 def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
     passed, total = result.summary()
     lines = ["", matrix(result, sites), ""]
@@ -145,6 +159,7 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
     if result.unjoined_pairs:
         pairs = ", ".join(f"{a}-{b}" for a, b in result.unjoined_pairs[:8]) + (" ..." if len(result.unjoined_pairs) > 8 else "")
         lines.append(f"not proven: {len(result.unjoined_pairs)} pairs of sites that no tunnel joins ({pairs})")
+    lines += libreswan_lines(result)
     for n in result.notes:
         lines.append(f"note: {n}")
     t = result.timings

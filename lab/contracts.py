@@ -127,6 +127,10 @@ class SitePlan(Record):
     # the router's own NSS database holding the private halves of its lab keys (lab/keys.py),
     # copied onto the router's disk at first boot; "": an empty database (a router with no key)
     nss: str = ""
+    # the root file system the router runs in: "" the lab kernel's own (Debian 12, Libreswan 4.10);
+    # else a directory holding another Libreswan (lab/libreswan5.py: Debian 13, 5.2), that its holder
+    # chroots into (lab/router-setup.sh)
+    root: str = ""
     # the site's router is its LAN's DNS server (dns.server is its LAN address): no DNS host; the dns_ns
     # namespace is a DHCP client host on its first LAN instead (lab/proofs.py router_dns)
     router_dns: bool = False
@@ -246,6 +250,8 @@ class LabPlan(Record):
     tunnel_timeout: float | None = None  # the bound on the tunnel wait; None: lab/proofs.py's default
     hold: str | None = None  # lab.up: the control directory
     docker: DockerPlan | None = None
+    # router -> which Libreswan runs it (the shape of LabResult.libreswan; lab/run.py libreswan_per_router)
+    libreswan: dict[str, dict] = field(default_factory=dict)
 
 
 # ---- the result ----------------------------------------------------------------------------------
@@ -272,6 +278,9 @@ class LabResult(Record):
     transit_pairs: list[tuple[str, str, str]] = field(default_factory=list)  # (spoke, spoke, hub): proven through the hub
     shapes: dict[str, list[str]] = field(default_factory=dict)  # site -> SitePlan.shapes
     other_major: dict[str, str] = field(default_factory=dict)  # router -> "targets 5, ran a 4.x rendering"
+    # router -> which Libreswan ran it: {"target": 5, "ran": "5.2", "root": "/...root-trixie-..."|"" (the lab
+    # kernel's own), "why": why a router that targets another major ran the lab kernel's, else ""}
+    libreswan: dict[str, dict] = field(default_factory=dict)
     # which keys the routers used: {"origin": "lab", "why": ..., "ckaids": {router: [CKAID, ...]}}
     # (public fingerprints only; the private halves stay in the routers' NSS databases)
     keys: dict = field(default_factory=dict)

@@ -70,8 +70,9 @@ def cache() -> Path:
     return kernels.cache_dir() / "docker" / recipe_hash()
 
 
-def apt_mirror() -> str:
-    """The Debian mirror apt uses here ($WAN_LAB_DEBIAN_MIRROR wins): debootstrap fetches from it."""
+def apt_mirror(suite: str | None = None) -> str:
+    """The Debian mirror apt uses here for `suite` (the recipe's by default; $WAN_LAB_DEBIAN_MIRROR
+    wins; deb.debian.org for a suite apt has no source for): debootstrap fetches from it."""
     if os.environ.get("WAN_LAB_DEBIAN_MIRROR"):
         return os.environ["WAN_LAB_DEBIAN_MIRROR"]
     texts = []
@@ -80,7 +81,7 @@ def apt_mirror() -> str:
             texts.append(p.read_text())
         except OSError:
             pass
-    suite = RECIPE["suite"]
+    suite = suite or RECIPE["suite"]
     for text in texts:
         # deb822: a stanza with URIs and our suite (not -security, not -updates)
         for stanza in re.split(r"\n\s*\n", text):
@@ -106,29 +107,47 @@ def _atomic(path: Path, make: Callable[[Path], None]) -> Path:
     return path
 
 
+def debootstrap(recipe: dict, root: Path, say: Callable[[str], None] = print, what: str = "the router root file system") -> None:
+    """A Debian root of `recipe` (suite, variant, packages, strip) in the new directory `root`:
+    debootstrap from the mirror apt uses (root, a reachable mirror), then the recipe's strip list
+    removed. Shared by the Docker router image and the Libreswan 5 root (lab/libreswan5.py).
+    Raises RuntimeError with debootstrap's last log lines when it fails."""
+    if shutil.which("debootstrap") is None:
+        raise RuntimeError("debootstrap is missing: apt-get install debootstrap (./run installs it)")
+    if os.geteuid() != 0:
+        raise RuntimeError(f"building {what} needs root (debootstrap)")
+    mirror = apt_mirror(recipe["suite"])
+    say(f"lab: building {what} with debootstrap {recipe['suite']} from {mirror} (once, minutes)")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["debootstrap", f"--variant={recipe['variant']}", f"--include={','.join(recipe['packages'])}",
+                             recipe["suite"], str(root), mirror], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    last = 0.0
+    for line in proc.stdout:
+        tail = (tail + [line.rstrip()])[-30:]
+        # debootstrap's own phases (I: Retrieving, Validating, Unpacking, Configuring), one line every 10 s at most
+        if line.startswith("I: ") and time.monotonic() - last >= 10:
+            last = time.monotonic()
+            say(f"lab: debootstrap {recipe['suite']} ({time.monotonic() - t0:.0f} s): {line[3:].strip()}")
+    if proc.wait() != 0:
+        log = root / "debootstrap/debootstrap.log"
+        detail = log.read_text(errors="replace")[-2000:] if log.exists() else "\n".join(tail)
+        raise RuntimeError(f"debootstrap {recipe['suite']} into {root} failed (exit {proc.returncode}); "
+                           f"check the mirror {mirror} ($WAN_LAB_DEBIAN_MIRROR) and the space free there:\n{detail}")
+    for rel in recipe["strip"]:
+        shutil.rmtree(root / rel, ignore_errors=True)
+
+
 def build_rootfs(say: Callable[[str], None] = print) -> Path:
     """``rootfs.tar`` of the recipe, built once with debootstrap (root, a reachable Debian mirror)."""
     out = cache() / "rootfs.tar"
     if out.exists():
         return out
-    if shutil.which("debootstrap") is None:
-        raise RuntimeError("debootstrap is missing: apt-get install debootstrap (./run does it)")
-    if os.geteuid() != 0:
-        raise RuntimeError("building the Docker lab image needs root (debootstrap)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    mirror = apt_mirror()
     t0 = time.monotonic()
-    say(f"lab: building the router root file system with debootstrap {RECIPE['suite']} from {mirror} (once)")
     with tempfile.TemporaryDirectory(prefix="rootfs-", dir=out.parent) as tmp:
         root = Path(tmp) / "root"
-        r = subprocess.run(["debootstrap", f"--variant={RECIPE['variant']}", f"--include={','.join(RECIPE['packages'])}",
-                            RECIPE["suite"], str(root), mirror], capture_output=True, text=True)
-        if r.returncode != 0:
-            log = root / "debootstrap/debootstrap.log"
-            detail = log.read_text()[-2000:] if log.exists() else (r.stderr or r.stdout)[-2000:]
-            raise RuntimeError(f"debootstrap failed ({r.returncode}): {detail}")
-        for rel in RECIPE["strip"]:
-            shutil.rmtree(root / rel, ignore_errors=True)
+        debootstrap(RECIPE, root, say, "the Docker router image")
         # the router's own lab files go to /run/wan-lab at start; the directory must exist
         (root / "run/wan-lab").mkdir(parents=True, exist_ok=True)
         _atomic(out, lambda tmpf: subprocess.run(

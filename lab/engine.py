@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import diagnostics, proofs, scenarios
+from . import childsas, diagnostics, plutoconf, proofs, scenarios
 from .contracts import Check, LabPlan, LabResult, WanView
 from .docker_routers import DockerFleet
 from .network import Network, ns_path
@@ -160,7 +160,10 @@ class Lab:
 
     def _traffic_proofs(self) -> Iterator[Check]:
         before = proofs.all_traffic(self.routers, self.view.names)
-        for proof in (proofs.pings(self, before), proofs.router_pings(self), proofs.dns(self), proofs.router_dns(self)):
+        for text in plutoconf.notes(self):
+            self.note(text)
+        for proof in (childsas.checks(self), proofs.pings(self, before), proofs.router_pings(self), proofs.dns(self),
+                      proofs.router_dns(self)):
             yield from proof
 
     def _recheck_after_flaps(self, first: int) -> None:
@@ -171,7 +174,7 @@ class Lab:
         minute later. Each re-run check keeps the failed attempt (evidence `first_attempt`) and a note
         names the tunnels; a failure with every tunnel up (a missing NAT exemption, a wrong DNS
         forward) is not re-run."""
-        kinds = {"ping", "router_ping", "dns", "dhcp", "dns_dhcp", "dns_internet"}
+        kinds = {"child_sas", "ping", "router_ping", "dns", "dhcp", "dns_dhcp", "dns_internet"}
         failed = [c for c in self.result.checks[first:] if not c.ok and c.kind in kinds]
         if not failed:
             return

@@ -108,11 +108,13 @@ def start_order(wan: Wan) -> tuple[str, ...]:
 
 
 def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = None,
-             targets: dict[str, int] | None = None, nss: dict[str, str] | None = None) -> WanView:
+             targets: dict[str, int] | None = None, nss: dict[str, str] | None = None,
+             roots: dict[int, str] | None = None) -> WanView:
     """The lab's view of one revision of the WAN. `index` numbers the sites (namespace and
     interface names) when several revisions share one lab; `targets`: the Libreswan major each
     site's file asks for, where the lab renders another; `nss`: each router's own NSS database
-    (its lab keys, lab/keys.py)."""
+    (its lab keys, lab/keys.py); `roots`: the root file system per Libreswan major other than the
+    lab kernel's own (5: lab/libreswan5.py), where routers rendered for that major run."""
     sites = []
     taken_all, nets_all = wan_addresses([wan])
     manifests = {s.name: Manifest.read(out / s.name / paths.MANIFEST) for s in wan.sites}
@@ -147,6 +149,7 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
             tree=str((out / s.name).resolve()),
             conns={t.name: tuple(manifests[s.name].tunnels[t.name].conns) for t in wan.tunnels_of(s.name)},
             nss=(nss or {}).get(s.name, ""),
+            root=(roots or {}).get(s.router.libreswan, ""),
             router_dns=s.router_dns, nat=nat,
             shapes=site_shapes(wan, s.name)
             + tuple(word for word, on in (("dynamic", s.router.dynamic), ("router-dns", s.router_dns)) if on),

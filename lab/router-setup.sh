@@ -9,32 +9,73 @@
 #   $1 router name   $2 router dir (flash/, hostetc/, boot/)
 #   $3 dnsmasq config (written by the lab from the installed files: the platform's options)
 #   $4 firewall file to load, or "-" when the lab kernel cannot (User-Mode Linux)
+#   $5 a root file system to run the router in (lab/libreswan5.py: Debian 13 with Libreswan 5.2), or
+#      "-"/absent for the lab kernel's own. The holder then builds the router's root from it (its
+#      directories bound read-only, /etc the router's flash, /run and /tmp tmpfs, the NSS database
+#      bound in /var/lib/ipsec/nss, the router dir at its own path, the lab kernel's / in /wanhost for
+#      the lab's own models) and chroots into it: `nsenter -t <pid> -r` enters that root.
 set -eu
-name=$1 root=$2 dnsconf=$3 firewall=$4
+name=$1 root=$2 dnsconf=$3 firewall=$4 newroot=${5:--}
 boot=$root/boot
-mount --make-rprivate /
 
-# /etc: the router's flash; its symlinks reach the lab kernel's own /etc through hostetc.
-mkdir -p "$root/hostetc"
-mount --bind /etc "$root/hostetc"
-mount --bind "$root/flash/etc" /etc
-# /run (and /var/run, its symlink on Debian): the router's own tmpfs, as on a router (EL: systemd's
-# tmpfs; OpenWrt: /var -> /tmp), so its run-time state (the programs' lock /var/run/wan-NAME.lock,
-# status.json and repairs.log under /var/run/wan, pluto's socket and pid) is its own and gone after a
-# reboot. Two labs in one kernel (lab/inner.py --jobs) both have a router called acme: a shared /run
-# gave one lab's reconcile the other's lock ("another fetch or reconcile holds ..."). The lab kernel's
-# own /run/wan-lab (its modprobe wrapper, on PATH) stays visible.
-mkdir -p "$root/hostrun"
-mount --bind /run "$root/hostrun"
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/wan-lab /run/lock /run/pluto /run/wan /var/lib/ipsec/nss
-mount --bind "$root/hostrun/wan-lab" /run/wan-lab 2>/dev/null || true  # the host run has none: nothing to keep
-chmod 0700 /run/pluto
-mount --bind "$root/flash/nss" /var/lib/ipsec/nss
-# OpenWrt's textfile in /var/prometheus is this router's own too. The lab kernel's /var may be
-# read-only (User-Mode Linux): then there is no /var/prometheus to write to.
-if [ -d /var/prometheus ] || mkdir /var/prometheus 2>/dev/null; then
-    mount -t tmpfs -o mode=0755 tmpfs /var/prometheus
+if [ "${WAN_LAB_IN_ROOT:-}" != 1 ]; then
+mount --make-rprivate /
+if [ "$newroot" = "-" ]; then
+    # /etc: the router's flash; its symlinks reach the lab kernel's own /etc through hostetc.
+    mkdir -p "$root/hostetc"
+    mount --bind /etc "$root/hostetc"
+    mount --bind "$root/flash/etc" /etc
+    # /run (and /var/run, its symlink on Debian): the router's own tmpfs, as on a router (EL: systemd's
+    # tmpfs; OpenWrt: /var -> /tmp), so its run-time state (the programs' lock /var/run/wan-NAME.lock,
+    # status.json and repairs.log under /var/run/wan, pluto's socket and pid) is its own and gone after a
+    # reboot. Two labs in one kernel (lab/inner.py --jobs) both have a router called acme: a shared /run
+    # gave one lab's reconcile the other's lock ("another fetch or reconcile holds ..."). The lab kernel's
+    # own /run/wan-lab (its modprobe wrapper, on PATH) stays visible.
+    mkdir -p "$root/hostrun"
+    mount --bind /run "$root/hostrun"
+    mount -t tmpfs -o mode=0755 tmpfs /run
+    mkdir -p /run/wan-lab /run/lock /run/pluto /run/wan /var/lib/ipsec/nss
+    mount --bind "$root/hostrun/wan-lab" /run/wan-lab 2>/dev/null || true  # the host run has none: nothing to keep
+    chmod 0700 /run/pluto
+    mount --bind "$root/flash/nss" /var/lib/ipsec/nss
+    # OpenWrt's textfile in /var/prometheus is this router's own too. The lab kernel's /var may be
+    # read-only (User-Mode Linux): then there is no /var/prometheus to write to.
+    if [ -d /var/prometheus ] || mkdir /var/prometheus 2>/dev/null; then
+        mount -t tmpfs -o mode=0755 tmpfs /var/prometheus
+    fi
+else
+    r=$root/sysroot
+    mkdir -p "$r"
+    mount -t tmpfs -o mode=0755 tmpfs "$r"
+    mkdir "$r/wanhost"
+    mount --rbind / "$r/wanhost"
+    for e in "$newroot"/*; do
+        b=${e##*/}
+        case $b in
+            proc|sys|dev|run|tmp|etc|wanhost) mkdir -p "$r/$b" ;;
+            *) if [ -L "$e" ]; then cp -P "$e" "$r/$b"  # usr-merge: bin -> usr/bin
+               elif [ -d "$e" ]; then
+                   mkdir "$r/$b"; mount --bind "$e" "$r/$b"; mount -o remount,bind,ro "$r/$b"
+               else cp -p "$e" "$r/$b"; fi ;;
+        esac
+    done
+    mount -t proc proc "$r/proc"
+    mount -t sysfs sysfs "$r/sys"
+    mount --rbind /dev "$r/dev"
+    mount -t tmpfs -o mode=0755 tmpfs "$r/run"
+    mkdir -p -m 0700 "$r/run/pluto"
+    mkdir -p "$r/run/wan" "$r/run/wan-lab"
+    mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
+    mkdir -p "$r$root"
+    mount --bind "$root" "$r$root"
+    mkdir -p "$root/hostetc"
+    mount --bind "$newroot/etc" "$r$root/hostetc"
+    mount --bind "$root/flash/etc" "$r/etc"
+    mount --bind "$root/flash/nss" "$r/var/lib/ipsec/nss"
+    mount -t tmpfs -o mode=0755 tmpfs "$r/var/prometheus"
+    cp "$0" "$boot/router-setup.sh"
+    exec env WAN_LAB_IN_ROOT=1 chroot "$r" /bin/sh "$boot/router-setup.sh" "$@"
+fi
 fi
 
 # The SPI pluto allocates for a Child SA it initiates lives 30 s in the kernel until the SA is

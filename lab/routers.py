@@ -115,11 +115,18 @@ class BootWaits:
 
     def wait_loaded(self, timeout: float = 60) -> None:
         want = sum(len(c) for c in self.site.conns.values())
-        self._wait_for(lambda: len(re.findall(r"added IKEv2 connection", self._pluto_log())) >= want,
+        self._wait_for(lambda: len(loaded_conns(self._pluto_log())) >= want,
                        f"pluto loading its {want} connections", timeout)
 
     def wait_ready(self, timeout: float = 60) -> None:
         self._wait_for(lambda: (self.boot_files / "ready").exists(), "pluto started", timeout)
+
+
+def loaded_conns(log: str) -> set[str]:
+    """The conns pluto's log says it added. 4.10 logs '"c": added IKEv2 connection' once; 5.2 logs it
+    and then again as addconn's own output ('addconn: "c": added IKEv2 connection'), so names are
+    counted, not lines (both recorded in tests/data/pluto-5.2/)."""
+    return set(re.findall(r'"([^"]+)": added IKEv2 connection', log))
 
 
 def pids_in_mount_ns(ns_of: int, process: str) -> list[int]:
@@ -205,7 +212,8 @@ class NetnsRouter(BootWaits):
         etc.mkdir(parents=True)
         extra = enrolled_files(self.site.platform)  # the programs (and OpenWrt's hooks), as enrol leaves them
         mine = {p.name for p in (Path(tree) / "etc").iterdir()} | {p.split("/")[1] for p in extra}
-        for e in sorted(os.listdir("/etc")):
+        # a router in a root of its own (Libreswan 5) sees that root's /etc through hostetc
+        for e in sorted(os.listdir(Path(self.site.root or "/") / "etc")):
             if e not in mine:
                 (etc / e).symlink_to(self.dir / "hostetc" / e)
         shutil.copytree(Path(tree) / "etc", etc, symlinks=True, dirs_exist_ok=True)
@@ -233,7 +241,8 @@ class NetnsRouter(BootWaits):
         logf = open(b / "setup.log", "a")
         self.holder = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.site.router_ns}", "unshare", "--mount", "--propagation", "private",
-             "sh", str(HERE / "router-setup.sh"), self.name, str(self.dir), str(b / "dnsmasq.conf"), fw],
+             "sh", str(HERE / "router-setup.sh"), self.name, str(self.dir), str(b / "dnsmasq.conf"), fw,
+             self.site.root or "-"],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         logf.close()
 
@@ -265,15 +274,21 @@ class NetnsRouter(BootWaits):
 
     # ---- inside the router --------------------------------------------------------------------
     def enter(self) -> list[str]:
-        return ["nsenter", "-t", str(self.holder.pid), "-m", "-n", "--"]
+        # a router in a root of its own: its holder's root and working directory (-r -w) too
+        return ["nsenter", "-t", str(self.holder.pid), "-m", "-n", *(["-r", "-w"] if self.site.root else []), "--"]
 
     def exec(self, argv: list[str], *, check: bool = False, timeout: float = 60,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         pre = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
-        return run(["nsenter", "-t", str(self.holder.pid), "-m", "-n", "--", *pre, *argv], check=check, timeout=timeout)
+        return run([*self.enter(), *pre, *argv], check=check, timeout=timeout)
 
     def whack(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        # pluto's control socket, seen through the holder's root: one process, no nsenter
+        # pluto's control socket, seen through the holder's root: one process, no nsenter. A router
+        # in a root of its own runs that root's whack (4.10's whack and 5.2's pluto refuse each
+        # other's messages): chroot into the holder's root, one process too.
+        if self.site.root:
+            return run(["chroot", f"/proc/{self.holder.pid}/root", WHACK, "--ctlsocket", "/run/pluto/pluto.ctl", *args],
+                       check=False, timeout=timeout)
         ctl = f"/proc/{self.holder.pid}/root/run/pluto/pluto.ctl"
         return run([WHACK, "--ctlsocket", ctl, *args], check=False, timeout=timeout)
 
@@ -301,13 +316,16 @@ class NetnsRouter(BootWaits):
 
     def reload_env(self) -> dict[str, str]:
         b = self.bootdir
-        env = {"WAN_RELOAD_DNS": f"{sys.executable} -m lab.platform dns {b} {self.site.platform}"}
+        # the lab's models are Python of the lab kernel's root: a router in a root of its own reaches
+        # it in /wanhost (lab/router-setup.sh)
+        py = (f"chroot /wanhost env PYTHONPATH={HERE.parent} {sys.executable}" if self.site.root else sys.executable)
+        env = {"WAN_RELOAD_DNS": f"{py} -m lab.platform dns {b} {self.site.platform}"}
         if not self.firewall:
             env["WAN_RELOAD_FIREWALL"] = "true"  # the lab kernel has no nftables for it (UML)
         else:  # the lab has neither systemd/firewalld nor fw4: its models load what they would (lab/platform.py),
             # and reconcile's own check of the rules in effect (nft) runs as on a router
             bridges = f" {' '.join(self._bridges())}" if self.site.platform == "openwrt" else ""
-            env["WAN_RELOAD_FIREWALL"] = f"{sys.executable} -m lab.platform firewall {b} {self.site.platform}{bridges}"
+            env["WAN_RELOAD_FIREWALL"] = f"{py} -m lab.platform firewall {b} {self.site.platform}{bridges}"
             env["WAN_CHECK_FIREWALL"] = "builtin"
         return env
 

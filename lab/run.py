@@ -24,7 +24,7 @@ from render.model import Wan
 from render.render import render_wan, write_trees
 from render.validate import load_sites
 
-from . import console, docker_image, kernels, scenarios, substrate
+from . import console, docker_image, kernels, libreswan5, scenarios, substrate
 from .contracts import DockerPlan, LabPlan, LabResult, ScenarioCall
 from .docker_routers import cleanup_host_engine
 from .keys import LabKeys
@@ -84,17 +84,30 @@ class LabOutcome:
         return console.verdict(self.result, self.sites, self.results_dir)
 
 
-def as_lab_version(wan: Wan, major: int) -> tuple[Wan, dict[str, int], list[str]]:
-    """Routers that target another Libreswan major are rendered for the one the lab has."""
+def as_lab_version(wan: Wan, major: int, also: frozenset[int] = frozenset(), why_not: str | None = None
+                   ) -> tuple[Wan, dict[str, int], list[str]]:
+    """Routers that target a Libreswan major the lab cannot run (neither the lab kernel's `major`
+    nor one of `also`, the majors a root of their own carries: lab/libreswan5.py) are rendered for
+    the lab kernel's; `why_not` says why no root carries theirs."""
     notes, sites, targets = [], [], {}
     for s in wan.sites:
         targets[s.name] = s.router.libreswan
-        if s.router.libreswan != major:
+        if s.router.libreswan != major and s.router.libreswan not in also:
             notes.append(f"{s.name} targets Libreswan {s.router.libreswan}; the lab has {major} "
-                         f"and runs it with a {major}.x rendering")
+                         f"and runs it with a {major}.x rendering: NOT proven on {s.router.libreswan}.x"
+                         + (f" ({why_not})" if why_not else ""))
             s = dataclasses.replace(s, router=dataclasses.replace(s.router, libreswan=major))
         sites.append(s)
     return dataclasses.replace(wan, sites=tuple(sites)), targets, notes
+
+
+def libreswan_per_router(sites: tuple, versions: dict[int, str], why_not: str | None) -> dict[str, dict]:
+    """router -> {"target", "ran", "root", "why"}: the contract field of LabPlan and LabResult."""
+    out = {}
+    for s in sites:
+        out[s.name] = {"target": s.target_libreswan, "ran": versions.get(s.libreswan, str(s.libreswan)), "root": s.root,
+                       "why": (why_not or "no root with it") if s.libreswan != s.target_libreswan else ""}
+    return out
 
 
 @dataclass
@@ -108,7 +121,7 @@ class _Prepared:
     keys: LabKeys
 
 
-def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
+def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] = print) -> _Prepared:
     """Render, let the scenarios prepare, and write the plan (host side; nothing boots yet)."""
     if req.routers not in substrate.ROUTERS:
         raise LabRequestError(f"--routers {req.routers}: choose one of {', '.join(substrate.ROUTERS)}")
@@ -124,14 +137,25 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
     if results.exists():
         shutil.rmtree(results)
     results.mkdir(parents=True)
-    wan, targets, notes = as_lab_version(req.wan or load_sites(req.sites), major)
+    wan0 = req.wan or load_sites(req.sites)
+    versions = {major: substrate.installed_libreswan_version()}
+    roots: dict[int, str] = {}
+    root5, why_not = (None, None)
+    if req.routers == "netns":  # the Docker routers run one image (Debian 12's Libreswan)
+        root5, why_not = libreswan5.choose({s.name: s.router.libreswan for s in wan0.sites}, say)
+    if root5 is not None:
+        roots[5] = str(root5)
+        versions[5] = libreswan5.meta(root5)["libreswan"]
+    also = frozenset(roots)
+    wan, targets, notes = as_lab_version(wan0, major, also, why_not)
     if (req.routers == "netns" and "nat" not in names and not {"change", "release", "later"} & set(names)
             and any(s.router.dynamic for s in wan.sites)):
         # a dynamic site sits behind a CGNAT in the lab: its address change is played and measured, except
         # in a lab that proves a change or a release (it takes about two minutes; those labs prove other
         # things, and name "nat" themselves if they want it)
         req = dataclasses.replace(req, scenarios=req.scenarios + (("nat", {}),))
-    other_major = {s: f"targets Libreswan {t}; ran a {major}.x rendering" for s, t in targets.items() if t != major}
+    other_major = {s: f"targets Libreswan {t}; ran a {major}.x rendering" for s, t in targets.items()
+                   if t != major and t not in also}
     # the lab's own key pair per router (made in that router's own NSS database, lab/keys.py) in
     # place of the site files' public keys, whose private halves only the real routers hold; one
     # mapping for every revision of a change: an untouched tunnel renders byte-identical
@@ -151,7 +175,7 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
 
     def load(sites: Path) -> tuple[Wan, list[str]]:
         if Path(sites) not in loaded:
-            w, t, n = as_lab_version(load_sites(sites), major)
+            w, t, n = as_lab_version(load_sites(sites), major, also, why_not)
             loaded[Path(sites)] = (lab_keys.apply(w), t, n)
         w, t, n = loaded[Path(sites)]
         targets.update({k: v for k, v in t.items() if k not in targets})
@@ -165,7 +189,8 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
     calls, install, serve, index, more = [], {}, False, None, []
     for n, opts in req.scenarios:
         ctx = scenarios.PrepareContext(wan=wan, out=out, keys=lab_keys, results=results, prefix=prefix, infra=infra,
-                                       options=opts, load=load, view=lambda w, o, i: wan_view(w, o, prefix, i, targets, nss()))
+                                       options=opts, load=load,
+                                       view=lambda w, o, i: wan_view(w, o, prefix, i, targets, nss(), roots))
         p = scenarios.load(n).prepare(ctx)
         calls.append(ScenarioCall(name=n, data=p.data))
         install.update(p.install)
@@ -176,7 +201,7 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
         if p.no_firewall and firewall:
             firewall = False
             notes.append(p.no_firewall)
-    view = wan_view(wan, out, prefix, index, targets, nss())
+    view = wan_view(wan, out, prefix, index, targets, nss(), roots)
     network_sites = list(view.sites)
     for v in more:
         network_sites += [s for s in v.sites if s.name not in {x.name for x in network_sites}]
@@ -186,7 +211,7 @@ def _prepare(req: LabRequest, kind: str, major: int) -> _Prepared:
     plan = LabPlan(prefix=prefix, firewall=firewall, libreswan_major=major, routers=req.routers, infra=infra, wan=view,
                    network_sites=tuple(network_sites), install=install, serve_release=serve, scenarios=tuple(calls),
                    start=start, tunnel_timeout=req.tunnel_timeout, hold=str(results / "control") if req.hold else None,
-                   docker=docker)
+                   docker=docker, libreswan=libreswan_per_router(tuple(network_sites), versions, why_not))
     plan.write(results / "plan.json")
     return _Prepared(req, plan, results, [s.name for s in wan.sites], notes, other_major, lab_keys)
 
@@ -208,7 +233,8 @@ def run_labs(requests: list[LabRequest], jobs: int = 1) -> list[LabOutcome]:
         if (r.kernel or kind) != kind or r.routers != first.routers:
             raise LabRequestError("labs in one boot must use the same kernel and router kind")
     major = substrate.installed_libreswan_major()
-    prepared = [_prepare(r, kind, major) for r in requests]
+    say = first.on_line or console.Progress()
+    prepared = [_prepare(r, kind, major, say) for r in requests]
     share = Path(os.path.commonpath([str(p.results) for p in prepared]))
     if len(prepared) > 1:
         share = share if share not in {p.results for p in prepared} else share.parent
@@ -222,7 +248,6 @@ def run_labs(requests: list[LabRequest], jobs: int = 1) -> list[LabOutcome]:
     argv = [sys.executable, "-m", "lab.inner"] + (["--jobs", str(jobs)] if jobs > 1 and len(prepared) > 1 else [])
     for p in prepared:
         argv += [str(p.results / "plan.json"), str(p.results / "inner")]
-    say = first.on_line or console.Progress()
     image_seconds = None
     try:
         with substrate.one_lab_at_a_time(say):
@@ -261,6 +286,7 @@ def _collect(p: _Prepared, kind: str, guest: kernels.GuestRun, total: float | No
         shutil.move(str(inner / "diagnostics"), str(results / "diagnostics"))
     result.notes = p.notes + [n for n in result.notes if n not in p.notes]
     result.other_major = p.other_major
+    result.libreswan = p.plan.libreswan
     result.kernel, result.routers = kind, p.plan.routers
     result.keys = {"origin": "lab", "why": "the lab made its own key pair per router in place of the routers' public "
                    "keys in the site files (their private halves never leave the routers)",

@@ -72,12 +72,17 @@ def one_lab_at_a_time(say: Callable[[str], None]):
 
 
 
-def installed_libreswan_major() -> int:
+def installed_libreswan_version() -> str:
+    """The lab kernel's own Libreswan (the host's: "4.10" on Debian 12)."""
     r = subprocess.run(["ipsec", "--version"], capture_output=True, text=True)
-    m = re.search(r"Libreswan (?:U)?(\d+)\.", r.stdout + r.stderr)
+    m = re.search(r"Libreswan (?:U)?(\d+\.[0-9.]+\w*)", r.stdout + r.stderr)
     if not m:
         raise KernelUnavailable("Libreswan is not installed: apt-get install libreswan (./run does it)")
-    return int(m.group(1))
+    return m.group(1)
+
+
+def installed_libreswan_major() -> int:
+    return int(installed_libreswan_version().split(".")[0])
 
 
 def choose_kernel(wanted: str | None) -> str:

@@ -19,7 +19,7 @@ NOBLE = REPO / "tests/data/pkgnames-ubuntu2404.txt"
 SHELLS = [s for s in (["dash"], ["bash", "--posix"], ["busybox", "sh"]) if shutil.which(s[0])]
 BASE = ["python3", "python3-venv", "libreswan", "dnsmasq-base", "nftables", "iproute2", "busybox-static", "kmod",
         "iputils-ping", "bind9-dnsutils", "tcpdump", "signify-openbsd", "procps", "util-linux", "cpio", "gzip", "curl",
-        "nodejs", "docker.io optional", "debootstrap optional"]
+        "nodejs", "docker.io optional", "debootstrap"]
 
 
 def choose(shell: list[str], listing: str | Path, *args: str) -> subprocess.CompletedProcess:
@@ -61,6 +61,10 @@ def test_the_lab_kernel_in_use_decides_uml_and_qemu(shell):
 def test_alternatives_and_missing_lists(shell):
     old = "\n".join(l for l in NOBLE.read_text().splitlines() if l != "bind9-dnsutils")
     assert "dnsutils" in choose(shell, old).stdout.splitlines()  # dig from the transitional name
+    # the lab builds its Libreswan 5 root with debootstrap: required, so a fresh machine gets it
+    no_debootstrap = "\n".join(line for line in DEBIAN12.read_text().splitlines() if line != "debootstrap")
+    r = choose(shell, no_debootstrap)
+    assert r.returncode == 3 and "apt knows no debootstrap" in r.stderr
     empty = choose(shell, "")  # a fresh machine whose apt has no lists yet
     assert empty.returncode == 3 and "apt knows no libreswan" in empty.stderr
 

@@ -123,6 +123,8 @@ def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
         # them on home (OpenWrt behind the CGNAT: procd respawns pluto) with the 60 s cut (issue 15 item 4)
         "two+faults": LabRequest(sites=WANS / "two", kernel="uml", results=base / "two", timeout=600,
                                  scenarios=(("faults", {"cut_seconds": 20}),)),
+        # Libreswan 5.2 (acme, in the Debian 13 root) beside 4.10 with multi-LAN sites: one Child SA per LAN pair on both ends
+        "mixed": LabRequest(sites=WANS / "mixed", kernel="uml", results=base / "mixed", timeout=600),
         # repairs between releases: acme initiates three tunnels; two conns are damaged and the third's Child SAs
         # deleted; the next scheduled repair restores each alone
         "four+heal": LabRequest(sites=WANS / "four", kernel="uml", results=base / "four-heal", timeout=900,
