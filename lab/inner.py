@@ -8,8 +8,9 @@ for each plan. The exit code is 0 only when every lab passed.
 With --jobs N (N > 1) up to N labs run at once, each in a process of its own, taken in the order
 given (put the longest first); their output lines carry the lab's name. Labs share nothing in the
 kernel: every namespace is named by the plan's prefix and links are made inside namespaces only
-(lab/network.py). Most of a scenario's time is waiting (liveness timeouts, cuts, health waits,
-pings at 0.2 s), so two labs at once take little more than the longer one (docs/performance.md).
+(lab/network.py) and each router has its own /run (lab/router-setup.sh). The guest has one CPU: on a
+loaded machine two at once slowed the change lab 2.4x and rotation 5x (docs/lab.md), so the suite
+runs one at a time unless WAN_TEST_LAB_JOBS says otherwise.
 """
 from __future__ import annotations
 
