@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from render import paths
@@ -50,6 +50,34 @@ def enrolled_files(platform: str) -> dict[str, tuple[bytes, int]]:
     return out
 
 
+def dhcp_pool(s: SitePlan) -> tuple[IPv4Address, IPv4Address, IPv4Network]:
+    """The DHCP pool of a router-DNS site's first LAN in the lab: OpenWrt's stock `config dhcp lan`
+    (start 100, limit 150: .100-.249) on a /24 or larger, the second quarter of a smaller LAN; then the
+    longest run of it that holds no address the lab or the site gives a name: the site's records, the
+    router, the lab's LAN hosts. dnsmasq names a lease after a host-record of its address ("DHCPACK ...
+    host0", seen in CI with generated seed 817444: the client's own name was then NXDOMAIN) and pings
+    an address before offering it only to skip a host that answers; a record's host is not running in
+    the lab. In the field the operator's pool and the records' static hosts are theirs to keep apart."""
+    lan = s.lans[0]
+    net = IPv4Network(lan.subnet)
+    first, last = (100, 249) if net.num_addresses >= 256 else (net.num_addresses // 4, net.num_addresses // 2 - 1)
+    taken = {IPv4Address(a) for a in (*s.records.values(), s.probe_record[1], s.lan_address,
+                                      *(x for lan_ in s.lans for x in (lan_.router_address, lan_.host)))}
+    runs, run = [], []
+    for i in range(first, last + 1):
+        a = net.network_address + i
+        if a in taken:
+            runs.append(run)
+            run = []
+        else:
+            run.append(a)
+    runs.append(run)
+    best = max(runs, key=len)
+    if not best:
+        raise ValueError(f"{s.name}: no free address for the lab's DHCP pool in {net}")
+    return best[0], best[-1], net
+
+
 def dnsmasq_base(s: SitePlan, isp_resolver: str, boot: Path) -> list[str]:
     """The options dnsmasq gets whatever the WAN files say (boot: where its pid and log go)."""
     if s.platform == "el":
@@ -64,12 +92,7 @@ def dnsmasq_base(s: SitePlan, isp_resolver: str, boot: Path) -> list[str]:
     if s.router_dns:
         # the operator's DHCP service on the first LAN (OpenWrt's stock `config dhcp lan`: start 100,
         # limit 150, leasetime 12h), and the lab's probe name, which a DNS host would otherwise serve
-        lan = s.lans[0]
-        net = IPv4Network(lan.subnet)
-        # a /24 or larger: the stock .100-.249; smaller: its second quarter (the lab's LAN host sits in the
-        # upper half, lab/plan.py; dnsmasq pings an address before offering it, so a record's host is skipped)
-        first, last = (100, 249) if net.num_addresses >= 256 else (net.num_addresses // 4, net.num_addresses // 2 - 1)
-        first, last = net.network_address + first, net.network_address + last
+        first, last, net = dhcp_pool(s)
         base += [f"dhcp-range={first},{last},{net.netmask},12h", f"dhcp-leasefile={boot}/dhcp.leases",
                  f"host-record={s.probe_record[0]},{s.probe_record[1]}"]
     if s.platform == "el":

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 
 from lab.generate import from_seed, wans, write
 from lab.plan import wan_view
+from lab.platform import dhcp_pool
 from render.check import check_out
 from render.errors import WanError
 from render.render import render_wan, write_trees
@@ -29,6 +30,13 @@ def _prove_offline(spec) -> None:
         failed = [str(r) for r in check_out(out) if not r.ok]
         assert failed == [], spec.describe()
         view = wan_view(wan, out, "wgen")
+        for s in view.sites:
+            if s.router_dns:  # the lab's DHCP pool names no lease after a record (lab/platform.py dhcp_pool)
+                first, last, net = dhcp_pool(s)
+                named = {ip_address(a) for a in (*s.records.values(), s.probe_record[1], s.lan_address,
+                                                 *(x for lan in s.lans for x in (lan.router_address, lan.host)))}
+                pool = {a for a in net.hosts() if first <= a <= last}
+                assert pool and not pool & named, (s.name, str(first), str(last))
         joined = {(s.name, o.name) for s, o in view.joined_pairs()}
         if wan.topology == "mesh":
             assert len(joined) == len(wan.sites) * (len(wan.sites) - 1)
@@ -176,3 +184,17 @@ def test_the_wan_capture_counts_esp_in_udp_4500_and_not_ike_or_keepalives(tmp_pa
         pcap.write_bytes(_pcap(packets))
         esp, icmp, stderr = count_capture(pcap, ["10.1.0.0/24", "10.2.0.0/24"])
         assert (esp, icmp) == want, stderr
+
+
+def test_the_labs_dhcp_pool_skips_a_router_dns_sites_records(tmp_path):
+    """Seed 817444 (CI, session 5): s0 is a router-DNS site with a /26 first LAN and records at .20 and .21;
+    the lab's pool (then .16-.31) leased .20 and dnsmasq named the lease after the record (host0), so the
+    client's own DHCP name did not resolve from any peer. The pool now holds no named address."""
+    from lab.generate import write_generated
+    wan = load_sites(write_generated(817444, tmp_path / "sites"))
+    write_trees(render_wan(wan, "lab"), tmp_path / "out")
+    s0 = wan_view(wan, tmp_path / "out", "wgen").site("s0")
+    assert s0.router_dns and "10.1.0.20" in s0.records.values()
+    first, last, _ = dhcp_pool(s0)
+    assert not first <= ip_address("10.1.0.20") <= last and not first <= ip_address("10.1.0.21") <= last
+    assert int(last) - int(first) >= 7  # still a pool: .22-.31
