@@ -84,7 +84,8 @@ class Lab:
             if self._nss is None:
                 self._nss = self.state / "nss"
                 make_nss(self._nss)
-            r = NetnsRouter(sites[name], self.network, self.state, self.plan.infra.isp_resolver, self.plan.firewall, self._nss)
+            r = NetnsRouter(sites[name], self.network, self.state, self.plan.infra.isp_resolver, self.plan.firewall, self._nss,
+                            shared=(str(self.results.resolve()),))
             r.install(self.plan.install.get(name, sites[name].tree))
             self.routers[name] = r
         start_fleet(self.routers, names, self.network, mode or self.plan.start, self.view,

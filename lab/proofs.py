@@ -8,6 +8,7 @@ result as not proven.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -129,7 +130,8 @@ def wait_tunnels(view: WanView, routers: dict[str, RouterHost],
         if t.initiator in repaired:
             r = repaired[t.initiator]
             ev["repaired"] = {"by": t.initiator, "rc": r["rc"], "seconds": r["seconds"],
-                              "output": [line for line in r["output"].splitlines() if "repair" in line][-6:]}
+                              "output": [line for line in r["output"].splitlines()
+                                         if "repair" in line or r["rc"] != 0][-6:]}
         checks.append(Check("tunnel", t.a, t.b, up[t.name], ev))
     return status, checks
 
@@ -281,9 +283,22 @@ def nat_capture(lab: Lab, cap: Capture) -> Iterator[Check]:
         udp = run(["tcpdump", "-n", "-r", str(cap.pcap), f"udp port 4500 and host {outside}"], check=False).stdout.count("\n")
         raw = run(["tcpdump", "-n", "-r", str(cap.pcap), f"esp and host {outside}"], check=False).stdout.count("\n")
         ok = udp > 0 and raw == 0
-        yield Check("capture_nat", s.name, "wan", ok, {
-            "outside_address": outside, "esp_in_udp_4500_packets": udp, "raw_esp_packets": raw,
-            "why": "" if ok else "expected the site's tunnels as ESP in UDP 4500 from its NAT's outside address only"})
+        ev = {"outside_address": outside, "esp_in_udp_4500_packets": udp, "raw_esp_packets": raw,
+              "why": "" if ok else "expected the site's tunnels as ESP in UDP 4500 from its NAT's outside address only"}
+        if not ok:  # what the internet saw instead (a flake seen once: issue 14's note), for the next look
+            ev["udp_4500_and_esp_by_address"] = _talkers(cap.pcap, "udp port 4500 or esp")
+        yield Check("capture_nat", s.name, "wan", ok, ev)
+
+
+def _talkers(pcap: Path, expr: str) -> dict[str, int]:
+    """source > destination -> packets, of the capture's packets matching `expr` (tcpdump -n lines)."""
+    out: dict[str, int] = {}
+    for line in run(["tcpdump", "-n", "-r", str(pcap), expr], check=False).stdout.splitlines():
+        m = re.search(r" IP (\S+) > (\S+?):", line)
+        if m:
+            key = f"{m.group(1)} > {m.group(2)}"
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
 
 
 def router_pings(lab: Lab) -> Iterator[Check]:

@@ -14,8 +14,9 @@
 #      directories bound read-only, /etc the router's flash, /run and /tmp tmpfs, the NSS database
 #      bound in /var/lib/ipsec/nss, the router dir at its own path, the lab kernel's / in /wanhost for
 #      the lab's own models) and chroots into it: `nsenter -t <pid> -r` enters that root.
+#   $6 with $5: directories of the lab kernel seen at their own paths in that root, ':'-separated
 set -eu
-name=$1 root=$2 dnsconf=$3 firewall=$4 newroot=${5:--}
+name=$1 root=$2 dnsconf=$3 firewall=$4 newroot=${5:--} shared=${6:-}
 boot=$root/boot
 
 if [ "${WAN_LAB_IN_ROOT:-}" != 1 ]; then
@@ -68,6 +69,13 @@ else
     mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
     mkdir -p "$r$root"
     mount --bind "$root" "$r$root"
+    # the lab's own directories a router reads at their lab-kernel paths (the repository's programs, the
+    # rendered trees the scenarios apply: `reconcile --repair <tree>`), read-only
+    for d in $(printf '%s' "$shared" | tr ':' ' '); do
+        mkdir -p "$r$d"
+        mount --bind "$d" "$r$d"
+        mount -o remount,bind,ro "$r$d"
+    done
     mkdir -p "$root/hostetc"
     mount --bind "$newroot/etc" "$r$root/hostetc"
     mount --bind "$root/flash/etc" "$r/etc"

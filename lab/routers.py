@@ -188,8 +188,11 @@ class NetnsRouter(BootWaits):
     boot_files = property(lambda self: self.bootdir)  # where its setup writes prepared, ready
 
     def __init__(self, site: SitePlan, network: Network, state: Path, isp_resolver: str, firewall: bool,
-                 nss_template: Path):
+                 nss_template: Path, shared: tuple[str, ...] = ()):
         self.site = site
+        # seen at their own paths by a router in a root of its own (the repository, the lab's results
+        # with the trees the scenarios apply); a router on the lab kernel's root sees them anyway
+        self.shared = (str(HERE.parent), *shared)
         self.network = network
         self.dir = state / f"router-{site.name}"
         self.flash = self.dir / "flash"
@@ -242,7 +245,7 @@ class NetnsRouter(BootWaits):
         self.holder = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.site.router_ns}", "unshare", "--mount", "--propagation", "private",
              "sh", str(HERE / "router-setup.sh"), self.name, str(self.dir), str(b / "dnsmasq.conf"), fw,
-             self.site.root or "-"],
+             self.site.root or "-", ":".join(self.shared)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         logf.close()
 
