@@ -73,6 +73,10 @@ class SuiteLabs:
                                                                 name="suite-labs")
         self.proc.start()
         self.started = set(kinds)
+        # the labs are the suite's critical path (a lab kernel's one CPU: every process it starts is
+        # compute), the tests that boot nothing are not: they yield the CPU to the lab process (forked
+        # above, it keeps its priority). WAN_TEST_NICE=0 keeps them equal.
+        os.nice(int(os.environ.get("WAN_TEST_NICE", "10")))
         print(f"\nsuite labs: {', '.join(kinds)} started in the background (pid {self.proc.pid}); progress in {self.log}",
               file=sys.__stderr__, flush=True)
 
