@@ -164,7 +164,7 @@ class Lab:
         for text in plutoconf.notes(self):
             self.note(text)
         for proof in (childsas.checks(self), proofs.pings(self, before), proofs.router_pings(self), proofs.dns(self),
-                      proofs.router_dns(self)):
+                      proofs.router_dns(self), proofs.platform_files(self)):
             yield from proof
 
     def _recheck_after_flaps(self, first: int) -> None:

@@ -50,6 +50,58 @@ def enrolled_files(platform: str) -> dict[str, tuple[bytes, int]]:
     return out
 
 
+STOCK_2305 = REPO / "lab/stock-openwrt-23.05"  # the 23.05 libreswan package's files, verbatim (its SOURCE)
+
+
+def platform_release(tree: Path) -> str:
+    """The platform release the router's own files name (etc/wan/router.env WAN_PLATFORM_RELEASE, which
+    reconcile reads), "" if none."""
+    env = tree / paths.ROUTER_ENV
+    for line in env.read_text().splitlines() if env.exists() else ():
+        if line.startswith("WAN_PLATFORM_RELEASE="):
+            return line.split("=", 1)[1].strip().strip("'\"")
+    return ""
+
+
+def openwrt_pluto_defaults(conf: str) -> str:
+    """An ipsec.conf as OpenWrt's pluto reads it, for Debian's pluto: OpenWrt builds Libreswan with
+    upstream defaults (openwrt/packages net/libreswan/Makefile sets no USE_IKEv1, and 4.12's
+    mk/config.mk:393 `USE_IKEv1 ?= true`), where `ikev1-policy` defaults to accept (v4.12
+    configs/d.ipsec.conf/ikev1-policy.xml); Debian's 4.10 is patched to default to drop ("ikev1-policy
+    defaults to drop", Debian's patch), so its pluto refuses to load an IKEv1 conn at all. The lab's
+    OpenWrt routers get the upstream default written into `config setup`, so a stock IKEv1 conn loads
+    as it does on the router."""
+    line = ("\t# the lab: OpenWrt's pluto default (upstream Libreswan: accept); Debian's own is drop\n"
+            "\tikev1-policy=accept\n")
+    head, sep, rest = conf.partition("config setup\n")
+    return head + sep + line + rest if sep else "config setup\n" + line + "\n" + conf
+
+
+def openwrt_2305_files(flash: Path) -> str:
+    """An OpenWrt 23.05 router's disk as its libreswan package leaves it, then as the router's first
+    reconcile leaves it. The package ships /etc/ipsec.conf with `conn ikev1`/`ikev1-nat` (an IKEv1 L2TP
+    responder for any peer: right=%any, authby=secret), `uniqueids=no` and the include of
+    /etc/ipsec.d/*.conf commented out, and /etc/ipsec.secrets with the catch-all `: PSK "SsEeCcRrEeTt"`
+    (openwrt/packages openwrt-23.05 net/libreswan/files/, lines cited in router/openwrt-23.05-ipsec;
+    copies in lab/stock-openwrt-23.05). reconcile runs router/openwrt-23.05-ipsec before it adds a
+    conn (router/reconcile, step openwrt-23.05-ipsec); the lab runs that program itself on the disk
+    (WAN_ROOT, as reconcile passes it). pluto then starts from the edited files: the lab proves our
+    conns load through the include and the stock ones do not (proofs.platform_files). Returns its output."""
+    etc = flash / "etc"
+    for name, mode in (("ipsec.conf", 0o644), ("ipsec.secrets", 0o600)):
+        f = etc / name
+        if f.is_symlink() or f.exists():
+            f.unlink()  # the lab kernel's own file, linked by install()
+        text = (STOCK_2305 / name).read_text()
+        f.write_text(openwrt_pluto_defaults(text) if name == "ipsec.conf" else text)
+        f.chmod(mode)
+    r = subprocess.run(["sh", str(etc / "wan/openwrt-23.05-ipsec")], env={"WAN_ROOT": str(flash), "PATH": os.environ["PATH"]},
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"openwrt-23.05-ipsec on {flash}: exit {r.returncode}: {r.stdout}{r.stderr}")
+    return r.stdout
+
+
 def dhcp_pool(s: SitePlan) -> tuple[IPv4Address, IPv4Address, IPv4Network]:
     """The DHCP pool of a router-DNS site's first LAN in the lab: OpenWrt's stock `config dhcp lan`
     (start 100, limit 150: .100-.249) on a /24 or larger, the second quarter of a smaller LAN; then the

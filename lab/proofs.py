@@ -384,6 +384,32 @@ def _lease(s: SitePlan) -> tuple[str, str]:
     return "", out
 
 
+STOCK_CONNS = ("ikev1", "ikev1-nat")  # OpenWrt 23.05's stock conns (lab/platform.py openwrt_2305_files)
+
+
+def stock_conns_loaded(status: str) -> list[str]:
+    """The stock conns `ipsec whack --status` shows pluto holding."""
+    return sorted({c for c in STOCK_CONNS if re.search(rf'"{re.escape(c)}"[:\[]', status)})
+
+
+def platform_files(lab: Lab) -> Iterator[Check]:
+    """An OpenWrt 23.05 router started from its package's stock ipsec.conf/secrets as our program edited
+    them (lab/platform.py): pluto holds none of the stock conns (an IKEv1 responder for any peer), the
+    catch-all PSK is gone, and our conns came in through the include (the tunnel checks)."""
+    for name in lab.view.names:
+        r = lab.routers[name]
+        edited = getattr(r, "platform_files", None)
+        if edited is None:
+            continue
+        loaded = stock_conns_loaded(r.whack("--status").stdout)
+        secrets = r.exec(["cat", "/etc/ipsec.secrets"]).stdout
+        psk = bool(re.search(r"^[^#]*SsEeCcRrEeTt", secrets, re.M))
+        ok = not loaded and not psk
+        yield Check("platform_files", name, "openwrt-23.05", ok, {
+            "edit": edited.strip().splitlines(), "stock_conns_loaded": loaded, "catch_all_psk": psk,
+            "why": "" if ok else "the 23.05 package's stock conns or catch-all PSK are still in effect"})
+
+
 def router_dns(lab: Lab) -> Iterator[Check]:
     """A site whose router is its LAN's DNS server (router-DNS): a host on its LAN takes a DHCP lease from
     the router's dnsmasq with a hostname; that name (<hostname>.<domain>) resolves from every joined site

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from .contracts import SitePlan, WanView
 from .network import Network
-from .platform import dnsmasq_base, dnsmasq_conf, enrolled_files, firewall_text
+from .platform import dnsmasq_base, dnsmasq_conf, enrolled_files, firewall_text, openwrt_2305_files, platform_release
 from .proc import LabError, progress, run
 
 HERE = Path(__file__).resolve().parent
@@ -202,6 +202,7 @@ class NetnsRouter(BootWaits):
         self.nss_template = nss_template
         self.holder: subprocess.Popen | None = None
         self.log_offset = 0
+        self.platform_files: str | None = None  # the platform's stock files were laid and edited (install)
 
     @property
     def name(self) -> str:
@@ -227,6 +228,9 @@ class NetnsRouter(BootWaits):
                 f.write_bytes(data)
                 f.chmod(mode)
         prepare_nss(self, self.flash / "nss", self.nss_template)
+        if self.site.platform == "openwrt" and platform_release(Path(tree)) == "23.05":
+            # the package's stock ipsec.conf/secrets, edited by our program as the first reconcile does
+            self.platform_files = openwrt_2305_files(self.flash)
 
     def boot(self) -> None:
         b = self.bootdir

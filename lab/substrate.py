@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,7 +56,13 @@ def one_lab_at_a_time(say: Callable[[str], None]):
         except BlockingIOError:
             f.seek(0)
             say(f"lab: another lab is running ({f.read().strip() or 'unknown'}); waiting for it to finish")
-            fcntl.flock(f, fcntl.LOCK_EX)
+            while True:  # polled, not a blocking flock: ^C (SIGINT) ends the wait at once under invoke too
+                time.sleep(0.5)
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    continue
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}\n")

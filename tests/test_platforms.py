@@ -3,9 +3,11 @@ for each, the same Child SA layout on 4.x and 5.x ends, and the router-side piec
 for real (BusyBox ash and bash, the real `ip` in a network namespace of their own)."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -138,7 +140,7 @@ def test_both_ends_of_a_mixed_4_5_tunnel_propose_the_same_child_sas(tmp_path):
 
 # ---- router/openwrt-23.05-ipsec on the files the 23.05 package really ships ----------------------
 
-STOCK = REPO / "tests/data/openwrt-23.05"
+STOCK = REPO / "lab/stock-openwrt-23.05"  # laid on the lab's 23.05 routers too (lab/platform.py)
 
 
 def _stock_root(tmp_path: Path) -> Path:
@@ -468,3 +470,65 @@ def test_reconcile_el_nftables_path_adds_the_include_once_and_firewalld_path_rel
     assert calls[-4:] == ["firewall-cmd --reload", "systemctl daemon-reload", "systemctl enable wan-firewall",
                           "systemctl restart wan-firewall"]
     assert not (root / "etc/sysconfig/nftables.conf").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/libexec/ipsec/pluto").exists(), reason="needs root and pluto")
+def test_real_pluto_holds_23_05s_stock_ikev1_responder_until_the_edit_and_not_after(tmp_path):
+    """What the lab's platform_files check looks for (lab/proofs.py), on a real pluto 4.10 (built with
+    IKEv1, as OpenWrt's 4.12, given OpenWrt's ikev1-policy default: lab/platform.py openwrt_pluto_defaults)
+    started from the 23.05 package's files: as shipped it holds `ikev1` and
+    `ikev1-nat` (an IKEv1 responder for any peer with the catch-all PSK); after router/openwrt-23.05-ipsec,
+    neither. (This kernel has no ESP: nothing is negotiated; pluto only loads the files.)"""
+    import uuid
+
+    from lab.platform import openwrt_pluto_defaults
+    from lab.proofs import stock_conns_loaded
+    root = _stock_root(tmp_path)
+    # OpenWrt's pluto accepts IKEv1 conns (upstream default), Debian's is patched to refuse them: as the lab does
+    conf = root / "etc/ipsec.conf"
+    conf.write_text(openwrt_pluto_defaults(conf.read_text()))
+    ns = f"wan23{uuid.uuid4().hex[:6]}"
+    run = tmp_path / "run"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", "wan", "type", "veth", "peer", "name", "wanp"], check=True)
+        for cmd in (["link", "set", "lo", "up"], ["link", "set", "wan", "up"], ["addr", "add", "192.0.2.10/24", "dev", "wan"],
+                    ["route", "add", "default", "via", "192.0.2.1"]):  # left=%defaultroute needs one
+            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        (tmp_path / "nss").mkdir()
+        subprocess.run(["certutil", "-N", "-d", f"sql:{tmp_path}/nss", "--empty-password"], check=True)
+        seen = []
+        for edited in (False, True):
+            if edited:
+                assert _edit(["busybox", "sh"], root).returncode == 0
+                # the include now enabled, pointed at a conn of this test's (the host's /etc/ipsec.d is not ours)
+                assert "\ninclude /etc/ipsec.d/*.conf\n" in conf.read_text()
+                conf.write_text(conf.read_text().replace("include /etc/ipsec.d/*.conf", f"include {tmp_path}/ipsec.d/*.conf"))
+                (tmp_path / "ipsec.d").mkdir()
+                (tmp_path / "ipsec.d/wan-marker.conf").write_text(
+                    "conn wan-marker\n\tleft=192.0.2.10\n\tright=192.0.2.20\n\tauthby=secret\n\tauto=add\n")
+            run.mkdir()
+            subprocess.run(["ip", "netns", "exec", ns, "/usr/libexec/ipsec/pluto", "--config", str(root / "etc/ipsec.conf"),
+                            "--rundir", str(run), "--nssdir", f"{tmp_path}/nss", "--secretsfile",
+                            str(root / "etc/ipsec.secrets"), "--logfile", str(tmp_path / "pluto.log")], check=True)
+            try:
+                whack = ["ipsec", "whack", "--ctlsocket", str(run / "pluto.ctl")]
+                end = time.monotonic() + 30
+                while True:  # pluto's own addconn --autoall runs after it starts listening
+                    status = subprocess.run([*whack, "--status"], capture_output=True, text=True).stdout
+                    # conns load in file order: the stock ones come before the include
+                    if stock_conns_loaded(status) or '"wan-marker":' in status:
+                        break
+                    assert time.monotonic() < end, (tmp_path / "pluto.log").read_text()[-2000:]
+                    time.sleep(0.2)
+                seen.append((stock_conns_loaded(status), '"wan-marker":' in status))
+            finally:
+                pid = int((run / "pluto.pid").read_text())
+                os.kill(pid, 15)
+                end = time.monotonic() + 20
+                while Path(f"/proc/{pid}").exists() and time.monotonic() < end:
+                    time.sleep(0.05)
+                shutil.rmtree(run)
+        assert seen == [(["ikev1", "ikev1-nat"], False), ([], True)], seen
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])

@@ -118,9 +118,9 @@ def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
         # a key rollover in three releases while pings run: berlin initiates one tunnel and responds to another
         "rotation": LabRequest(sites=WANS / "three", kernel="uml", results=base / "rotation", timeout=600,
                                scenarios=(("rotation", {}),)),
-        # peers that apply later: release 2 changes home's three tunnels at both ends; the four routers
-        # fetch it at random moments (WAN_LAB_LATER_SEED=N reproduces them; the seed is printed)
-        "later": LabRequest(sites=WANS / "four", kernel="uml", results=base / "later", timeout=900,
+        # peers that apply later: release 2 changes home's five tunnels at both ends; the six routers of
+        # the example fetch it at random moments (WAN_LAB_LATER_SEED=N reproduces them; the seed is printed)
+        "later": LabRequest(sites=REPO / "sites", kernel="uml", results=base / "later", timeout=900,
                             scenarios=(("later", {}),)),
         "release": LabRequest(sites=WANS / "two", kernel="uml", results=base / "release", timeout=900,
                               scenarios=(("release", {"negatives": True}),)),

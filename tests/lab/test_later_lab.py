@@ -1,6 +1,6 @@
 """Peers that apply later, with real pluto, ESP, signify-openbsd, curl and BusyBox wget
-(lab/scenarios/later.py, docs/releases.md "Peers that apply later"): four routers enrol and fetch
-release 1, then release 2 changes the crypto profile of home's three tunnels at both ends (an end on
+(lab/scenarios/later.py, docs/releases.md "Peers that apply later"): the example WAN's six routers enrol
+and fetch release 1, then release 2 changes the crypto profile of home's five tunnels at both ends (an end on
 the old profile answers NO_PROPOSAL_CHOSEN), and each router runs its real fetch at a random moment
 spread over four WAN_HEALTH_TIMEOUTs (12 s here; the seed is printed and in result.json,
 WAN_LAB_LATER_SEED reproduces it). No router rolls back; an end whose peer has not applied yet waits
@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import pytest
 
+from render.validate import load_sites
+
+from support import REPO
+
 pytestmark = pytest.mark.lab
+WAN = load_sites(REPO / "sites")
+CHANGED = next(s.name for s in WAN.sites if s.router.platform == "openwrt")  # the scenario's default: home
 
 
 def _lab(uml_labs):
@@ -25,7 +31,7 @@ def test_a_release_changing_both_ends_converges_at_random_moments_with_no_rollba
     r, later = _lab(uml_labs)
     print(f"later: seed {later['seed']}, moments {later['moments']}, outages {later['outages']}")
     routers = {c.src: c.evidence for c in r.checks if c.kind == "later"}
-    assert set(routers) == {"acme", "berlin", "home", "oslo"}
+    assert set(routers) == {s.name for s in WAN.sites}
     for e in routers.values():
         assert (e["rc"], e["final_rc"]) == (0, 0), e["output"]
         assert "rolling back" not in e["output"] and "was rolled back" not in e["output"]
@@ -38,7 +44,7 @@ def test_a_release_changing_both_ends_converges_at_random_moments_with_no_rollba
 
 def test_each_changed_tunnel_really_breaks_until_both_ends_applied_and_its_outage_is_reported(uml_labs):
     r, later = _lab(uml_labs)
-    assert set(later["outages"]) == {"acme-home", "berlin-home", "home-oslo"}
+    assert set(later["outages"]) == {t.name for t in WAN.tunnels_of(CHANGED)}
     for name, o in later["outages"].items():
         assert o["broke"] and o["seconds"] is not None, (name, o)
         assert o["answered_while_one_end"] == 0, (name, o)  # no echo crossed a half-changed tunnel
@@ -47,9 +53,9 @@ def test_each_changed_tunnel_really_breaks_until_both_ends_applied_and_its_outag
 
 def test_a_tunnel_the_release_does_not_change_loses_nothing(uml_labs):
     r, later = _lab(uml_labs)
-    assert set(later["unchanged"]) == {"acme-berlin", "acme-oslo", "berlin-oslo"}
+    assert set(later["unchanged"]) == {t.name for t in WAN.tunnels} - {t.name for t in WAN.tunnels_of(CHANGED)}
     assert later["stream"]["sent"] > 100 and later["stream"]["lost"] == 0
     assert all(c.ok for c in r.checks if c.kind in ("stream", "sa_kept"))
     # after all that the WAN works: every tunnel, pings through ESP, DNS
-    assert len([c for c in r.checks if c.kind == "tunnel" and c.ok]) == 6
+    assert len([c for c in r.checks if c.kind == "tunnel" and c.ok]) == len(WAN.tunnels)
     assert {"tunnel", "ping", "dns"} <= {c.kind for c in r.checks if c.ok}
