@@ -24,7 +24,8 @@ from render.validate import load_sites
 from support import REPO, site_key
 
 WANS = REPO / "tests/lab/wans"
-# two generated WANs per run; WAN_LAB_SEEDS=a,b reproduces a run (the seeds are printed).
+# two generated WANs per run (the first as drawn, the second with MESHED_HUBS); WAN_LAB_SEEDS=a,b
+# reproduces a run (the seeds are printed).
 # PINNED for now (session 5): the generator's new dimensions found two product bugs with seed 817444
 # (a router-DNS site's DHCP names not resolving from its peers; a hub-hub tunnel of MESHED_HUBS never
 # established, its repair refused) that are not fixed yet; until they are, CI proves seeds that passed
@@ -140,14 +141,16 @@ def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
         # berlin (EL) and home (OpenWrt) are their LANs' DNS servers: DHCP names, no DNS host, not for the internet
         "router-dns": LabRequest(sites=WANS / "router-dns", kernel="uml", results=base / "router-dns", timeout=900),
     }
-    for seed in SEEDS:
-        sites = write_generated(seed, revisions / f"generated-{seed}")
-        reqs[f"generated {seed}"] = LabRequest(sites=sites, kernel="uml", results=base / f"generated-{seed}", timeout=900)
-    # hub-and-spoke with transit: one OpenWrt hub and three spokes, and a generated WAN of two meshed
-    # hubs and two spokes (the first seed's choices for the rest)
+    # two generated WANs: the first seed's WAN as drawn, and the second seed's as hub-and-spoke with two
+    # meshed hubs and two spokes (MESHED_HUBS; its choices for the rest). One of each, not two plus one:
+    # each costs about 70 s of CI (a dynamic site plays the nat scenario), and the seeds change every run.
+    sites = write_generated(SEEDS[0], revisions / f"generated-{SEEDS[0]}")
+    reqs[f"generated {SEEDS[0]}"] = LabRequest(sites=sites, kernel="uml", results=base / f"generated-{SEEDS[0]}",
+                                               timeout=900)
+    # hub-and-spoke with transit: one OpenWrt hub and three spokes
     reqs["hub"] = LabRequest(sites=WANS / "hub", kernel="uml", results=base / "hub", timeout=900)
-    sites = write_generated(SEEDS[0], revisions / f"generated-hubs-{SEEDS[0]}", **MESHED_HUBS)
-    reqs[f"generated-hubs {SEEDS[0]}"] = LabRequest(sites=sites, kernel="uml", results=base / "generated-hubs", timeout=900)
+    sites = write_generated(SEEDS[1], revisions / f"generated-hubs-{SEEDS[1]}", **MESHED_HUBS)
+    reqs[f"generated-hubs {SEEDS[1]}"] = LabRequest(sites=sites, kernel="uml", results=base / "generated-hubs", timeout=900)
     return reqs
 
 

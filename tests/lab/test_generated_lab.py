@@ -1,6 +1,7 @@
 """Two generated WANs per run (lab/generate.py; seeds printed, WAN_LAB_SEEDS=a,b reproduces them, as
-does ./run lab --generate SEED) proven in the lab as far as it can: a valid WAN that fails here is
-a bug in the renderer or the lab."""
+does ./run lab --generate SEED): the first seed's WAN as drawn, the second seed's with two meshed hubs
+(MESHED_HUBS), proven in the lab as far as it can: a valid WAN that fails here is a bug in the
+renderer or the lab."""
 from __future__ import annotations
 
 import pytest
@@ -10,11 +11,10 @@ from lab.generate import MESHED_HUBS, from_seed
 pytestmark = pytest.mark.lab
 
 
-def test_two_generated_wans_pass_the_lab(uml_labs):
+def test_a_generated_wan_passes_the_lab(uml_labs):
     seeds = [int(k.split()[1]) for k in uml_labs if k.startswith("generated ")]
-    assert len(seeds) == 2
-    for seed in seeds:
-        _proven(uml_labs[f"generated {seed}"], seed)
+    assert len(seeds) == 1
+    _proven(uml_labs[f"generated {seeds[0]}"], seeds[0])
 
 
 def test_a_generated_wan_with_two_meshed_hubs_proves_spoke_to_spoke_through_the_first(uml_labs):
