@@ -17,7 +17,9 @@ strcaseeq). pluto loads the conns by fork+exec of `addconn` with an EMPTY enviro
 programs/pluto/server.c:1057-1066, `char *newenv[] = { NULL }`; v4.10 server.c:1058 too), so
 addconn ran without the GLIBC_TUNABLES that keep glibc's string functions on SSE2 under UML (lab/
 uml_xstate.py: UML on this AVX-512 host carries no vector state beyond the FXSAVE area), and its
-AVX2/EVEX strcasecmp compared with registers UML had not kept. lab/router-setup.sh now wraps
+AVX-512 (EVEX) string functions ran on registers UML had not kept (measured in the guest: 5 of 5
+runs of `addconn --checkconfig` with an empty environment, 0 of 5 with the tunables or with only
+AVX-512 masked; docs/platforms.md). lab/router-setup.sh now wraps
 addconn in each router's mount namespace so it gets the tunables; a real router (no UML) has its
 whole vector state and is not concerned. It reads each router's pluto log (no process)."""
 from __future__ import annotations
