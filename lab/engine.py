@@ -140,6 +140,8 @@ class Lab:
         with self.phase("checks"):
             for check in proofs.firewall(self):
                 self.add(check)
+            for check in plutoconf.checks(self):
+                self.add(check)
             first = len(self.result.checks)
             for check in self._traffic_proofs():
                 self.add(check)
@@ -161,8 +163,6 @@ class Lab:
 
     def _traffic_proofs(self) -> Iterator[Check]:
         before = proofs.all_traffic(self.routers, self.view.names)
-        for text in plutoconf.notes(self):
-            self.note(text)
         for proof in (childsas.checks(self), proofs.pings(self, before), proofs.router_pings(self), proofs.dns(self),
                       proofs.router_dns(self), proofs.platform_files(self)):
             yield from proof

@@ -182,7 +182,18 @@ def firewall_text(platform: str, root: Path, bridges: tuple[str, ...]) -> str:
     return fw4_ruleset(root, "wan", bridges)
 
 
-def _restart_dnsmasq(boot: Path) -> int:
+def router_root() -> Path:
+    """The router's own root file system. A router of a Libreswan-5 site runs in a root of its own
+    (lab/libreswan5.py) and reaches these models, Python of the lab kernel's root, through `chroot
+    /wanhost` (lab/routers.py reload_env): WAN_LAB_ROUTER_PID then names a process of the router
+    (its holder), whose root its files and its dnsmasq are in. Seen with
+    berlin on 5.2 in the rotation lab: the model restarted the lab kernel's dnsmasq with the lab
+    kernel's /etc ("cannot access directory /etc/dnsmasq.d") and the router's DNS stopped."""
+    pid = os.environ.get("WAN_LAB_ROUTER_PID", "")
+    return Path(f"/proc/{int(pid)}/root") if pid else Path("/")
+
+
+def _restart_dnsmasq(boot: Path, root: Path = Path("/")) -> int:
     try:
         pid = int((boot / "dnsmasq.pid").read_text().strip())
         os.kill(pid, signal.SIGTERM)
@@ -192,15 +203,17 @@ def _restart_dnsmasq(boot: Path) -> int:
             time.sleep(0.02)
     except (OSError, ValueError):
         pass  # not running (or gone now)
-    return subprocess.run(["dnsmasq", f"--conf-file={boot / 'dnsmasq.conf'}"]).returncode
+    in_root = [] if root == Path("/") else ["chroot", str(root)]  # the router's own dnsmasq and /etc
+    return subprocess.run([*in_root, "dnsmasq", f"--conf-file={boot / 'dnsmasq.conf'}"]).returncode
 
 
 def main(argv: list[str]) -> int:
     what, boot = argv[0], Path(argv[1])
     if what == "dns":
         base = (boot / "dnsmasq.base").read_text().splitlines()
-        (boot / "dnsmasq.conf").write_text(dnsmasq_conf(argv[2], base, Path("/")))
-        return _restart_dnsmasq(boot)
+        root = router_root()
+        (boot / "dnsmasq.conf").write_text(dnsmasq_conf(argv[2], base, root))
+        return _restart_dnsmasq(boot, root)
     if what == "firewall":  # EL: what wan-firewall.service / the nftables include load; OpenWrt: fw4 reload
         fw = boot / "firewall.nft"
         fw.write_text(firewall_text(argv[2], Path("/"), tuple(argv[3:])))

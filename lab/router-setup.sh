@@ -86,6 +86,23 @@ else
 fi
 fi
 
+# User-Mode Linux on an AVX-512 host carries no vector state beyond the FXSAVE area (lab/uml_xstate.py):
+# every guest program gets GLIBC_TUNABLES (glibc's SSE2 string functions) from the kernel's command line.
+# pluto loads the conns by running addconn with an EMPTY environment (libreswan v5.2
+# programs/pluto/server.c:1057-1066 `char *newenv[] = { NULL }`, v4.10 server.c:1058): without the
+# tunables 5.2's addconn took `esp=` for `encapsulation=` (8 of 8 UML runs; lab/plutoconf.py). A wrapper
+# bound over addconn in this router's own mount namespace gives it the tunables back; the binary it runs
+# is the router's own, bound at $boot/real/addconn (same name: addconn's messages keep their prefix).
+if [ -n "${GLIBC_TUNABLES:-}" ] && [ -x /usr/libexec/ipsec/addconn ]; then
+    mkdir -p "$boot/real"
+    [ -e "$boot/real/addconn" ] || : > "$boot/real/addconn"  # a mount point; never truncated
+    mount --bind /usr/libexec/ipsec/addconn "$boot/real/addconn"
+    printf '#!/bin/sh\nGLIBC_TUNABLES=%s\nexport GLIBC_TUNABLES\nexec %s "$@"\n' \
+        "'$GLIBC_TUNABLES'" "'$boot/real/addconn'" > "$boot/addconn-tunables"
+    chmod 0755 "$boot/addconn-tunables"
+    mount --bind "$boot/addconn-tunables" /usr/libexec/ipsec/addconn
+fi
+
 # The SPI pluto allocates for a Child SA it initiates lives 30 s in the kernel until the SA is
 # installed (net.core.xfrm_acq_expires, per network namespace). A lab kernel's one CPU shared by
 # many routers can answer IKE_AUTH later than that (24-site mesh: up to 68 s); the install then

@@ -324,8 +324,11 @@ class NetnsRouter(BootWaits):
     def reload_env(self) -> dict[str, str]:
         b = self.bootdir
         # the lab's models are Python of the lab kernel's root: a router in a root of its own reaches
-        # it in /wanhost (lab/router-setup.sh)
-        py = (f"chroot /wanhost env PYTHONPATH={HERE.parent} {sys.executable}" if self.site.root else sys.executable)
+        # it in /wanhost (lab/router-setup.sh), and names the router by its holder's PID (a process in the
+        # router's root, current at each call: a reboot makes a new holder) so the model finds that root
+        # (lab/platform.py router_root)
+        py = (f"chroot /wanhost env PYTHONPATH={HERE.parent} WAN_LAB_ROUTER_PID={self.holder.pid} {sys.executable}"
+              if self.site.root else sys.executable)
         env = {"WAN_RELOAD_DNS": f"{py} -m lab.platform dns {b} {self.site.platform}"}
         if not self.firewall:
             env["WAN_RELOAD_FIREWALL"] = "true"  # the lab kernel has no nftables for it (UML)

@@ -14,7 +14,10 @@ PTRACE_GETFPREGS/SETFPREGS (the 512-byte FXSAVE area). Vector state beyond it (Y
 halves) is then not carried by UML: the guest's programs must not rely on it, so the lab sets
 GLIBC_TUNABLES (GUEST_GLIBC_TUNABLES below) so glibc's string functions use their SSE2 versions.
 Measured without that: `ip link` printed "state %s" and Python died in getpath. A corrupted
-computation makes a lab check fail; it cannot make one pass.
+computation makes a lab check fail; it cannot make one pass. A program started with an environment
+of its own loses the tunables: pluto runs `addconn` with an empty one (Libreswan v5.2
+programs/pluto/server.c:1064), and 5.2's addconn then read `esp=` as `encapsulation=`; the lab's
+router setup wraps addconn to put them back (lab/router-setup.sh, lab/plutoconf.py).
 
     python3 uml_xstate.py /usr/bin/linux ARGS...
 """

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -165,10 +167,11 @@ def test_both_ends_of_the_mixed_tunnel_hold_one_child_sa_per_lan_pair():
     assert not ok and why == f"no Child SA for the LAN pairs [{gone}]"
 
 
-def test_a_keyword_pluto_dropped_is_found_in_its_log_and_named_in_a_note():
+def test_a_keyword_pluto_dropped_is_found_in_its_log_and_fails_that_routers_check():
     from lab.plutoconf import ignored
     lines = ignored(_rec("acme-pluto.log"))
     # recorded: 5.2 took `esp=aes_gcm256` (line 19) for `encapsulation` and proposed its default ESP list
+    # (a UML artefact: the addconn pluto runs had no GLIBC_TUNABLES, lab/plutoconf.py)
     assert lines == ["addconn: ipsec %s: /etc/ipsec.d/acme-berlin.conf:19: warning: invalid, keyword ignored: "
                      "encapsulation=aes_gcm256"]
     assert "2:ESP=AES_GCM_16_128" in _rec("acme-pluto.log")
@@ -177,14 +180,17 @@ def test_a_keyword_pluto_dropped_is_found_in_its_log_and_named_in_a_note():
         "Warning: ignored obsolete keyword 'dpdaction'"]
     from types import SimpleNamespace
 
-    from lab.plutoconf import notes
+    from lab.plutoconf import checks
 
     def router(log: str, major: int) -> SimpleNamespace:
         return SimpleNamespace(site=SimpleNamespace(libreswan=major), logs=lambda: {"pluto.log": log})
     lab = SimpleNamespace(view=SimpleNamespace(names=["acme", "berlin"]),
                           routers={"acme": router(_rec("acme-pluto.log"), 5), "berlin": router("", 4)})
-    assert notes(lab) == ["NOT PROVEN on acme (Libreswan 5.x): its pluto ignored keywords of the rendering and used "
-                          "its own defaults for them: " + lines[0]]
+    got = {c.src: c for c in checks(lab)}
+    assert [(c.kind, c.dst, c.ok) for c in got.values()] == [("pluto_config", "acme", False),
+                                                            ("pluto_config", "berlin", True)]
+    assert got["acme"].evidence == {"libreswan": 5, "ignored": lines}
+    assert got["berlin"].evidence == {"libreswan": 4, "ignored": []}
 
 
 def test_a_5x_router_sees_its_roots_etc_not_the_lab_kernels(monkeypatch, tmp_path):
@@ -210,3 +216,44 @@ def test_a_5x_router_sees_its_roots_etc_not_the_lab_kernels(monkeypatch, tmp_pat
     assert (acme / "ipsec.d/acme-berlin.conf").read_text() == rendered.read_text()
     # berlin (4.x): the lab kernel's own /etc, as before
     assert (berlin / "ipsec.conf").is_symlink() and (berlin / "passwd").is_symlink()
+
+
+def test_a_5x_routers_dns_reload_restarts_dnsmasq_in_its_own_root(tmp_path):
+    """The lab's DNS reload of a router in a root of its own (reload_env's WAN_RELOAD_DNS, run by
+    reconcile as `sh -c` inside that root, the model reached through `chroot /wanhost`) starts the
+    dnsmasq of the router's root, which sees the router's /etc. Seen in the rotation lab with berlin on
+    5.2: it restarted the lab kernel's dnsmasq ("cannot access directory /etc/dnsmasq.d"). The root
+    here is busybox with a stand-in `dnsmasq` that records what it saw (no lab kernel, no real router
+    root): the commands, chroots and PIDs are the real ones, in a mount namespace of this test."""
+    from types import SimpleNamespace
+
+    from lab.routers import NetnsRouter
+    if os.geteuid() != 0 or not shutil.which("unshare") or not Path("/bin/busybox").exists():
+        pytest.skip("needs root, unshare and busybox (as the lab does)")
+    root, boot = tmp_path / "root", tmp_path / "boot"
+    for d in ("bin", "usr/sbin", "etc/dnsmasq.d", "wanhost", "out", "proc"):
+        (root / d).mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin/busybox")
+    for tool in ("sh", "ls", "sleep"):
+        (root / "bin" / tool).symlink_to("busybox")
+    (root / "etc/dnsmasq.d/wan.conf").write_text("server=/acme.inc/10.1.2.250\n")
+    fake = root / "usr/sbin/dnsmasq"
+    fake.write_text('#!/bin/sh\necho "$@" > /out/args\nls /etc/dnsmasq.d > /out/saw\n')
+    fake.chmod(0o755)
+    boot.mkdir()
+    (boot / "dnsmasq.base").write_text("conf-dir=/etc/dnsmasq.d\n")
+    # the holder's PID is the shell's $HOLDER: a process started in the root below, as the lab's holder is
+    router = SimpleNamespace(bootdir=boot, site=SimpleNamespace(root=str(root), platform="el"), firewall=False,
+                             holder=SimpleNamespace(pid="$HOLDER"))
+    cmd = NetnsRouter.reload_env(router)["WAN_RELOAD_DNS"]
+    assert cmd.startswith("chroot /wanhost env ") and "WAN_LAB_ROUTER_PID=$HOLDER " in cmd
+    script = (f"mount --rbind / {root}/wanhost && mount -t proc proc {root}/proc || exit 1\n"
+              f"chroot {root} /bin/sleep 60 & HOLDER=$!; export HOLDER\n"
+              f"chroot {root} /bin/sh -c 'PATH=/usr/sbin:/bin; sh -c \"$0\"' {shlex.quote(cmd)}; rc=$?\n"
+              "kill $HOLDER; exit $rc\n")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (root / "out/saw").read_text().split() == ["wan.conf"]  # the router's own /etc
+    assert (root / "out/args").read_text().strip() == f"--conf-file={boot / 'dnsmasq.conf'}"
+    assert (boot / "dnsmasq.conf").read_text() == "conf-dir=/etc/dnsmasq.d\n"

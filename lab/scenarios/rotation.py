@@ -26,7 +26,11 @@ only (keys.c v4.10:378-405). So the peers run with `whack --debug base` for this
 After release 3, a stand-in conn on R (a copy of R's conn with the OLD public key, so pluto signs
 with the OLD private key, still in R's database) initiates to each peer; the peer refuses it with
 "authentication failed: using RSA... for '<R's id>' tried preloaded: *<NEW keyid>" (keys.c
-v4.10:372-376: the keys it tried, OLD not among them).
+v4.10:372-376, v5.2:390-393: the keys it tried, OLD not among them).
+On 5.2 (the suite plays it on tests/lab/wans/three-v5: R and one peer on 5.2, the other on 4.10)
+`whack --keyid ID --addkey --pubkeyrsa K` adds a key beside the ones held and a plain add replaces
+them (programs/pluto/rcv_whack.c v5.2:122-210 key_add_request), as on 4.10, and `whack
+--listpubkeys` prints the same " Key KEYID" line and quoted id (keys.c v5.2:825-846 show_pubkey).
 """
 from __future__ import annotations
 

@@ -116,8 +116,9 @@ def uml_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
             ("change", {"to": [str(seven(revisions)), str(REPO / "sites"), str(oslo_wider(revisions))]}))),
         # home dynamic behind the lab's CGNAT: the nat scenario plays by itself (address change, TCP without the clamp)
         "natted": LabRequest(sites=WANS / "natted", kernel="uml", results=base / "natted", timeout=900),
-        # a key rollover in three releases while pings run: berlin initiates one tunnel and responds to another
-        "rotation": LabRequest(sites=WANS / "three", kernel="uml", results=base / "rotation", timeout=600,
+        # a key rollover in three releases while pings run: berlin initiates one tunnel and responds to another;
+        # three-v5: berlin and acme run Libreswan 5.2, home 4.10 (the rollover on a 5.x router, 5.x and 4.x peers)
+        "rotation": LabRequest(sites=WANS / "three-v5", kernel="uml", results=base / "rotation", timeout=600,
                                scenarios=(("rotation", {}),)),
         # peers that apply later: release 2 changes home's five tunnels at both ends; the six routers of
         # the example fetch it at random moments (WAN_LAB_LATER_SEED=N reproduces them; the seed is printed)

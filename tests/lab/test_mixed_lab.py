@@ -39,5 +39,14 @@ def test_the_verdict_says_which_libreswan_ran_each_router(uml_labs):
     line = next(x for x in text.splitlines() if x.startswith("libreswan: "))
     assert "acme 5." in line and "(own root)" in line and "berlin 4." in line and "home 4." in line
     assert "NOT PROVEN on Libreswan 5.x" not in text  # acme was not run on 4.x
-    # (a "NOT PROVEN on acme (Libreswan 5.x): its pluto ignored keywords" note is expected on User-Mode
-    # Linux for now: 5.2 drops the first conn file's esp= there, lab/plutoconf.py, docs/platforms.md)
+
+
+def test_every_pluto_took_every_keyword_of_its_rendering(uml_labs):
+    """Until session 6 acme's 5.2 pluto dropped the first conn file's `esp=` under User-Mode Linux
+    (its addconn ran without GLIBC_TUNABLES: lab/plutoconf.py, lab/router-setup.sh)."""
+    r = uml_labs["mixed"].result
+    got = {c.src: c for c in r.checks if c.kind == "pluto_config"}
+    assert set(got) == set(LANS)
+    for name, c in got.items():
+        assert c.ok and c.evidence["ignored"] == [], (name, c.evidence)
+    assert got["acme"].evidence["libreswan"] == 5

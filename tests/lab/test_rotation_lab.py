@@ -1,6 +1,9 @@
 """A router key rotation in the lab, with real pluto, ESP, fetch and reconcile (lab/scenarios/
-rotation.py, docs/keys.md): the routers of three sites enrol; berlin (it initiates berlin-home and
-responds to acme-berlin) makes a second key pair in its own NSS database; three signed releases
+rotation.py, docs/keys.md): the routers of three sites enrol (tests/lab/wans/three-v5: acme and
+berlin on a real Libreswan 5.2 pluto in the lab's Debian 13 root, home on 4.10); berlin (it
+initiates berlin-home and responds to acme-berlin) makes a second key pair in its own NSS database
+with 5.2's `ipsec newhostkey`; its peers hold both keys during the overlap with `whack --addkey`,
+acme on 5.2 and home on 4.10; three signed releases
 (added, rolled, retired) are fetched by every router, in orders that exercise the overlap (peers
 first, then berlin first, then peers first), while a ping stream crosses each of berlin's tunnels.
 After each step every tunnel is up, every router runs the step's release (none rolled back), the
@@ -18,6 +21,14 @@ def test_a_key_rolls_over_in_three_releases_without_a_flag_day_on_uml(uml_labs):
     outcome = uml_labs["rotation"]
     checks = outcome.result.checks
     assert outcome.ok, outcome.result.error or [c for c in checks if not c.ok]
+    # berlin, the router that rolls its key, and acme, one of its peers, really ran 5.2 (the lab's root),
+    # home 4.10: the rollover is proven on a 5.x router and on a 5.x and a 4.x peer (a 5.x site that fell
+    # back to 4.x would be named in other_major)
+    ran = outcome.result.libreswan
+    for name in ("acme", "berlin"):
+        assert ran[name]["ran"].startswith("5.") and ran[name]["root"], ran
+    assert ran["home"]["ran"].startswith("4.") and not ran["home"]["root"], ran
+    assert not outcome.result.other_major
     rot = {(c.src, c.dst): c for c in checks if c.kind == "rotation"}
     report = outcome.result.scenarios["rotation"]
     assert report["rotated"] == "berlin"
