@@ -38,6 +38,12 @@ def _child(builders: dict[str, tuple[Builder, Path, Path]], jobs: dict[str, int]
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    from lab.substrate import one_lab_at_a_time
+    with one_lab_at_a_time(say):  # across every boot: no other lab slips in between UML's and QEMU's
+        _boots(builders, jobs, out, say, run_labs)
+
+
+def _boots(builders, jobs, out, say, run_labs) -> None:
     for kind, (build, base, revisions) in builders.items():  # UML first: QEMU last, on a quieter machine
         t0 = time.monotonic()
         try:
