@@ -25,6 +25,7 @@ import pytest
 from lab import console, firewalld, libreswan5, roots
 from lab.contracts import LabResult
 from lab.routers import ROOT_PATH
+from render import paths
 from lab.run import LabRequest, _prepare, firewalls_per_router
 
 from support import REPO
@@ -235,3 +236,19 @@ def test_a_router_boots_firewalld_with_the_wans_zones_and_table_and_a_reload_kee
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(tmp_path / "state", ignore_errors=True)
+
+
+def test_a_router_dns_el_site_opens_dns_to_the_remote_lans_in_its_wan_tunnels_zone():
+    """Found with real firewalld: the WAN's policies (egress ANY) cover forwarded traffic only, so the
+    remote LANs' DNS queries to a router-DNS EL router met zone wan-tunnels' default target (reject)."""
+    import xml.etree.ElementTree as ET
+
+    from render.render import render_wan
+    from render.validate import load_sites
+    trees = render_wan(load_sites(REPO / "tests/lab/wans/router-dns"), "lab")
+
+    def services(router: str) -> list[str]:
+        xml = trees[router][paths.firewalld_zone("wan-tunnels")].content.decode()
+        return [s.get("name") for s in ET.fromstring(xml).iter("service")]
+    assert services("berlin") == ["dns"]  # EL, its LAN's DNS server
+    assert services("acme") == []  # EL, a DNS host on its LAN: nothing to the router itself
