@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def choose(sites, lab_major: int, firewall: bool, say: Callable[[str], None] = p
 # What an EL router's administrator has set up before the WAN arrives, as the lab models it: the WAN
 # side in the stock `external` zone (masquerade, ssh; firewalld config/zones/external.xml), the LANs in
 # the stock `internal` zone (ssh, mdns, samba-client, dhcpv6-client; config/zones/internal.xml) with
-# DNS and DHCP added for the router's own dnsmasq, and a policy that forwards the LANs to the internet:
+# DNS and DHCP added for the router's own dnsmasq, a port forward (TCP 8080 of the WAN address to a
+# LAN host: a zone's forward-port, firewalld.zone(5)), and a policy that forwards the LANs to the internet:
 # zones filter only input, forwarding between zones takes a policy (firewalld.policies(5), "Similarity
 # to Zones"; a zone's masquerade only adds the nat rule, nftables.py build_policy_masquerade_rules).
 # firewalld binds an interface named in a zone file when it loads its configuration (no NetworkManager
@@ -126,6 +128,7 @@ EXTERNAL_ZONE = """<?xml version="1.0" encoding="utf-8"?>
   <service name="ssh"/>
   <masquerade/>
   <forward/>
+  <forward-port port="{dnat_port}" protocol="tcp" to-port="{dnat_port}" to-addr="{dnat_to}"/>
   <interface name="{wan}"/>
 </zone>
 """
@@ -152,10 +155,15 @@ LAN_OUT_POLICY = """<?xml version="1.0" encoding="utf-8"?>
 """
 
 
-def operator_files(wan: str, bridges: tuple[str, ...]) -> dict[str, str]:
-    """path under the router's / -> text: the operator's firewalld files (zones of its interfaces)."""
+DNAT_PORT = 8080  # the operator's port forward: the router's WAN address, TCP 8080 -> the first LAN's host
+SSH_PORT = 22
+
+
+def operator_files(wan: str, bridges: tuple[str, ...], dnat_to: str) -> dict[str, str]:
+    """path under the router's / -> text: the operator's firewalld files (zones of its interfaces, a port
+    forward to `dnat_to`)."""
     ifaces = "".join(f'  <interface name="{b}"/>\n' for b in bridges)
-    return {"etc/firewalld/zones/external.xml": EXTERNAL_ZONE.format(wan=wan),
+    return {"etc/firewalld/zones/external.xml": EXTERNAL_ZONE.format(wan=wan, dnat_port=DNAT_PORT, dnat_to=dnat_to),
             "etc/firewalld/zones/internal.xml": INTERNAL_ZONE.format(interfaces=ifaces),
             "etc/firewalld/policies/lab-lans-out.xml": LAN_OUT_POLICY}
 
@@ -226,12 +234,90 @@ def state(router, tree: Path, remote_lans: list[str]) -> dict:
             "want_zones": want_zones, "why": "; ".join(why)}
 
 
+# A TCP service that answers with a banner and prints the peer's address (the stand-in for sshd on the
+# router, TCP 22, and for a LAN server behind the port forward): the lab has no sshd; what is proven is
+# that the firewall lets the connection through, not ssh itself.
+SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", int(sys.argv[1]))); s.listen(1); s.settimeout(float(sys.argv[2])); print("listening", flush=True)
+try:
+    c, a = s.accept()
+except OSError:
+    print("no connection", flush=True); sys.exit(1)
+c.sendall(b"SSH-2.0-wan-lab\\r\\n"); print(a[0], flush=True); c.close()
+"""
+CLIENT = """
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    print(c.recv(100).decode(errors="replace").strip())
+except OSError as e:
+    print(f"error: {e}"); sys.exit(1)
+"""
+
+
+def tcp_answered(server: list[str], port: int, client: list[str], to: str, to_port: int) -> dict:
+    """A connection from `client` (an argv prefix: where it runs) to to:to_port, answered by a one-shot
+    server started with the `server` prefix on `port`. {"ok", "banner", "peer", "why"}."""
+    srv = subprocess.Popen([*server, "python3", "-c", SERVER, str(port), "15"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        first = srv.stdout.readline().strip()
+        if first != "listening":
+            return {"ok": False, "why": f"the server did not start: {first[:200]}"}
+        r = subprocess.run([*client, "python3", "-c", CLIENT, to, str(to_port), "5"], capture_output=True, text=True, timeout=30)
+        banner = (r.stdout + r.stderr).strip()[:200]
+    finally:
+        try:
+            out, _ = srv.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            out, _ = srv.communicate()
+    peer = (out or "").strip().splitlines()[-1:] or [""]
+    ok = banner.startswith("SSH-2.0-wan-lab")
+    return {"ok": ok, "banner": banner, "peer": peer[0], "why": "" if ok else f"not answered: {banner}"}
+
+
+def platform(lab, s) -> dict[str, dict]:
+    """What the EL platform must keep doing next to the WAN's files (issue 13 item 2), each a real
+    exchange through the router's firewall: IPv6 neighbour discovery on the LAN (the LAN host pings the
+    router's link-local address: NS/NA both ways), SSH from a management network outside the WAN (the
+    lab's internet, to TCP 22 of the router's WAN address: the operator's external zone opens ssh), the
+    operator's port forward (the internet to TCP 8080 of the WAN address, DNAT to a LAN host). A DHCP
+    DISCOVER from 0.0.0.0 to the router's dnsmasq is the dhcp check of router-DNS sites (lab/proofs.py)."""
+    from .network import ns_path
+    r = lab.routers[s.name]
+    lan = s.lans[0]
+    host = ["nsenter", f"--net={ns_path(lan.host_ns)}", "--"]
+    inet = ["nsenter", f"--net={ns_path(lab.plan.infra.inet_ns)}", "--"]
+    out = {}
+    addrs = r.exec(["ip", "-6", "-o", "addr", "show", "dev", lan.bridge, "scope", "link"]).stdout
+    ll = re.search(r"inet6 (fe80::[0-9a-f:]+)/", addrs)
+    if not ll:
+        out["ipv6_nd"] = {"ok": False, "why": f"no IPv6 link-local address on {lan.bridge}"}
+    else:
+        for _ in range(5):  # a fresh link-local address is tentative for a moment (DAD)
+            p = subprocess.run([*host, "ping", "-6", "-c", "1", "-W", "2", "-I", "eth0", ll.group(1)],
+                               capture_output=True, text=True, timeout=30)
+            if p.returncode == 0:
+                break
+            time.sleep(1)
+        out["ipv6_nd"] = {"ok": p.returncode == 0, "to": ll.group(1), "ping": p.stdout.strip()[-200:],
+                          "why": "" if p.returncode == 0 else "the LAN host got no answer from the router's link-local address"}
+    out["ssh_management"] = tcp_answered(r.enter(), SSH_PORT, inet, s.public, SSH_PORT)
+    out["dnat_port_forward"] = tcp_answered(host, DNAT_PORT, inet, s.public, DNAT_PORT)
+    return out
+
+
 def checks(lab) -> list:
-    """On each router that runs real firewalld: what is in effect at boot, then `firewall-cmd
-    --reload` and what is in effect after it (firewalld deletes and rebuilds only its own table:
-    nftables.py build_flush_rules; the WAN's table must stay). The traffic proofs run after the
-    reload: tunnels, pings and DNS then prove the WAN works across it."""
+    """On each router that runs real firewalld, at boot, after `firewall-cmd --reload` and after a
+    reboot: what is in effect (zones, policies, the WAN's table next to firewalld's: firewalld deletes
+    and rebuilds only its own table, nftables.py build_flush_rules) and what the platform must keep
+    doing (`platform`). The traffic proofs run after all this: tunnels, pings and DNS then prove the
+    WAN on a router that was reloaded and rebooted."""
     from .contracts import Check
+    from .proofs import wait_tunnels
     out = []
     if not lab.plan.firewall:
         return out
@@ -242,15 +328,28 @@ def checks(lab) -> list:
         remote = sorted({lan.subnet for o in lab.view.sites if o.name != s.name
                          and any(t.peer_of(s.name) == o.name for t in lab.view.tunnels if s.name in (t.a, t.b))
                          for lan in o.lans})
-        before = state(r, Path(s.tree), remote)
-        reload = r.exec(["firewall-cmd", "--reload"], timeout=120)
-        after = state(r, Path(s.tree), remote)
         version = r.exec(["firewall-cmd", "--version"]).stdout.strip()
-        why = [f"at boot: {before['why']}" if before["why"] else "",
-               f"firewall-cmd --reload exited {reload.returncode}: {(reload.stdout + reload.stderr).strip()[:200]}"
-               if reload.returncode else "",
-               f"after firewall-cmd --reload: {after['why']}" if after["why"] else ""]
-        why = "; ".join(w for w in why if w)
+        phases = {}
+        t0 = time.monotonic()
+        phases["boot"] = {**state(r, Path(s.tree), remote), "platform": platform(lab, s)}
+        reload = r.exec(["firewall-cmd", "--reload"], timeout=120)
+        phases["reload"] = {**state(r, Path(s.tree), remote), "platform": platform(lab, s),
+                            "rc": reload.returncode, "output": (reload.stdout + reload.stderr).strip()[:200]}
+        r.reboot()
+        _, tunnels = wait_tunnels(lab.view, lab.routers, lab.plan.tunnel_timeout)
+        down = [c.evidence.get("tunnel") for c in tunnels if not c.ok]
+        phases["reboot"] = {**state(r, Path(s.tree), remote), "platform": platform(lab, s),
+                            "tunnels_down": down}
+        why = []
+        for when, ph in phases.items():
+            what = [ph["why"]] if ph["why"] else []
+            what += [f"{k}: {v['why']}" for k, v in ph["platform"].items() if not v["ok"]]
+            if ph.get("rc"):
+                what.append(f"firewall-cmd --reload exited {ph['rc']}: {ph['output']}")
+            if ph.get("tunnels_down"):
+                what.append(f"tunnels not back: {ph['tunnels_down']}")
+            if what:
+                why.append(f"after {when}: " + "; ".join(what))
         out.append(Check("firewalld", s.name, s.name, not why, {
-            "firewalld": version, "before_reload": before, "after_reload": after, "why": why}))
+            "firewalld": version, "seconds": round(time.monotonic() - t0, 1), **phases, "why": " | ".join(why)}))
     return out

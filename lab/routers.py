@@ -244,7 +244,7 @@ class NetnsRouter(BootWaits):
                     dst.mkdir(parents=True, exist_ok=True)
                 elif not dst.exists():
                     shutil.copy2(src, dst)
-        for path, text in firewalld.operator_files("wan", self._bridges()).items():
+        for path, text in firewalld.operator_files("wan", self._bridges(), self.site.lans[0].host).items():
             (self.flash / path).parent.mkdir(parents=True, exist_ok=True)
             (self.flash / path).write_text(text)
         for link, target in firewalld.enabled_links(Path(tree)).items():

@@ -25,8 +25,8 @@ import pytest
 from lab import console, firewalld, libreswan5, roots
 from lab.contracts import LabResult
 from lab.routers import ROOT_PATH
-from render import paths
 from lab.run import LabRequest, _prepare, firewalls_per_router
+from render import paths
 
 from support import REPO
 
@@ -130,7 +130,9 @@ def test_a_firewalld_routers_disk_has_the_stock_files_the_operators_zones_and_th
     r.install(r.site.tree)
     fw = r.flash / "etc/firewalld"
     assert not fw.is_symlink() and (fw / "firewalld.conf").read_text().startswith("DefaultZone=public")
-    assert '<interface name="wan"/>' in (fw / "zones/external.xml").read_text()
+    external = (fw / "zones/external.xml").read_text()
+    assert '<interface name="wan"/>' in external and "<masquerade/>" in external
+    assert f'<forward-port port="8080" protocol="tcp" to-port="8080" to-addr="{r.site.lans[0].host}"/>' in external
     assert '<interface name="br-lan"/>' in (fw / "zones/internal.xml").read_text()
     rendered = Path(r.site.tree) / "etc/firewalld/zones/wan-tunnels.xml"
     assert (fw / "zones/wan-tunnels.xml").read_text() == rendered.read_text()
