@@ -275,6 +275,11 @@ class NetnsRouter(BootWaits):
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         logf.close()
 
+    def wait_prepared(self, timeout: float = 60) -> None:
+        # firewalld's start (Python, its whole configuration, one nft transaction) took 20-60 s per router
+        # in QEMU with three starting at once on its one CPU (hub lab: 60 s were not enough)
+        super().wait_prepared(timeout * 4 if self.site.firewalld and self.firewall else timeout)
+
     def _bridges(self) -> tuple[str, ...]:
         return tuple(lan.bridge for lan in self.site.lans)
 

@@ -59,6 +59,9 @@ class LabRequest:
     # gated on QEMU and the host (more than one CPU: routers negotiate side by side)
     start: str | None = None
     on_line: Callable[[str], None] | None = None
+    # real firewalld on the EL routers where the firewall is loaded (lab/firewalld.py); False: the lab's
+    # model (a suite lab that proves other things saves firewalld's start-up); None: $WAN_LAB_FIREWALLD
+    firewalld: bool | None = None
 
 
 @dataclass
@@ -170,8 +173,9 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
     also = frozenset(roots)
     wan, targets, notes = as_lab_version(wan0, major, also, why_not)
     # real firewalld for the EL routers (lab/firewalld.py), where the lab kernel loads a firewall
-    fw_dir, fw_why = firewalld.choose([s for s in wan.sites if s.router.libreswan not in roots], major,
-                                      req.routers == "netns" and kind != "uml", say)
+    fw_dir, fw_why = (None, "this lab asks for the model (LabRequest.firewalld=False)") if req.firewalld is False else \
+        firewalld.choose([s for s in wan.sites if s.router.libreswan not in roots], major,
+                         req.routers == "netns" and kind != "uml", say)
     fw_root = (str(fw_dir), roots_meta(fw_dir)["firewalld"]) if fw_dir else None
     if (req.routers == "netns" and "nat" not in names and not {"change", "release", "later"} & set(names)
             and any(s.router.dynamic for s in wan.sites)):
