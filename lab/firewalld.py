@@ -318,7 +318,8 @@ def platform(lab, s) -> dict[str, dict]:
 
 def checks(lab) -> list:
     """On each router that runs real firewalld: what is in effect at boot (zones with their sources,
-    every rendered policy, the WAN's table next to firewalld's). On the first of them (by name), also
+    every rendered policy, the WAN's table next to firewalld's). On the first of them (a router-DNS
+    site's, else by name), also
     what the platform must keep doing (`platform`) at boot, then `firewall-cmd --reload` and all of it
     again (firewalld deletes and rebuilds only its own table: nftables.py build_flush_rules), then a
     reboot, the tunnels waited for, and all of it again. One router per lab: firewalld's reload and a
@@ -330,7 +331,9 @@ def checks(lab) -> list:
     out = []
     if not lab.plan.firewall:
         return out
-    mine = sorted(s.name for s in lab.view.sites if s.firewalld and s.name in lab.routers)
+    # the first: a router-DNS site's if there is one (its DHCP and DNS proofs then run after its reload and reboot)
+    mine = [s.name for s in sorted(lab.view.sites, key=lambda s: (not s.router_dns, s.name))
+            if s.firewalld and s.name in lab.routers]
     for name in mine:
         s = lab.view.site(name)
         r = lab.routers[name]
