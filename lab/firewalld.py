@@ -319,10 +319,9 @@ def platform(lab, s) -> dict[str, dict]:
 def checks(lab) -> list:
     """On each router that runs real firewalld: what is in effect at boot (zones with their sources,
     every rendered policy, the WAN's table next to firewalld's). On the first of them (a router-DNS
-    site's, else by name), also
-    what the platform must keep doing (`platform`) at boot, then `firewall-cmd --reload` and all of it
-    again (firewalld deletes and rebuilds only its own table: nftables.py build_flush_rules), then a
-    reboot, the tunnels waited for, and all of it again. One router per lab: firewalld's reload and a
+    site's, else by name), also what the platform must keep doing (`platform`) at boot, then
+    `firewall-cmd --reload` and all of it again (firewalld deletes and rebuilds only its own table:
+    nftables.py build_flush_rules), then a reboot, the tunnels waited for, and all of it again. One router per lab: firewalld's reload and a
     reboot are the same code on every router and cost 15-60 s each in QEMU (CI time). The traffic
     proofs run after all this: tunnels, pings, DNS and DHCP then prove the WAN on a router that was
     reloaded and rebooted."""
