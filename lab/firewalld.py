@@ -316,12 +316,37 @@ def platform(lab, s) -> dict[str, dict]:
     return out
 
 
+def repair(router, s, remote: list[str]) -> dict:
+    """reconcile's real firewalld path, as the router's scheduled fetch runs it (`reconcile --repair`,
+    lab/proofs.py scheduled_repair): the WAN's zone wan-tunnels removed from the disk and from
+    firewalld (`firewall-cmd --reload`) and its table deleted; reconcile puts the file back, runs
+    `firewall-cmd --reload` (a file under /etc/firewalld changed) and `systemctl restart wan-firewall`
+    (lab/el-systemctl: the unit's `nft -f`). The router sees the tree through /wanhost (its root)."""
+    broke = router.exec(["sh", "-c", "rm -f /etc/firewalld/zones/wan-tunnels.xml && firewall-cmd --reload >/dev/null "
+                         "&& nft delete table inet wan"], timeout=120)
+    broken = state(router, Path(s.tree), remote)
+    tree = f"/wanhost{s.tree}" if s.root else s.tree
+    rec = router.exec(["sh", "/etc/wan/reconcile", "--repair", tree], env={**router.reload_env(), "WAN_PHASE": "repair"},
+                      timeout=300)
+    after = state(router, Path(s.tree), remote)
+    log = (rec.stdout + rec.stderr)
+    ran = [c for c in ("run: firewall-cmd --reload", "run: systemctl restart wan-firewall") if c in log]
+    why = [w for w, bad in (
+        (f"breaking it failed: {(broke.stdout + broke.stderr).strip()[:200]}", broke.returncode != 0),
+        ("the zone and the table removed were not seen as missing", not broken["why"]),
+        (f"reconcile --repair exited {rec.returncode}: {log.strip()[-300:]}", rec.returncode != 0),
+        (f"reconcile did not run {2 - len(ran)} of firewall-cmd --reload, systemctl restart wan-firewall", len(ran) != 2),
+        (after["why"], bool(after["why"]))) if bad]
+    return {**after, "broken": broken["why"], "reconcile": log.strip()[-1500:], "why": "; ".join(why)}
+
+
 def checks(lab) -> list:
     """On each router that runs real firewalld: what is in effect at boot (zones with their sources,
     every rendered policy, the WAN's table next to firewalld's). On the first of them (a router-DNS
     site's, else by name), also what the platform must keep doing (`platform`) at boot, then
     `firewall-cmd --reload` and all of it again (firewalld deletes and rebuilds only its own table:
-    nftables.py build_flush_rules), then a reboot, the tunnels waited for, and all of it again. One router per lab: firewalld's reload and a
+    nftables.py build_flush_rules), then reconcile's repair of the WAN's zone and table (`repair`), then
+    a reboot, the tunnels waited for, and all of it again. One router per lab: firewalld's reload and a
     reboot are the same code on every router and cost 15-60 s each in QEMU (CI time). The traffic
     proofs run after all this: tunnels, pings, DNS and DHCP then prove the WAN on a router that was
     reloaded and rebooted."""
@@ -350,6 +375,9 @@ def checks(lab) -> list:
             phases["reload"] = {**state(r, Path(s.tree), remote), "platform": platform(lab, s),
                                 "rc": reload.returncode, "output": (reload.stdout + reload.stderr).strip()[:200]}
             seconds["reload"] = round(time.monotonic() - t, 1)
+            t = time.monotonic()
+            phases["repair"] = repair(r, s, remote)
+            seconds["repair"] = round(time.monotonic() - t, 1)
             t = time.monotonic()
             r.reboot()
             _, tunnels = wait_tunnels(lab.view, lab.routers, lab.plan.tunnel_timeout)
