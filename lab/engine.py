@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import childsas, diagnostics, firewalld, plutoconf, proofs, scenarios
+from . import childsas, diagnostics, fwcheck, plutoconf, proofs, scenarios
 from .contracts import Check, LabPlan, LabResult, WanView
 from .docker_routers import DockerFleet
 from .network import Network, ns_path
@@ -140,7 +140,7 @@ class Lab:
             for check in proofs.firewall(self):
                 self.add(check)
             # real firewalld (EL routers in the QEMU lab): in effect, then reloaded; the proofs below run after it
-            for check in firewalld.checks(self):
+            for check in fwcheck.checks(self):
                 self.add(check)
             first = len(self.result.checks)
             for check in self._traffic_proofs():

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lab import console, firewalld, libreswan5, roots
+from lab import console, firewalld, fwcheck, libreswan5, roots
 from lab.contracts import LabResult
 from lab.routers import ROOT_PATH
 from lab.run import LabRequest, _prepare, firewalls_per_router
@@ -176,7 +176,7 @@ def test_active_zones_are_read_from_firewall_cmd():
     # firewall-cmd 1.3.3's --get-active-zones, as the router in the test below printed it
     text = ("external\n  interfaces: wan\ninternal\n  interfaces: br-lan\n"
             "wan-peers\n  sources: 198.51.100.20/32\nwan-tunnels\n  sources: 192.168.2.0/24\n")
-    z = firewalld.active_zones(text)
+    z = fwcheck.active_zones(text)
     assert z["wan-tunnels"] == {"interfaces": [], "sources": ["192.168.2.0/24"]}
     assert z["external"]["interfaces"] == ["wan"] and set(z) == {"external", "internal", "wan-peers", "wan-tunnels"}
 
@@ -222,12 +222,12 @@ def test_a_router_boots_firewalld_with_the_wans_zones_and_table_and_a_reload_kee
             r.wait_prepared(timeout=90)
             up = time.monotonic() - t0
             remote = [x.subnet for x in p.plan.wan.site("home").lans]
-            before = firewalld.state(r, Path(site.tree), remote)
+            before = fwcheck.state(r, Path(site.tree), remote)
             assert before["state"] == "running" and before["why"] == "", before
             assert before["active_zones"]["external"]["interfaces"] == ["wan"]
             assert {"wan-from-tunnels", "wan-into-tunnels"} <= set(before["policies"])
             assert r.exec(["firewall-cmd", "--reload"], timeout=120).returncode == 0
-            after = firewalld.state(r, Path(site.tree), remote)
+            after = fwcheck.state(r, Path(site.tree), remote)
             assert after["why"] == "" and after["wan_rules"] == before["wan_rules"] > 0, after
             # reconcile's firewalld path, with the stand-in systemctl: the table loaded again
             assert r.exec(["systemctl", "restart", "wan-firewall"], env={"PATH": ROOT_PATH}).returncode == 0
