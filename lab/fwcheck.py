@@ -38,7 +38,7 @@ def rule_comments(text: str) -> list[str]:
     return sorted(re.findall(r'comment "([^"]*)"', text))
 
 
-def state(router, tree: Path, remote_lans: list[str]) -> dict:
+def state(router, tree: Path, remote_lans: list[str] | None = None) -> dict:
     """What is in effect on a router that runs firewalld: its state, the WAN's zones with their
     sources, the WAN's policies, and the WAN's own nftables table next to firewalld's."""
     fw = Path(tree) / "etc/firewalld"
@@ -59,6 +59,9 @@ def state(router, tree: Path, remote_lans: list[str]) -> dict:
     why = []
     if st.stdout.strip() != "running":
         why.append(f"firewall-cmd --state: {(st.stdout + st.stderr).strip()[:200]!r}")
+    if remote_lans is None:  # what the rendered zone names (on a spoke: the LANs reached through the hub too)
+        text = (fw / "zones/wan-tunnels.xml").read_text() if (fw / "zones/wan-tunnels.xml").exists() else ""
+        remote_lans = re.findall(r'<source address="([^"]+)"/>', text)
     if "wan-tunnels" in want_zones and sorted(zones.get("wan-tunnels", {}).get("sources", [])) != sorted(remote_lans):
         why.append(f"zone wan-tunnels is not active with the remote LANs {remote_lans} as sources: {zones.get('wan-tunnels')}")
     missing = [p for p in want_policies if p not in policies]
@@ -150,11 +153,14 @@ def platform(lab, s) -> dict[str, dict]:
 
 def repair(router, s, remote: list[str]) -> dict:
     """reconcile's real firewalld path, as the router's scheduled fetch runs it (`reconcile --repair`,
-    lab/proofs.py scheduled_repair): the WAN's zone wan-tunnels removed from the disk and from
+    lab/proofs.py scheduled_repair): the WAN's policy wan-into-tunnels removed from the disk and from
     firewalld (`firewall-cmd --reload`) and its table deleted; reconcile puts the file back, runs
     `firewall-cmd --reload` (a file under /etc/firewalld changed) and `systemctl restart wan-firewall`
     (lab/el-systemctl: the unit's `nft -f`). The router sees the tree through /wanhost (its root)."""
-    broke = router.exec(["sh", "-c", "rm -f /etc/firewalld/zones/wan-tunnels.xml && firewall-cmd --reload >/dev/null "
+    # a policy, not a zone: firewalld refuses a configuration whose policy names a missing zone (seen:
+    # `firewall-cmd --reload` fails with INVALID_ZONE, and at its next start it logs "Failed to load user
+    # configuration. Falling back to full stock configuration.", the operator's zones gone too)
+    broke = router.exec(["sh", "-c", "rm -f /etc/firewalld/policies/wan-into-tunnels.xml && firewall-cmd --reload >/dev/null "
                          "&& nft delete table inet wan"], timeout=120)
     broken = state(router, Path(s.tree), remote)
     tree = f"/wanhost{s.tree}" if s.root else s.tree
@@ -192,9 +198,7 @@ def checks(lab) -> list:
         s = lab.view.site(name)
         r = lab.routers[name]
         full = name == mine[0]
-        remote = sorted({lan.subnet for o in lab.view.sites if o.name != name
-                         and any(t.peer_of(name) == o.name for t in lab.view.tunnels if name in (t.a, t.b))
-                         for lan in o.lans})
+        remote = None  # the rendered zone's sources
         phases, seconds = {}, {}
         t = time.monotonic()
         phases["boot"] = {**state(r, Path(s.tree), remote), **({"platform": platform(lab, s)} if full else {})}

@@ -104,9 +104,11 @@ if [ "$firewall" = firewalld ]; then
     firewalld --nofork --nopid --log-target console >> "$boot/firewalld.log" 2>&1 &
     # firewall-cmd --state: "running" once firewalld has loaded its configuration (exit 0; firewall-cmd(1))
     n=0
+    # "failed" (exit RUNNING_BUT_FAILED): firewalld refused the user configuration and runs the stock one
+    # (firewall-cmd.in --state, v1.3.3:2463-2470): a failed boot here
     until firewall-cmd --state >/dev/null 2>&1; do
         n=$((n + 1))
-        if [ $n -gt 600 ] || ! kill -0 $! 2>/dev/null; then
+        if [ $n -gt 600 ] || ! kill -0 $! 2>/dev/null || [ "$(firewall-cmd --state 2>&1)" = failed ]; then
             echo "firewalld did not come up: $(tail -5 "$boot/firewalld.log")" >&2
             echo failed > "$boot/failed"; exit 1
         fi
