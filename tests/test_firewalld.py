@@ -254,3 +254,15 @@ def test_a_router_dns_el_site_opens_dns_to_the_remote_lans_in_its_wan_tunnels_zo
         return [s.get("name") for s in ET.fromstring(xml).iter("service")]
     assert services("berlin") == ["dns"]  # EL, its LAN's DNS server
     assert services("acme") == []  # EL, a DNS host on its LAN: nothing to the router itself
+
+
+def test_a_tree_altered_after_rendering_is_told_apart_as_reconcile_tells_it(tmp_path):
+    """lab/fwcheck.py proves reconcile's firewalld path only on a tree reconcile accepts (a negative lab
+    alters its trees on purpose)."""
+    from render.render import render_wan, write_trees
+    from render.validate import load_sites
+    write_trees(render_wan(load_sites(TWO), "lab"), tmp_path)
+    assert fwcheck.tree_intact(tmp_path / "acme")
+    nft = tmp_path / "acme" / paths.NFT_EL
+    nft.write_text(nft.read_text().replace("snat", "masquerade", 1))
+    assert not fwcheck.tree_intact(tmp_path / "acme")
