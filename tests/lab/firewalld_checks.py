@@ -14,3 +14,15 @@ def assert_firewalld(outcome, routers: set[str], full: str) -> None:
     for when in ("boot", "reload", "reboot"):
         assert phases[when]["state"] == "running" and phases[when]["active_zones"]["wan-tunnels"]["sources"]
         assert {k for k, v in phases[when]["platform"].items() if v["ok"]} == {"ipv6_nd", "ssh_management", "dnat_port_forward"}
+
+
+def if_firewalld(outcome, routers: set[str], full: str) -> None:
+    """A lab that may run real firewalld or keep the model (LabRequest.firewalld=False: real firewalld
+    costs minutes of CI per lab): either these routers ran firewalld and passed its check, or the
+    verdict names the lab's model for each and no firewalld check ran."""
+    r = outcome.result
+    if any(what.startswith("firewalld") for what in r.firewalls.values()):
+        assert_firewalld(outcome, routers, full)
+    else:
+        assert all(r.firewalls[n].startswith("the lab's model of EL's firewall") for n in routers), r.firewalls
+        assert not [c for c in r.checks if c.kind == "firewalld"]

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from firewalld_checks import assert_firewalld
+from firewalld_checks import assert_firewalld, if_firewalld
 
 from support import REPO
 
@@ -166,7 +166,7 @@ def test_example_wan_passes_on_qemu_with_the_firewall_active(qemu_labs):
     fw = [c for c in outcome.result.checks if c.kind == "firewall"]
     assert len(fw) == 12 and all(c.ok for c in fw)  # before and after the probes, every router
     assert len([c for c in outcome.result.checks if c.kind == "tunnel"]) == 15
-    assert_firewalld(outcome, {"acme", "berlin", "oslo", "paris", "rome"}, "acme")
+    if_firewalld(outcome, {"acme", "berlin", "oslo", "paris", "rome"}, "acme")
 
 
 def test_missing_nat_exemption_fails_on_qemu(qemu_labs):
