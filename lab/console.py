@@ -160,6 +160,7 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
         pairs = ", ".join(f"{a}-{b}" for a, b in result.unjoined_pairs[:8]) + (" ..." if len(result.unjoined_pairs) > 8 else "")
         lines.append(f"not proven: {len(result.unjoined_pairs)} pairs of sites that no tunnel joins ({pairs})")
     lines += libreswan_lines(result)
+    lines += firewall_lines(result)
     for n in result.notes:
         lines.append(f"note: {n}")
     t = result.timings
@@ -170,6 +171,11 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
     word = "PASS" if result.ok else "FAIL"
     lines.append(f"{word}: {passed}/{total} checks passed ({fw}); results in {results_dir}")
     return "\n".join(lines)
+
+
+def firewall_lines(result: LabResult) -> list[str]:
+    """Which firewall ran on each router: real firewalld (lab/firewalld.py), the lab's model, or none."""
+    return [f"firewall: {n}: {what}" for n, what in sorted(result.firewalls.items())]
 
 
 def junit(result: LabResult, path: Path) -> None:

@@ -134,6 +134,10 @@ class SitePlan(Record):
     # the site's router is its LAN's DNS server (dns.server is its LAN address): no DNS host; the dns_ns
     # namespace is a DHCP client host on its first LAN instead (lab/proofs.py router_dns)
     router_dns: bool = False
+    # the firewalld version this router runs for real (lab/firewalld.py: an EL router with `firewall:
+    # firewalld` in a lab kernel with the firewall, in the firewalld root `root`); "": none
+    firewalld: str = ""
+    firewall: str = ""  # the site's router.firewall: fw4 (OpenWrt), firewalld or nftables (EL)
     nat: NatPlan | None = None  # a dynamic site sits behind a carrier-grade NAT in the lab
     shapes: tuple[str, ...] = ()  # the site's shapes: "hub", "spoke", "dynamic", "router-dns" (the verdict's site lines)
 
@@ -252,6 +256,8 @@ class LabPlan(Record):
     docker: DockerPlan | None = None
     # router -> which Libreswan runs it (the shape of LabResult.libreswan; lab/run.py libreswan_per_router)
     libreswan: dict[str, dict] = field(default_factory=dict)
+    # router -> which firewall runs on it (the shape of LabResult.firewalls; lab/run.py firewalls_per_router)
+    firewalls: dict[str, str] = field(default_factory=dict)
 
 
 # ---- the result ----------------------------------------------------------------------------------
@@ -281,6 +287,9 @@ class LabResult(Record):
     # router -> which Libreswan ran it: {"target": 5, "ran": "5.2", "root": "/...root-trixie-..."|"" (the lab
     # kernel's own), "why": why a router that targets another major ran the lab kernel's, else ""}
     libreswan: dict[str, dict] = field(default_factory=dict)
+    # router -> which firewall ran on it: "firewalld 1.3.3" (real, lab/firewalld.py), "the lab's model of
+    # EL's firewall", "the lab's model of fw4", or "not exercised (why)"
+    firewalls: dict[str, str] = field(default_factory=dict)
     # which keys the routers used: {"origin": "lab", "why": ..., "ckaids": {router: [CKAID, ...]}}
     # (public fingerprints only; the private halves stay in the routers' NSS databases)
     keys: dict = field(default_factory=dict)

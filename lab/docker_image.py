@@ -119,21 +119,37 @@ def debootstrap(recipe: dict, root: Path, say: Callable[[str], None] = print, wh
     mirror = apt_mirror(recipe["suite"])
     say(f"lab: building {what} with debootstrap {recipe['suite']} from {mirror} (once, minutes)")
     t0 = time.monotonic()
-    proc = subprocess.Popen(["debootstrap", f"--variant={recipe['variant']}", f"--include={','.join(recipe['packages'])}",
-                             recipe["suite"], str(root), mirror], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail: list[str] = []
-    last = 0.0
-    for line in proc.stdout:
-        tail = (tail + [line.rstrip()])[-30:]
-        # debootstrap's own phases (I: Retrieving, Validating, Unpacking, Configuring), one line every 10 s at most
-        if line.startswith("I: ") and time.monotonic() - last >= 10:
-            last = time.monotonic()
-            say(f"lab: debootstrap {recipe['suite']} ({time.monotonic() - t0:.0f} s): {line[3:].strip()}")
-    if proc.wait() != 0:
-        log = root / "debootstrap/debootstrap.log"
-        detail = log.read_text(errors="replace")[-2000:] if log.exists() else "\n".join(tail)
-        raise RuntimeError(f"debootstrap {recipe['suite']} into {root} failed (exit {proc.returncode}); "
-                           f"check the mirror {mirror} ($WAN_LAB_DEBIAN_MIRROR) and the space free there:\n{detail}")
+    first = ["debootstrap", f"--variant={recipe['variant']}", f"--include={','.join(recipe['packages'])}"]
+    if recipe.get("no_daemons"):
+        # a root with daemons that must never start on the host (firewalld would take over its firewall):
+        # the packages are fetched and unpacked first (--foreign), then configured in the root with a
+        # policy-rc.d that refuses every start (invoke-rc.d and deb-systemd-invoke ask it: exit 101 =
+        # "action forbidden", Debian policy 9.3.3 and /usr/share/doc/init-system-helpers/README.policy-rc.d)
+        # and in a network namespace of its own, so nothing a maintainer script runs reaches the host's.
+        stages = [first + ["--foreign", recipe["suite"], str(root), mirror],
+                  ["unshare", "--net", "--mount", "--propagation", "private",
+                   "chroot", str(root), "/debootstrap/debootstrap", "--second-stage"]]
+    else:
+        stages = [first + [recipe["suite"], str(root), mirror]]
+    for k, argv in enumerate(stages):
+        if k == 1:
+            rc = root / "usr/sbin/policy-rc.d"
+            rc.write_text("#!/bin/sh\n# the lab's root: no daemon starts from a maintainer script\nexit 101\n")
+            rc.chmod(0o755)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        last = 0.0
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-30:]
+            # debootstrap's own phases (I: Retrieving, Validating, Unpacking, Configuring), one line every 10 s at most
+            if line.startswith("I: ") and time.monotonic() - last >= 10:
+                last = time.monotonic()
+                say(f"lab: debootstrap {recipe['suite']} ({time.monotonic() - t0:.0f} s): {line[3:].strip()}")
+        if proc.wait() != 0:
+            log = root / "debootstrap/debootstrap.log"
+            detail = log.read_text(errors="replace")[-2000:] if log.exists() else "\n".join(tail)
+            raise RuntimeError(f"debootstrap {recipe['suite']} into {root} failed (exit {proc.returncode}); "
+                               f"check the mirror {mirror} ($WAN_LAB_DEBIAN_MIRROR) and the space free there:\n{detail}")
     for rel in recipe["strip"]:
         shutil.rmtree(root / rel, ignore_errors=True)
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import childsas, diagnostics, plutoconf, proofs, scenarios
+from . import childsas, diagnostics, fwcheck, plutoconf, proofs, scenarios
 from .contracts import Check, LabPlan, LabResult, WanView
 from .docker_routers import DockerFleet
 from .network import Network, ns_path
@@ -141,6 +141,9 @@ class Lab:
             for check in proofs.firewall(self):
                 self.add(check)
             for check in plutoconf.checks(self):
+                self.add(check)
+            # real firewalld (EL routers in the QEMU lab): in effect, then reloaded; the proofs below run after it
+            for check in fwcheck.checks(self):
                 self.add(check)
             first = len(self.result.checks)
             for check in self._traffic_proofs():

@@ -15,17 +15,12 @@ $WAN_LAB_LIBRESWAN5=0 keeps every router on the lab kernel's Libreswan (the 5.x 
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
-import shutil
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import docker_image, kernels
+from . import docker_image, roots
 
 # What a 5.x router needs inside: pluto and its tools (bind9-host: libreswan depends on the virtual
 # package `host`, which debootstrap does not resolve by itself; certutil for the NSS database), the
@@ -41,15 +36,25 @@ RECIPE = {
     "packages": list(PACKAGES),
     "strip": list(docker_image.STRIP),
 }
-META = "wan-lab-root.json"  # in the root: the recipe, the Libreswan version, build time and size
+META = roots.META  # in the root: the recipe, the Libreswan version, build time and size
+
+
+def _probe(root: Path) -> dict:
+    version = roots.libreswan_version(root, "the Libreswan 5 root")
+    if not version.startswith("5."):
+        raise RuntimeError(f"the {RECIPE['suite']} root has Libreswan {version}, not 5.x")
+    return {"libreswan": version}
+
+
+ROOT = roots.Root(recipe=RECIPE, label="the Libreswan 5 root", probe=_probe)  # lab/roots.py builds and caches it
 
 
 def recipe_hash() -> str:
-    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    return ROOT.recipe_hash()
 
 
 def root_dir() -> Path:
-    return kernels.cache_dir() / f"root-{RECIPE['suite']}-{recipe_hash()}"
+    return ROOT.root_dir()
 
 
 def wanted() -> bool:
@@ -58,68 +63,23 @@ def wanted() -> bool:
 
 def built() -> Path | None:
     """The root if it is built (its metadata file is written last)."""
-    root = root_dir()
-    return root if (root / META).exists() else None
+    return ROOT.built()
 
 
 def meta(root: Path) -> dict:
-    return json.loads((root / META).read_text())
+    return roots.meta(root)
 
 
 def unavailable() -> str | None:
     """Why no 5.x root can be used in this run, None if one can (built, or buildable here)."""
     if not wanted():
         return "WAN_LAB_LIBRESWAN5=0"
-    if built():
-        return None
-    if shutil.which("debootstrap") is None:
-        return "debootstrap is not installed (./run installs it; apt-get install debootstrap)"
-    if os.geteuid() != 0:
-        return "building the Libreswan 5 root needs root (debootstrap)"
-    return None
-
-
-def _version(root: Path) -> str:
-    """`ipsec --version` of the root's Libreswan, run in the root ("Libreswan 5.2" -> "5.2")."""
-    r = subprocess.run(["chroot", str(root), "/usr/sbin/ipsec", "--version"], capture_output=True, text=True, timeout=60)
-    words = (r.stdout or "").split()
-    if r.returncode != 0 or len(words) < 2 or words[0] != "Libreswan":
-        raise RuntimeError(f"the Libreswan 5 root {root}: `ipsec --version` answered {(r.stdout + r.stderr).strip()[:200]!r}")
-    return words[1]
+    return ROOT.buildable()
 
 
 def ensure_root(say: Callable[[str], None] = print) -> Path:
-    """The root, built once per recipe (minutes; the caller may hold the lab lock, another process
-    building the same root is waited for). Raises RuntimeError naming what failed."""
-    root = root_dir()
-    if built():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if built():
-            return root
-        t0 = time.monotonic()
-        tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            docker_image.debootstrap(RECIPE, tmp, say, f"the Libreswan 5 root ({RECIPE['suite']})")
-            # mount points and directories the router's holder binds over (lab/router-setup.sh)
-            for d in ("run/wan-lab", "var/lib/ipsec/nss", "var/prometheus", "wanhost"):
-                (tmp / d).mkdir(parents=True, exist_ok=True)
-            version = _version(tmp)
-            if not version.startswith("5."):
-                raise RuntimeError(f"the {RECIPE['suite']} root has Libreswan {version}, not 5.x")
-            size = int(subprocess.run(["du", "-sxk", str(tmp)], capture_output=True, text=True).stdout.split()[0]) * 1024
-            seconds = round(time.monotonic() - t0, 1)
-            (tmp / META).write_text(json.dumps({"recipe": RECIPE, "hash": recipe_hash(), "libreswan": version,
-                                                "build_seconds": seconds, "bytes": size}, indent=1) + "\n")
-            shutil.rmtree(root, ignore_errors=True)  # a half-built root of an earlier, killed build
-            os.rename(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        say(f"lab: Libreswan {version} root {root} ({size // 2**20} MiB) built in {seconds:.0f} s")
-    return root
+    """The root, built once per recipe (lab/roots.py Root.ensure). Raises RuntimeError naming what failed."""
+    return ROOT.ensure(say)
 
 
 def choose(targets: dict[str, int], say: Callable[[str], None] = print) -> tuple[Path | None, str | None]:

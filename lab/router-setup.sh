@@ -8,7 +8,10 @@
 # namespace pair with nsenter -t <its pid>.
 #   $1 router name   $2 router dir (flash/, hostetc/, boot/)
 #   $3 dnsmasq config (written by the lab from the installed files: the platform's options)
-#   $4 firewall file to load, or "-" when the lab kernel cannot (User-Mode Linux)
+#   $4 firewall file to load, or "-" when the lab kernel cannot (User-Mode Linux), or "firewalld":
+#      the router runs real firewalld (lab/firewalld.py; its root is $5): a D-Bus system bus of its
+#      own, firewalld, then the units enabled in /etc/systemd/system/multi-user.target.wants, as
+#      systemd starts them after firewalld.service (the WAN's wan-firewall.service: After=firewalld)
 #   $5 a root file system to run the router in (lab/libreswan5.py: Debian 13 with Libreswan 5.2), or
 #      "-"/absent for the lab kernel's own. The holder then builds the router's root from it (its
 #      directories bound read-only, /etc the router's flash, /run and /tmp tmpfs, the NSS database
@@ -81,6 +84,12 @@ else
     mount --bind "$root/flash/etc" "$r/etc"
     mount --bind "$root/flash/nss" "$r/var/lib/ipsec/nss"
     mount -t tmpfs -o mode=0755 tmpfs "$r/var/prometheus"
+    if [ "$firewall" = firewalld ]; then
+        # what firewalld, polkitd and dbus write besides /run: logs (firewalld's own goes to boot/)
+        mount -t tmpfs -o mode=0755 tmpfs "$r/var/log"
+        # no systemd in the lab: its stand-in for what reconcile asks of systemctl (lab/el-systemctl)
+        mount --bind "$(dirname "$0")/el-systemctl" "$r/usr/local/sbin/systemctl"
+    fi
     cp "$0" "$boot/router-setup.sh"
     exec env WAN_LAB_IN_ROOT=1 chroot "$r" /bin/sh "$boot/router-setup.sh" "$@"
 fi
@@ -110,7 +119,31 @@ fi
 # patience (retransmits for 60 s) and more.
 echo 120 > /proc/sys/net/core/xfrm_acq_expires
 
-if [ "$firewall" != "-" ]; then
+if [ "$firewall" = firewalld ]; then
+    export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin  # the stand-in systemctl first
+    # EL's boot order (systemd): dbus.service, then firewalld.service (Type=dbus, After=dbus.service:
+    # firewalld's config/firewalld.service.in), then the units ordered After=firewalld. One system bus
+    # per router: its socket /run/dbus/system_bus_socket is in this router's /run tmpfs.
+    mkdir -p /run/dbus
+    dbus-daemon --system --fork
+    firewalld --nofork --nopid --log-target console >> "$boot/firewalld.log" 2>&1 &
+    # firewall-cmd --state: "running" once firewalld has loaded its configuration (exit 0; firewall-cmd(1))
+    n=0
+    # "failed" (exit RUNNING_BUT_FAILED): firewalld refused the user configuration and runs the stock one
+    # (firewall-cmd.in --state, v1.3.3:2463-2470): a failed boot here
+    until firewall-cmd --state >/dev/null 2>&1; do
+        n=$((n + 1))
+        if [ $n -gt 600 ] || ! kill -0 $! 2>/dev/null || [ "$(firewall-cmd --state 2>&1)" = failed ]; then
+            echo "firewalld did not come up: $(tail -5 "$boot/firewalld.log")" >&2
+            echo failed > "$boot/failed"; exit 1
+        fi
+        sleep 0.1
+    done
+    for u in /etc/systemd/system/multi-user.target.wants/*.service; do
+        [ -e "$u" ] || continue
+        systemctl start "${u##*/}" || { echo "starting ${u##*/} failed" >&2; echo failed > "$boot/failed"; exit 1; }
+    done
+elif [ "$firewall" != "-" ]; then
     nft -f "$firewall"
 fi
 dnsmasq --conf-file="$dnsconf"

@@ -31,6 +31,7 @@ WHACK = "/usr/libexec/ipsec/whack"
 ESTABLISHED_RE = re.compile(r'"([^"]+)"(?:\[\d+\])?(?: [0-9.]+)? #\d+: (?:initiator|responder) established Child SA')
 
 
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # a router's PATH in its own root
 STALE_LOCK = 'p=$(cat /run/pluto/pluto.pid 2>/dev/null) && ! kill -0 "$p" 2>/dev/null && rm -f /run/pluto/pluto.pid; '
 
 
@@ -216,6 +217,8 @@ class NetnsRouter(BootWaits):
         etc.mkdir(parents=True)
         extra = enrolled_files(self.site.platform)  # the programs (and OpenWrt's hooks), as enrol leaves them
         mine = {p.name for p in (Path(tree) / "etc").iterdir()} | {p.split("/")[1] for p in extra}
+        if self.site.firewalld:
+            mine |= {"firewalld", "systemd"}  # the router's own (written below), not the root's read-only ones
         # a router in a root of its own (Libreswan 5) sees that root's /etc through hostetc
         for e in sorted(os.listdir(Path(self.site.root or "/") / "etc")):
             if e not in mine:
@@ -227,10 +230,34 @@ class NetnsRouter(BootWaits):
                 f.parent.mkdir(parents=True, exist_ok=True)
                 f.write_bytes(data)
                 f.chmod(mode)
+        if self.site.firewalld:
+            self._install_firewalld(tree)
         prepare_nss(self, self.flash / "nss", self.nss_template)
         if self.site.platform == "openwrt" and platform_release(Path(tree)) == "23.05":
             # the package's stock ipsec.conf/secrets, edited by our program as the first reconcile does
             self.platform_files = openwrt_2305_files(self.flash)
+
+    def _install_firewalld(self, tree: str) -> None:
+        """A router that runs real firewalld (lab/firewalld.py): its /etc/firewalld as a fresh EL
+        install has it (the root's stock files) with the operator's zones of its interfaces, and the
+        units the first reconcile enabled (`systemctl enable wan-firewall`), on its disk."""
+        from . import firewalld
+        etc = self.flash / "etc"
+        stock = Path(self.site.root) / "etc/firewalld"
+        if stock.is_dir():
+            for src in sorted(stock.rglob("*")):
+                dst = etc / "firewalld" / src.relative_to(stock)
+                if src.is_dir():
+                    dst.mkdir(parents=True, exist_ok=True)
+                elif not dst.exists():
+                    shutil.copy2(src, dst)
+        for path, text in firewalld.operator_files("wan", self._bridges(), self.site.lans[0].host).items():
+            (self.flash / path).parent.mkdir(parents=True, exist_ok=True)
+            (self.flash / path).write_text(text)
+        for link, target in firewalld.enabled_links(Path(tree)).items():
+            (self.flash / link).parent.mkdir(parents=True, exist_ok=True)
+            (self.flash / link).unlink(missing_ok=True)
+            (self.flash / link).symlink_to(target)
 
     def boot(self) -> None:
         b = self.bootdir
@@ -242,7 +269,9 @@ class NetnsRouter(BootWaits):
         (b / "dnsmasq.base").write_text("\n".join(base) + "\n")  # `python3 -m lab.platform dns` starts from it
         (b / "dnsmasq.conf").write_text(dnsmasq_conf(self.site.platform, base, self.flash))
         fw = "-"
-        if self.firewall:
+        if self.firewall and self.site.firewalld:
+            fw = "firewalld"  # real firewalld in the router's root (lab/firewalld.py, lab/router-setup.sh)
+        elif self.firewall:
             (b / "firewall.nft").write_text(firewall_text(self.site.platform, self.flash, self._bridges()))
             fw = str(b / "firewall.nft")
         logf = open(b / "setup.log", "a")
@@ -252,6 +281,11 @@ class NetnsRouter(BootWaits):
              self.site.root or "-", ":".join(self.shared)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         logf.close()
+
+    def wait_prepared(self, timeout: float = 60) -> None:
+        # firewalld's start (Python, its whole configuration, one nft transaction) took 20-60 s per router
+        # in QEMU with three starting at once on its one CPU (hub lab: 60 s were not enough)
+        super().wait_prepared(timeout * 4 if self.site.firewalld and self.firewall else timeout)
 
     def _bridges(self) -> tuple[str, ...]:
         return tuple(lan.bridge for lan in self.site.lans)
@@ -314,7 +348,7 @@ class NetnsRouter(BootWaits):
 
     def logs(self) -> dict[str, str]:
         out = {}
-        for f in ("pluto.log", "dnsmasq.log", "setup.log"):
+        for f in ("pluto.log", "dnsmasq.log", "setup.log", "firewalld.log"):
             try:
                 out[f] = (self.bootdir / f).read_text(errors="replace")
             except FileNotFoundError:
@@ -327,11 +361,15 @@ class NetnsRouter(BootWaits):
         # it in /wanhost (lab/router-setup.sh), and names the router by its holder's PID (a process in the
         # router's root, current at each call: a reboot makes a new holder) so the model finds that root
         # (lab/platform.py router_root)
-        py = (f"chroot /wanhost env PYTHONPATH={HERE.parent} WAN_LAB_ROUTER_PID={self.holder.pid} {sys.executable}"
-              if self.site.root else sys.executable)
+        pid = f" WAN_LAB_ROUTER_PID={self.holder.pid}" if self.holder else ""  # (not booted: nothing to reload yet)
+        py = (f"chroot /wanhost env PYTHONPATH={HERE.parent}{pid} {sys.executable}" if self.site.root else sys.executable)
         env = {"WAN_RELOAD_DNS": f"{py} -m lab.platform dns {b} {self.site.platform}"}
         if not self.firewall:
             env["WAN_RELOAD_FIREWALL"] = "true"  # the lab kernel has no nftables for it (UML)
+        elif self.site.firewalld:
+            # real firewalld: reconcile's own path (firewall-cmd --reload; systemctl: lab/el-systemctl, bound
+            # over /usr/local/sbin/systemctl, first on systemd's default PATH, as here)
+            env["PATH"] = ROOT_PATH
         else:  # the lab has neither systemd/firewalld nor fw4: its models load what they would (lab/platform.py),
             # and reconcile's own check of the rules in effect (nft) runs as on a router
             bridges = f" {' '.join(self._bridges())}" if self.site.platform == "openwrt" else ""

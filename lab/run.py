@@ -24,12 +24,13 @@ from render.model import Wan
 from render.render import render_wan, write_trees
 from render.validate import load_sites
 
-from . import console, docker_image, kernels, libreswan5, scenarios, substrate
+from . import console, docker_image, firewalld, kernels, libreswan5, scenarios, substrate
 from .contracts import DockerPlan, LabPlan, LabResult, ScenarioCall
 from .docker_routers import cleanup_host_engine
 from .keys import LabKeys
 from .plan import pick_infra, wan_view
 from .proc import LabError
+from .roots import meta as roots_meta
 
 REPO = Path(__file__).resolve().parent.parent
 STARTS = ("gated", "serial")
@@ -58,6 +59,9 @@ class LabRequest:
     # gated on QEMU and the host (more than one CPU: routers negotiate side by side)
     start: str | None = None
     on_line: Callable[[str], None] | None = None
+    # real firewalld on the EL routers where the firewall is loaded (lab/firewalld.py); False: the lab's
+    # model (a suite lab that proves other things saves firewalld's start-up); None: $WAN_LAB_FIREWALLD
+    firewalld: bool | None = None
 
 
 @dataclass
@@ -110,6 +114,26 @@ def libreswan_per_router(sites: tuple, versions: dict[int, str], why_not: str | 
     return out
 
 
+def firewalls_per_router(sites: tuple, firewall: bool, notes: list[str], fw_why: str | None, routers: str) -> dict[str, str]:
+    """router -> which firewall runs on it (LabPlan.firewalls, LabResult.firewalls, the verdict)."""
+    out = {}
+    for s in sites:
+        if not firewall:
+            why = next((n for n in notes if "NOT exercised" in n), "the lab kernel loads no firewall")
+            out[s.name] = f"not exercised ({why.split(': the firewall')[0]})"
+        elif s.firewalld:
+            out[s.name] = f"firewalld {s.firewalld} (real, in the Debian 12 root of lab/firewalld.py)"
+        elif s.platform == "openwrt":
+            out[s.name] = "the lab's model of fw4 (lab/platform.py)"
+        elif s.firewall == "nftables":
+            out[s.name] = "the lab's model of EL's firewall (lab/platform.py; `firewall: nftables`: no firewalld on it)"
+        else:
+            why = ("a Libreswan 5.x router: the Libreswan 5 root has no firewalld" if s.root else
+                   "the Docker routers run one image" if routers == "docker" else fw_why or "no firewalld root")
+            out[s.name] = f"the lab's model of EL's firewall (lab/platform.py; firewalld NOT run: {why})"
+    return out
+
+
 @dataclass
 class _Prepared:
     request: LabRequest
@@ -148,6 +172,11 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
         versions[5] = libreswan5.meta(root5)["libreswan"]
     also = frozenset(roots)
     wan, targets, notes = as_lab_version(wan0, major, also, why_not)
+    # real firewalld for the EL routers (lab/firewalld.py), where the lab kernel loads a firewall
+    fw_dir, fw_why = (None, "this lab asks for the model (LabRequest.firewalld=False)") if req.firewalld is False else \
+        firewalld.choose([s for s in wan.sites if s.router.libreswan not in roots], major,
+                         req.routers == "netns" and kind != "uml", say)
+    fw_root = (str(fw_dir), roots_meta(fw_dir)["firewalld"]) if fw_dir else None
     if (req.routers == "netns" and "nat" not in names and not {"change", "release", "later"} & set(names)
             and any(s.router.dynamic for s in wan.sites)):
         # a dynamic site sits behind a CGNAT in the lab: its address change is played and measured, except
@@ -190,7 +219,7 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
     for n, opts in req.scenarios:
         ctx = scenarios.PrepareContext(wan=wan, out=out, keys=lab_keys, results=results, prefix=prefix, infra=infra,
                                        options=opts, load=load,
-                                       view=lambda w, o, i: wan_view(w, o, prefix, i, targets, nss(), roots))
+                                       view=lambda w, o, i: wan_view(w, o, prefix, i, targets, nss(), roots, fw_root))
         p = scenarios.load(n).prepare(ctx)
         calls.append(ScenarioCall(name=n, data=p.data))
         install.update(p.install)
@@ -201,7 +230,7 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
         if p.no_firewall and firewall:
             firewall = False
             notes.append(p.no_firewall)
-    view = wan_view(wan, out, prefix, index, targets, nss(), roots)
+    view = wan_view(wan, out, prefix, index, targets, nss(), roots, fw_root)
     network_sites = list(view.sites)
     for v in more:
         network_sites += [s for s in v.sites if s.name not in {x.name for x in network_sites}]
@@ -211,7 +240,8 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
     plan = LabPlan(prefix=prefix, firewall=firewall, libreswan_major=major, routers=req.routers, infra=infra, wan=view,
                    network_sites=tuple(network_sites), install=install, serve_release=serve, scenarios=tuple(calls),
                    start=start, tunnel_timeout=req.tunnel_timeout, hold=str(results / "control") if req.hold else None,
-                   docker=docker, libreswan=libreswan_per_router(tuple(network_sites), versions, why_not))
+                   docker=docker, libreswan=libreswan_per_router(tuple(network_sites), versions, why_not),
+                   firewalls=firewalls_per_router(tuple(network_sites), firewall, notes, fw_why, req.routers))
     plan.write(results / "plan.json")
     return _Prepared(req, plan, results, [s.name for s in wan.sites], notes, other_major, lab_keys)
 
@@ -287,6 +317,7 @@ def _collect(p: _Prepared, kind: str, guest: kernels.GuestRun, total: float | No
     result.notes = p.notes + [n for n in result.notes if n not in p.notes]
     result.other_major = p.other_major
     result.libreswan = p.plan.libreswan
+    result.firewalls = p.plan.firewalls
     result.kernel, result.routers = kind, p.plan.routers
     result.keys = {"origin": "lab", "why": "the lab made its own key pair per router in place of the routers' public "
                    "keys in the site files (their private halves never leave the routers)",

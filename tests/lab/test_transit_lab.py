@@ -27,6 +27,8 @@ def test_the_hubs_firewall_forwards_transit_on_qemu(qemu_labs):
     assert outcome.result.firewall_exercised is True
     fw = [c for c in outcome.result.checks if c.kind == "firewall"]
     assert len(fw) == 8 and all(c.ok for c in fw)  # before and after the probes, every router
+    from firewalld_checks import if_firewalld
+    if_firewalld(outcome, {"acme", "berlin", "oslo"}, "acme")  # the EL spokes
 
 
 def assert_transit(outcome) -> None:
