@@ -165,7 +165,11 @@ def test_example_wan_passes_on_qemu_with_the_firewall_active(qemu_labs):
     assert outcome.result.firewall_exercised is True
     fw = [c for c in outcome.result.checks if c.kind == "firewall"]
     assert len(fw) == 12 and all(c.ok for c in fw)  # before and after the probes, every router
-    assert len([c for c in outcome.result.checks if c.kind == "tunnel"]) == 15
+    # every tunnel proven; a tunnel that went down after it was proven up (seen on this QEMU guest in CI:
+    # acme-paris) is waited for again and keeps a second check (evidence after_going_down, lab/engine.py)
+    tunnels = [c for c in outcome.result.checks if c.kind == "tunnel"]
+    assert len({c.evidence["tunnel"] for c in tunnels}) == 15
+    assert len([c for c in tunnels if not c.evidence.get("after_going_down")]) == 15
     if_firewalld(outcome, {"acme", "berlin", "oslo", "paris", "rome"}, "acme")
 
 
