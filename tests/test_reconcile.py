@@ -438,3 +438,71 @@ def test_a_bundle_outside_the_wan_files_is_refused_before_anything_changes(path,
     assert router.files() == {} and router.calls() == []
     r = subprocess.run(shell + [str(RECONCILE), "--verify", str(tree)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and words in r.stderr
+
+
+
+
+_WATCH = """import sys, pathlib, xml.etree.ElementTree as ET
+root = pathlib.Path(sys.argv[1]) / "etc/firewalld"
+zones = {p.stem for p in (root / "zones").glob("*.xml")} | {"ANY", "HOST"}
+for pol in sorted((root / "policies").glob("*.xml")):
+    for el in ET.parse(pol).getroot():
+        if el.tag in ("ingress-zone", "egress-zone") and el.get("name") not in zones:
+            print(f"after `{sys.argv[2].split('/')[-1]}`: {pol.name} names {el.get('name')}, not on disk")
+"""
+
+
+def test_a_firewalld_router_never_has_a_policy_without_its_zone_at_any_kill_point(tmp_path):
+    """acme (EL, firewalld) on its first install and when it leaves firewalld for the nftables path
+    (every zone and policy obsolete): after every single file reconcile moves into place or removes
+    (`mv` and `rm` stand-ins check the disk after the real command: a power cut may fall between any
+    two files), and at every named step under kill -9, the disk never holds a policy that names a
+    zone it does not have (firewalld would fall back to its stock configuration at the next start);
+    the next run converges on the new tree. Under bash only: BusyBox ash runs its own mv and rm
+    applets, not the stand-ins on PATH (the order of the files is the program's, not the shell's)."""
+    shell = ["bash"]
+    first = tmp_path / "first"
+    _render(_sites(tmp_path, ["acme", "home", "paris"]), first)
+    nft = tmp_path / "nft"
+    _render(_sites(tmp_path, ["acme", "home", "paris"],
+                   lambda n, t: t.replace("  libreswan: 4\n", "  libreswan: 4\n  firewall: nftables\n", 1)
+                   if n == "acme" else t), nft)
+    assert list((first / "acme/etc/firewalld/policies").glob("*.xml")), "acme is not on the firewalld path"
+    assert not (nft / "acme/etc/firewalld").exists(), "the nftables variant still has firewalld files"
+    steps = list(dict.fromkeys(re.findall(r"^\s*step ([a-z0-9-]+)\s*$", RECONCILE.read_text(), re.M)))
+    assert steps.index("install-files") < steps.index("install-firewalld-policies")
+    assert steps.index("remove-obsolete") < steps.index("remove-obsolete-rest")
+    watch = tmp_path / "watch.py"
+    watch.write_text(_WATCH)
+    results, i, watched = [], 0, 0
+    for case, before, after in (("first install", None, first / "acme"), ("to nftables", first / "acme", nft / "acme")):
+        for step in [None, *steps]:
+            i += 1
+            d = tmp_path / f"p{i}"
+            d.mkdir()
+            r = Router(d, shell)
+            if before is not None:
+                assert r.reconcile(before).returncode == 0
+            log = d / "faults.log"
+            for tool in ("mv", "rm"):  # the real tool, then the disk checked
+                (d / "bin" / tool).write_text(f'#!/bin/sh\n/bin/{tool} "$@" || exit $?\necho x >> {d}/ops\n'
+                                              f'python3 {watch} {r.root} "{tool} $*" >> {log}\n')
+                (d / "bin" / tool).chmod(0o755)
+            (r.root / "etc/wan/test-hooks").write_text("")
+            if step:
+                r.env.update(WAN_TEST_STOP_AT=f"reconcile:{step}", WAN_TEST_SIGNAL="KILL")
+            killed = r.reconcile(after)
+            reached = step is None or f"WAN-TEST: at reconcile:{step}" in killed.stderr
+            r.env.pop("WAN_TEST_STOP_AT", None)
+            res = r.reconcile(after)
+            faults = log.read_text().splitlines() if log.exists() else []
+            watched += len((d / "ops").read_text().splitlines()) if (d / "ops").exists() else 0
+            ok = res.returncode == 0 and r.files() == _expected(after) | {"etc/wan/test-hooks": (b"", 0o644)}
+            results.append((case, step, reached, faults, ok))
+            shutil.rmtree(d)
+    bad = [f"{c} @ {s or 'no kill'}: {f[:2]}{'' if ok else ' (the next run did not converge)'}"
+           for c, s, _, f, ok in results if f or not ok][:6]
+    reached = {(c, s) for c, s, hit, _, _ in results if hit}
+    assert watched > 100, f"the mv/rm stand-ins saw {watched} operations: reconcile did not use them"
+    assert ("first install", "install-firewalld-policies") in reached and ("to nftables", "remove-obsolete-rest") in reached
+    assert not bad, "\n".join(bad)
