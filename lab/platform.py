@@ -41,9 +41,10 @@ def enrolled_files(platform: str) -> dict[str, tuple[bytes, int]]:
     """What a router holds besides its tree once `enrol --install` and its first reconcile ran:
     every program of the program release in /etc/wan (render/paths.py PROGRAMS) and, on OpenWrt,
     the hooks reconcile copies where rc.common and hotplug-call look (paths.OPENWRT_HOOKS).
-    The platform's own /etc/ipsec.conf is the lab kernel's (Debian's stock file: `config setup`
-    with every option commented out and `include /etc/ipsec.d/*.conf`, the shape EL's and OpenWrt
-    24.10's stock files have, docs/platforms.md); the trees carry none."""
+    The platform's own /etc/ipsec.conf is RHEL's stock file on EL (el_stock_files), OpenWrt 23.05's
+    package files on 23.05 (openwrt_2305_files), else the lab kernel's (Debian's stock file: `config
+    setup` with every option commented out and `include /etc/ipsec.d/*.conf`, the shape OpenWrt 24.10's
+    stock file has, docs/platforms.md); the trees carry none."""
     out = {path: ((REPO / "router" / name).read_bytes(), 0o755) for path, name in paths.PROGRAMS.items()}
     if platform == "openwrt":
         out |= {hook: out[program] for hook, program in paths.OPENWRT_HOOKS.items()}
@@ -75,6 +76,26 @@ def openwrt_pluto_defaults(conf: str) -> str:
             "\tikev1-policy=accept\n")
     head, sep, rest = conf.partition("config setup\n")
     return head + sep + line + rest if sep else "config setup\n" + line + "\n" + conf
+
+
+STOCK_EL = REPO / "lab/stock-el"  # RHEL's stock ipsec.conf and a crypto-policies back-end (lab/stock-el/SOURCE)
+EL_STOCK_FILES = {"etc/ipsec.conf": "ipsec.conf", "etc/crypto-policies/back-ends/libreswan.config": "libreswan.config"}
+
+
+def el_stock_files(flash: Path) -> None:
+    """An EL router's disk as its libreswan and crypto-policies packages leave it: RHEL's stock
+    /etc/ipsec.conf (upstream configs/ipsec.conf.in with the Fedora/RHEL spec's edit that enables
+    `include /etc/crypto-policies/back-ends/libreswan.config`, field-facts W6) and a system-wide
+    policy back-end (`conn %default` with ikev2, pfs, ike, esp and authby lists: crypto-policies'
+    libreswan generator; lab/stock-el/SOURCE names both). The WAN leaves both alone (render/paths.py
+    PLATFORM_FILES); its conns set what the %default would otherwise give them."""
+    for path, name in EL_STOCK_FILES.items():
+        f = flash / path
+        if f.is_symlink() or f.exists():
+            f.unlink()  # the lab kernel's own file, linked by install()
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes((STOCK_EL / name).read_bytes())
+        f.chmod(0o644)
 
 
 def openwrt_2305_files(flash: Path) -> str:

@@ -392,12 +392,26 @@ def stock_conns_loaded(status: str) -> list[str]:
     return sorted({c for c in STOCK_CONNS if re.search(rf'"{re.escape(c)}"[:\[]', status)})
 
 
+def _el_stock_check(name: str, r) -> Check:
+    """An EL router started from RHEL's stock /etc/ipsec.conf and crypto-policy back-end (lab/platform.py
+    el_stock_files): after the WAN's programs ran, both are still the platform's, byte for byte, and the
+    policy include is live; our conns came in through /etc/ipsec.d (the tunnel checks)."""
+    from .platform import EL_STOCK_FILES, STOCK_EL
+    changed = [p for p, n in EL_STOCK_FILES.items()
+               if r.exec(["cat", f"/{p}"]).stdout.encode() != (STOCK_EL / n).read_bytes()]
+    return Check("platform_files", name, "el", not changed, {
+        "stock": "RHEL's ipsec.conf with the crypto-policy include (lab/stock-el)", "changed": changed,
+        "why": "" if not changed else f"the platform's own files were changed: {changed}"})
+
+
 def platform_files(lab: Lab) -> Iterator[Check]:
     """An OpenWrt 23.05 router started from its package's stock ipsec.conf/secrets as our program edited
     them (lab/platform.py): pluto holds none of the stock conns (an IKEv1 responder for any peer), the
     catch-all PSK is gone, and our conns came in through the include (the tunnel checks)."""
     for name in lab.view.names:
         r = lab.routers[name]
+        if getattr(r, "el_stock", False):
+            yield _el_stock_check(name, r)
         edited = getattr(r, "platform_files", None)
         if edited is None:
             continue

@@ -21,7 +21,16 @@ from typing import Protocol
 
 from .contracts import SitePlan, WanView
 from .network import Network
-from .platform import dnsmasq_base, dnsmasq_conf, enrolled_files, firewall_text, openwrt_2305_files, platform_release
+from .platform import (
+    EL_STOCK_FILES,
+    dnsmasq_base,
+    dnsmasq_conf,
+    el_stock_files,
+    enrolled_files,
+    firewall_text,
+    openwrt_2305_files,
+    platform_release,
+)
 from .proc import LabError, progress, run
 
 HERE = Path(__file__).resolve().parent
@@ -204,6 +213,7 @@ class NetnsRouter(BootWaits):
         self.holder: subprocess.Popen | None = None
         self.log_offset = 0
         self.platform_files: str | None = None  # the platform's stock files were laid and edited (install)
+        self.el_stock = False  # RHEL's stock ipsec.conf and crypto-policy back-end were laid (install)
 
     @property
     def name(self) -> str:
@@ -219,6 +229,8 @@ class NetnsRouter(BootWaits):
         mine = {p.name for p in (Path(tree) / "etc").iterdir()} | {p.split("/")[1] for p in extra}
         if self.site.firewalld:
             mine |= {"firewalld", "systemd"}  # the router's own (written below), not the root's read-only ones
+        if self.site.platform == "el":
+            mine |= {p.split("/")[1] for p in EL_STOCK_FILES}  # RHEL's stock files (written below)
         # a router in a root of its own (Libreswan 5) sees that root's /etc through hostetc
         for e in sorted(os.listdir(Path(self.site.root or "/") / "etc")):
             if e not in mine:
@@ -233,6 +245,9 @@ class NetnsRouter(BootWaits):
         if self.site.firewalld:
             self._install_firewalld(tree)
         prepare_nss(self, self.flash / "nss", self.nss_template)
+        if self.site.platform == "el":
+            el_stock_files(self.flash)
+            self.el_stock = True
         if self.site.platform == "openwrt" and platform_release(Path(tree)) == "23.05":
             # the package's stock ipsec.conf/secrets, edited by our program as the first reconcile does
             self.platform_files = openwrt_2305_files(self.flash)

@@ -532,3 +532,56 @@ def test_real_pluto_holds_23_05s_stock_ikev1_responder_until_the_edit_and_not_af
         assert seen == [(["ikev1", "ikev1-nat"], False), ([], True)], seen
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+def _readwriteconf(conf: Path) -> dict[str, dict[str, list[str]]]:
+    """Libreswan's own reading of an ipsec.conf and its includes (`ipsec readwriteconf`: the parser
+    pluto's addconn uses, %default merged in): conn -> keyword -> values as it prints them."""
+    r = subprocess.run(["ipsec", "readwriteconf", "--config", str(conf)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    conns: dict[str, dict[str, list[str]]] = {}
+    cur = None
+    for line in r.stdout.splitlines():
+        if line.startswith("conn "):
+            cur = conns.setdefault(line.split()[1], {})
+        elif cur is not None and line.startswith("\t") and "=" in line:
+            k, _, v = line.strip().partition("=")
+            cur.setdefault(k, []).append(v)
+    return conns
+
+
+def test_on_rhels_stock_ipsec_conf_the_crypto_policy_default_does_not_reach_the_wans_conns(tmp_path):
+    """Item 4, EL's stock ipsec.conf: RHEL's file (lab/stock-el, the lab's EL routers start from it)
+    includes the system-wide crypto policy's `conn %default` (ike, esp and authby lists) before
+    /etc/ipsec.d/*.conf. Read by Debian's real Libreswan parser: every conn rendered for an EL router
+    of the example keeps its own authby, ike and esp, while a conn that sets none (the marker) gets the
+    policy's: the include is live and overridden where it must be."""
+    from lab.platform import STOCK_EL
+    trees = render_wan(load_sites(REPO / "sites"))
+    el = [r for r, t in trees.items() if paths.ROUTER_ENV in t and b"WAN_PLATFORM=el" in t[paths.ROUTER_ENV].content]
+    assert el, "the example has no EL router"
+    (tmp_path / "ipsec.d").mkdir()
+    policy = (STOCK_EL / "libreswan.config").read_text()
+    stock = (STOCK_EL / "ipsec.conf").read_text()
+    assert "\ninclude /etc/crypto-policies/back-ends/libreswan.config\n" in stock
+    assert stock.endswith("include /etc/ipsec.d/*.conf\n")
+    (tmp_path / "libreswan.config").write_text(policy)
+    (tmp_path / "ipsec.conf").write_text(stock.replace("/etc/crypto-policies/back-ends/", f"{tmp_path}/")
+                                         .replace("/etc/ipsec.d/", f"{tmp_path}/ipsec.d/"))
+    (tmp_path / "ipsec.d/marker.conf").write_text("conn marker\n\tleft=192.0.2.1\n\tright=192.0.2.2\n\tauto=add\n")
+    want = {}
+    for r in el:
+        for path, f in trees[r].items():
+            if path.startswith("etc/ipsec.d/") and path.endswith(".conf"):
+                text = f.content.decode()
+                (tmp_path / "ipsec.d" / Path(path).name).write_text(text)
+                want[Path(path).stem] = {k: re.search(rf"^\t{k}=(.*)$", text, re.M).group(1) for k in ("authby", "ike", "esp")}
+    conns = _readwriteconf(tmp_path / "ipsec.conf")
+    pol = {k: re.search(rf"^\t{k}=(.*)$", policy, re.M).group(1) for k in ("authby", "ike", "esp")}
+    assert conns["marker"]["ike"][0] == pol["ike"] and conns["marker"]["esp"][0] == pol["esp"], conns["marker"]
+    assert pol["authby"] in conns["marker"]["authby"]
+    assert len(want) >= 5, want
+    for name, kv in want.items():
+        got = conns[name]
+        for k, v in kv.items():
+            assert v in got[k] and not any(p == pol[k] for p in got[k]), f"{name}: {k} {got[k]} (want {v})"
