@@ -472,6 +472,36 @@ def test_reconcile_el_nftables_path_adds_the_include_once_and_firewalld_path_rel
     assert not (root / "etc/sysconfig/nftables.conf").exists()
 
 
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+@pytest.mark.parametrize("firewalld", ["stopped", "not installed"])
+def test_a_firewalld_that_does_not_run_is_not_reloaded_and_fails_nothing(tmp_path, shell, firewalld):
+    """An EL router on the firewalld path (the default) whose firewalld is stopped (`firewall-cmd --state`
+    exits 252: firewall-cmd(1) EXIT CODES) or not installed: reconcile installs the zones and policies
+    (firewalld reads them when it starts), loads the WAN's table, says what is wrong and how to fix it,
+    and succeeds; it does not run `firewall-cmd --reload`. With firewalld running it reloads it."""
+    root, tree, log, run = _rec_router(tmp_path, shell, _sites(tmp_path), "acme")
+    fwcmd = tmp_path / "bin/firewall-cmd"
+    if firewalld == "stopped":
+        fwcmd.write_text('#!/bin/sh\necho "firewall-cmd $*" >> "$STUB_LOG"\n'
+                         '[ "$1" = --state ] && { echo "not running" >&2; exit 252; }\nexit 0\n')
+    else:
+        fwcmd.unlink()
+    r = run()
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    assert "firewall-cmd --reload" not in calls
+    assert calls[-3:] == ["systemctl daemon-reload", "systemctl enable wan-firewall", "systemctl restart wan-firewall"]
+    assert "firewalld is not running here" in r.stderr and "router.firewall: nftables" in r.stderr
+    assert (root / "etc/firewalld/policies/wan-into-tunnels.xml").exists()
+    # firewalld comes back: the next change reloads it
+    fwcmd.write_text('#!/bin/sh\necho "firewall-cmd $*" >> "$STUB_LOG"\n')
+    fwcmd.chmod(0o755)
+    (root / "etc/firewalld/zones/wan-tunnels.xml").write_text("<zone/>\n")  # a hand edit: repaired on --repair
+    r = run("--repair")
+    assert r.returncode == 0, r.stderr
+    assert "firewall-cmd --state" in log.read_text().splitlines() and "firewall-cmd --reload" in log.read_text().splitlines()
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/libexec/ipsec/pluto").exists(), reason="needs root and pluto")
 def test_real_pluto_holds_23_05s_stock_ikev1_responder_until_the_edit_and_not_after(tmp_path):
     """What the lab's platform_files check looks for (lab/proofs.py), on a real pluto 4.10 (built with
