@@ -502,6 +502,76 @@ def test_a_firewalld_that_does_not_run_is_not_reloaded_and_fails_nothing(tmp_pat
     assert "firewall-cmd --state" in log.read_text().splitlines() and "firewall-cmd --reload" in log.read_text().splitlines()
 
 
+OPERATOR_ZONE = """<?xml version="1.0" encoding="utf-8"?>
+<zone target="ACCEPT">
+  <short>Trusted</short>
+  <source address="{}"/>
+  <source ipset="mgmt"/>
+</zone>
+"""
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_an_operator_zone_holding_a_source_of_the_wans_zones_is_refused_before_anything_changes(tmp_path, shell):
+    """firewalld allows a source address in one zone only and refuses its whole configuration otherwise
+    (real firewalld below): an operator's permanent zone that already binds a remote LAN (or a peer's
+    address) makes reconcile refuse (exit 2) before it installs anything, naming the zone, the address
+    and the fix. A zone with other sources is left alone."""
+    root, tree, log, run = _rec_router(tmp_path, shell, _sites(tmp_path), "acme")
+    zones = root / "etc/firewalld/zones"
+    zones.mkdir(parents=True)
+    remote = re.search(r'<source address="([^"]+)"/>', (tree / "etc/firewalld/zones/wan-tunnels.xml").read_text()).group(1)
+    (zones / "trusted.xml").write_text(OPERATOR_ZONE.format(remote))
+    r = run()
+    assert r.returncode == 2, r.stderr
+    assert f"firewalld zone trusted (/etc/firewalld/zones/trusted.xml) binds {remote} which the WAN's zones need" in r.stderr
+    assert "firewall-cmd --permanent --zone=trusted --remove-source=ADDRESS" in r.stderr
+    assert sorted(p.name for p in zones.iterdir()) == ["trusted.xml"] and not (root / "etc/ipsec.d").exists()
+    assert log.read_text().splitlines() == ["ipsec whack --status"]  # a question (nothing installed yet), no change
+    (zones / "trusted.xml").write_text(OPERATOR_ZONE.format("10.99.0.0/24"))
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert (zones / "wan-tunnels.xml").exists() and "10.99.0.0/24" in (zones / "trusted.xml").read_text()
+
+
+def _fw_root() -> Path | None:
+    from lab import firewalld
+    return firewalld.built() if os.geteuid() == 0 else None
+
+
+@pytest.mark.skipif(_fw_root() is None, reason="needs root and the lab's firewalld root (lab/firewalld.py ensure_root)")
+def test_real_firewalld_refuses_a_source_in_two_zones_and_a_policy_without_its_zone(tmp_path):
+    """What reconcile guards against, on real firewalld 1.3.3 (the lab's Debian 12 root, chrooted with
+    /etc/firewalld bound to a directory of this test's in a mount namespace of its own: the cached root
+    is not changed): `firewall-offline-cmd --check-config` (the check firewalld makes at every start and
+    reload, core/fw.py full_check_config) passes on acme's rendered zones and policies, and fails with
+    an operator zone holding a remote LAN, and with a policy whose zone is missing."""
+    fw_root = _fw_root()
+    trees = render_wan(load_sites(REPO / "sites"))
+    etc = tmp_path / "firewalld"
+    (etc / "zones").mkdir(parents=True)
+    (etc / "policies").mkdir()
+    shutil.copy(fw_root / "etc/firewalld/firewalld.conf", etc)
+    for path, f in trees["acme"].items():
+        if path.startswith("etc/firewalld/"):
+            (tmp_path / path.removeprefix("etc/")).write_bytes(f.content)
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run(["unshare", "-m", "sh", "-c", f'mount --bind "{etc}" "{fw_root}/etc/firewalld" && '
+                               f'exec chroot "{fw_root}" firewall-offline-cmd --check-config'],
+                              capture_output=True, text=True, timeout=120)
+    ok = check()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    remote = re.search(r'<source address="([^"]+)"/>', (etc / "zones/wan-tunnels.xml").read_text()).group(1)
+    (etc / "zones/trusted.xml").write_text(OPERATOR_ZONE.replace('  <source ipset="mgmt"/>\n', "").format(remote))
+    two = check()
+    assert two.returncode != 0 and f"source '{remote}' already bound to zone" in two.stdout + two.stderr, two
+    (etc / "zones/trusted.xml").unlink()
+    (etc / "zones/wan-tunnels.xml").unlink()
+    gone = check()
+    assert gone.returncode != 0 and "'wan-tunnels' not among existing zones" in gone.stdout + gone.stderr, gone
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/libexec/ipsec/pluto").exists(), reason="needs root and pluto")
 def test_real_pluto_holds_23_05s_stock_ikev1_responder_until_the_edit_and_not_after(tmp_path):
     """What the lab's platform_files check looks for (lab/proofs.py), on a real pluto 4.10 (built with
