@@ -534,6 +534,21 @@ def test_an_operator_zone_holding_a_source_of_the_wans_zones_is_refused_before_a
     assert (zones / "wan-tunnels.xml").exists() and "10.99.0.0/24" in (zones / "trusted.xml").read_text()
 
 
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_a_firewalld_without_policy_objects_is_refused_before_anything_changes(tmp_path, shell):
+    """firewalld before 0.9 (EL 8.0-8.3: 0.8) has no policy objects and ignores /etc/firewalld/policies:
+    reconcile refuses (exit 2) naming the version and the fix; 0.9 and later are accepted."""
+    root, tree, log, run = _rec_router(tmp_path, shell, _sites(tmp_path), "acme")
+    fwcmd = tmp_path / "bin/firewall-cmd"
+    for version, rc in (("0.8.2", 2), ("0.9.3", 0)):
+        fwcmd.write_text(f'#!/bin/sh\necho "firewall-cmd $*" >> "$STUB_LOG"\n[ "$1" = --version ] && echo {version}\nexit 0\n')
+        r = run()
+        assert r.returncode == rc, r.stderr
+        if rc:
+            assert f"firewalld {version} here has no policy objects" in r.stderr and "router.firewall: nftables" in r.stderr
+            assert not (root / "etc/firewalld").exists()
+
+
 def _fw_root() -> Path | None:
     from lab import firewalld
     return firewalld.built() if os.geteuid() == 0 else None
