@@ -125,6 +125,8 @@ def _verify(root: Path, tmp: Path) -> subprocess.CompletedProcess:
     """systemd-analyze verify of the installed units in `root`, with the system's own units next
     to them (a unit that wants sysinit.target must find it)."""
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True, dirs_exist_ok=True)
+    (root / "bin").mkdir(exist_ok=True)  # the service's ExecStart=/bin/sh must exist in the root
+    shutil.copy(os.path.realpath("/bin/sh"), root / "bin/sh")
     return subprocess.run(["systemd-analyze", "verify", f"--root={root}", "/etc/systemd/system/wan-fetch.timer",
                            "/etc/systemd/system/wan-fetch.service"], capture_output=True, text=True, timeout=60)
 
@@ -140,7 +142,7 @@ def test_el_enrol_installs_a_timer_and_its_service_that_systemd_accepts(tmp_path
     timer, service = (units / "wan-fetch.timer").read_text(), (units / "wan-fetch.service").read_text()
     assert "\nOnCalendar=*-*-* *:00/20:00\n" in timer and "\nRandomizedDelaySec=20min\n" in timer
     assert "\nOnBootSec=2min\n" in timer and "\nWantedBy=timers.target\n" in timer
-    assert "\nExecStart=/etc/wan/fetch\n" in service and "\nType=oneshot\n" in service
+    assert "\nExecStart=/bin/sh /etc/wan/fetch\n" in service and "\nType=oneshot\n" in service
     assert os.readlink(units / "timers.target.wants/wan-fetch.timer") == "/etc/systemd/system/wan-fetch.timer"
     assert "starts at the next boot" in r.stderr
     v = _verify(root, tmp_path)
@@ -200,7 +202,7 @@ def test_dry_run_shows_the_schedule_and_the_files_and_changes_nothing(tmp_path, 
     el = tmp_path / "el"
     (el / "etc/systemd/system").mkdir(parents=True)
     r = enrol(["sh"], el, "--dry-run", "--schedule", "--interval", "30")
-    assert "[Timer]" in r.stdout and "OnCalendar=*-*-* *:00/30:00" in r.stdout and "ExecStart=/etc/wan/fetch" in r.stdout
+    assert "[Timer]" in r.stdout and "OnCalendar=*-*-* *:00/30:00" in r.stdout and "ExecStart=/bin/sh /etc/wan/fetch" in r.stdout
     assert os.listdir(el / "etc/systemd/system") == []
 
 
