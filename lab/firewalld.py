@@ -36,7 +36,7 @@ from . import docker_image, libreswan5, roots
 # which never runs here: the holder is the router's init; elogind's library conflicts with
 # libsystemd0, which minbase has). As on EL, polkitd answers firewalld's authorization checks: the
 # bus starts it on demand (its D-Bus service file) and it authorizes uid 0.
-PACKAGES = (*libreswan5.PACKAGES, "firewalld", "dbus", "libpam-systemd")
+PACKAGES = (*libreswan5.PACKAGES, *libreswan5.FIREWALLD)
 
 RECIPE = {
     "version": 1,
@@ -47,16 +47,13 @@ RECIPE = {
     # firewalld's and dbus's maintainer scripts must start nothing on the build host (docker_image.debootstrap)
     "no_daemons": True,
 }
-# where the holder binds lab/el-systemctl (the file is a placeholder in the root, so the stand-in
-# can change without a rebuild)
-SYSTEMCTL = "usr/local/sbin/systemctl"
-SYSTEMCTL_PLACEHOLDER = "#!/bin/sh\n# lab/router-setup.sh binds lab/el-systemctl over this file\nexit 1\n"
+SYSTEMCTL, SYSTEMCTL_PLACEHOLDER = roots.SYSTEMCTL, roots.SYSTEMCTL_PLACEHOLDER  # lab/el-systemctl's place
 
 
 def _probe(root: Path) -> dict:
-    fw = roots.run_in(root, ["python3", "-c", "import firewall.config as c; print(c.VERSION)"], "the firewalld root").strip()
-    if not fw or not fw[0].isdigit():
-        raise RuntimeError(f"the firewalld root {root}: firewalld's version reads {fw!r}")
+    fw = roots.firewalld_version(root, "the firewalld root")
+    if not fw:
+        raise RuntimeError(f"the firewalld root {root} has no firewalld")
     return {"firewalld": fw, "libreswan": roots.libreswan_version(root, "the firewalld root")}
 
 

@@ -29,12 +29,19 @@ from . import docker_image, roots
 PACKAGES = ("libreswan", "bind9-host", "libnss3-tools", "iproute2", "nftables", "dnsmasq-base", "busybox", "procps",
             "iputils-ping", "curl", "jq", "signify-openbsd", "ca-certificates")
 
+# firewalld with its D-Bus system bus, for the EL routers of the QEMU lab (lab/firewalld.py says why each
+# package); in this root too, so a Libreswan 5.x EL router runs Debian 13's firewalld (2.x, the major
+# EL 10 ships, which also ships Libreswan 5) as the 4.x ones run Debian 12's 1.3.3
+FIREWALLD = ("firewalld", "dbus", "libpam-systemd")
+
 RECIPE = {
     "version": 1,
-    "suite": "trixie",  # Debian 13: Libreswan 5.2
+    "suite": "trixie",  # Debian 13: Libreswan 5.2, firewalld 2.x
     "variant": "minbase",
-    "packages": list(PACKAGES),
+    "packages": [*PACKAGES, *FIREWALLD],
     "strip": list(docker_image.STRIP),
+    # firewalld's and dbus's maintainer scripts must start nothing on the build host (docker_image.debootstrap)
+    "no_daemons": True,
 }
 META = roots.META  # in the root: the recipe, the Libreswan version, build time and size
 
@@ -43,10 +50,12 @@ def _probe(root: Path) -> dict:
     version = roots.libreswan_version(root, "the Libreswan 5 root")
     if not version.startswith("5."):
         raise RuntimeError(f"the {RECIPE['suite']} root has Libreswan {version}, not 5.x")
-    return {"libreswan": version}
+    return {"libreswan": version, "firewalld": roots.firewalld_version(root, "the Libreswan 5 root")}
 
 
-ROOT = roots.Root(recipe=RECIPE, label="the Libreswan 5 root", probe=_probe)  # lab/roots.py builds and caches it
+# lab/roots.py builds and caches it
+ROOT = roots.Root(recipe=RECIPE, label="the Libreswan 5 root", probe=_probe,
+                  files={roots.SYSTEMCTL: (roots.SYSTEMCTL_PLACEHOLDER, 0o755)})
 
 
 def recipe_hash() -> str:

@@ -109,14 +109,16 @@ def start_order(wan: Wan) -> tuple[str, ...]:
 
 def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = None,
              targets: dict[str, int] | None = None, nss: dict[str, str] | None = None,
-             roots: dict[int, str] | None = None, fw_root: tuple[str, str] | None = None) -> WanView:
+             roots: dict[int, str] | None = None, fw_root: tuple[str, str] | None = None,
+             fw_in_roots: dict[int, str] | None = None) -> WanView:
     """The lab's view of one revision of the WAN. `index` numbers the sites (namespace and
     interface names) when several revisions share one lab; `targets`: the Libreswan major each
     site's file asks for, where the lab renders another; `nss`: each router's own NSS database
     (its lab keys, lab/keys.py); `roots`: the root file system per Libreswan major other than the
     lab kernel's own (5: lab/libreswan5.py), where routers rendered for that major run; `fw_root`:
     (directory, firewalld version) of the firewalld root (lab/firewalld.py), where the EL routers with
-    `firewall: firewalld` on the lab kernel's own major run."""
+    `firewall: firewalld` on the lab kernel's own major run; `fw_in_roots`: major -> the firewalld version
+    of that major's root where its EL firewalld routers run it for real (the Libreswan 5 root carries one)."""
     sites = []
     taken_all, nets_all = wan_addresses([wan])
     manifests = {s.name: Manifest.read(out / s.name / paths.MANIFEST) for s in wan.sites}
@@ -139,9 +141,12 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
                           outside_next=str(outside_next), mtu=NAT_MTU)
         records = {f"{name}.{s.dns.domain}": str(addr) for name, addr in s.dns.records}
         probe = (f"lab-probe.{s.dns.domain}", lans[0].host)
-        # real firewalld: an EL firewalld router on the lab kernel's own Libreswan (a 5.x one has its root)
-        real_fw = (fw_root is not None and s.router.platform == "el" and s.router.firewall == "firewalld"
-                   and s.router.libreswan not in (roots or {}))
+        # real firewalld: an EL firewalld router, in the firewalld root on the lab kernel's own Libreswan,
+        # in its major's root (with that root's firewalld) on another
+        el_fwd = s.router.platform == "el" and s.router.firewall == "firewalld"
+        in_root = s.router.libreswan in (roots or {})
+        real_fw = fw_root is not None and el_fwd and not in_root
+        fw_version = fw_root[1] if real_fw else ((fw_in_roots or {}).get(s.router.libreswan, "") if el_fwd and in_root else "")
         sites.append(SitePlan(
             name=s.name, index=i, platform=s.router.platform, libreswan=s.router.libreswan,
             target_libreswan=(targets or {}).get(s.name, s.router.libreswan),
@@ -155,7 +160,7 @@ def wan_view(wan: Wan, out: Path, prefix: str, index: dict[str, int] | None = No
             conns={t.name: tuple(manifests[s.name].tunnels[t.name].conns) for t in wan.tunnels_of(s.name)},
             nss=(nss or {}).get(s.name, ""),
             root=(roots or {}).get(s.router.libreswan, "") or (fw_root[0] if real_fw else ""),
-            firewalld=fw_root[1] if real_fw else "",
+            firewalld=fw_version,
             firewall=s.router.firewall,
             router_dns=s.router_dns, nat=nat,
             shapes=site_shapes(wan, s.name)

@@ -26,6 +26,20 @@ from . import docker_image, kernels
 META = "wan-lab-root.json"  # in the root: the recipe, the probed versions, build time and size
 # mount points and directories a router's holder binds over (lab/router-setup.sh)
 MOUNT_POINTS = ("run/wan-lab", "var/lib/ipsec/nss", "var/prometheus", "wanhost")
+# where a firewalld router's holder binds lab/el-systemctl (a placeholder in the root, so the stand-in
+# can change without a rebuild): in every root that carries firewalld
+SYSTEMCTL = "usr/local/sbin/systemctl"
+SYSTEMCTL_PLACEHOLDER = "#!/bin/sh\n# lab/router-setup.sh binds lab/el-systemctl over this file\nexit 1\n"
+
+
+def firewalld_version(root: Path, label: str) -> str:
+    """The firewalld version a built root carries ("" if it has none)."""
+    if not (root / "usr/sbin/firewalld").exists():
+        return ""
+    fw = run_in(root, ["python3", "-c", "import firewall.config as c; print(c.VERSION)"], label).strip()
+    if not fw or not fw[0].isdigit():
+        raise RuntimeError(f"{label} {root}: firewalld's version reads {fw!r}")
+    return fw
 
 
 @dataclass

@@ -122,13 +122,15 @@ def firewalls_per_router(sites: tuple, firewall: bool, notes: list[str], fw_why:
             why = next((n for n in notes if "NOT exercised" in n), "the lab kernel loads no firewall")
             out[s.name] = f"not exercised ({why.split(': the firewall')[0]})"
         elif s.firewalld:
-            out[s.name] = f"firewalld {s.firewalld} (real, in the Debian 12 root of lab/firewalld.py)"
+            where = "the Libreswan 5 root (Debian 13) of lab/libreswan5.py" if s.libreswan == 5 else \
+                "the Debian 12 root of lab/firewalld.py"
+            out[s.name] = f"firewalld {s.firewalld} (real, in {where})"
         elif s.platform == "openwrt":
             out[s.name] = "the lab's model of fw4 (lab/platform.py)"
         elif s.firewall == "nftables":
             out[s.name] = "the lab's model of EL's firewall (lab/platform.py; `firewall: nftables`: no firewalld on it)"
         else:
-            why = ("a Libreswan 5.x router: the Libreswan 5 root has no firewalld" if s.root else
+            why = ("a Libreswan 5.x router: its root has no firewalld, or this lab asks for the model" if s.root else
                    "the Docker routers run one image" if routers == "docker" else fw_why or "no firewalld root")
             out[s.name] = f"the lab's model of EL's firewall (lab/platform.py; firewalld NOT run: {why})"
     return out
@@ -177,6 +179,9 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
         firewalld.choose([s for s in wan.sites if s.router.libreswan not in roots], major,
                          req.routers == "netns" and kind != "uml", say)
     fw_root = (str(fw_dir), roots_meta(fw_dir)["firewalld"]) if fw_dir else None
+    # the Libreswan 5 root's own firewalld (Debian 13's) for its EL firewalld routers, on the same terms
+    fw_in_roots = {m: roots_meta(Path(d)).get("firewalld", "") for m, d in roots.items()} \
+        if req.firewalld is not False and firewalld.wanted() and req.routers == "netns" and kind != "uml" else {}
     if (req.routers == "netns" and "nat" not in names and not {"change", "release", "later"} & set(names)
             and any(s.router.dynamic for s in wan.sites)):
         # a dynamic site sits behind a CGNAT in the lab: its address change is played and measured, except
@@ -219,7 +224,8 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
     for n, opts in req.scenarios:
         ctx = scenarios.PrepareContext(wan=wan, out=out, keys=lab_keys, results=results, prefix=prefix, infra=infra,
                                        options=opts, load=load,
-                                       view=lambda w, o, i: wan_view(w, o, prefix, i, targets, nss(), roots, fw_root))
+                                       view=lambda w, o, i: wan_view(w, o, prefix, i, targets, nss(), roots, fw_root,
+                                                                           fw_in_roots))
         p = scenarios.load(n).prepare(ctx)
         calls.append(ScenarioCall(name=n, data=p.data))
         install.update(p.install)
@@ -230,7 +236,7 @@ def _prepare(req: LabRequest, kind: str, major: int, say: Callable[[str], None] 
         if p.no_firewall and firewall:
             firewall = False
             notes.append(p.no_firewall)
-    view = wan_view(wan, out, prefix, index, targets, nss(), roots, fw_root)
+    view = wan_view(wan, out, prefix, index, targets, nss(), roots, fw_root, fw_in_roots)
     network_sites = list(view.sites)
     for v in more:
         network_sites += [s for s in v.sites if s.name not in {x.name for x in network_sites}]

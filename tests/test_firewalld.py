@@ -11,7 +11,6 @@ is skipped, and says so."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -60,11 +59,12 @@ def test_the_recipe_is_debian_12_with_firewalld_and_dbus_and_starts_no_daemon_on
     assert firewalld.root_dir() != d and firewalld.built() is None
 
 
-def test_the_shared_builder_keeps_the_libreswan_5_roots_cache_key():
-    """Factoring the builder (lab/roots.py) must not rebuild a root already cached: a recipe without
-    files hashes as lab/libreswan5.py hashed it before."""
-    old = hashlib.sha256(json.dumps(libreswan5.RECIPE, sort_keys=True).encode()).hexdigest()[:12]
-    assert libreswan5.recipe_hash() == old and libreswan5.root_dir().name == f"root-trixie-{old}"
+def test_the_libreswan_5_root_carries_firewalld_for_its_el_routers():
+    """Debian 13's firewalld (2.x, EL 10's major) in the Libreswan 5 root, built like the firewalld root:
+    no daemon started on the build host, the systemctl stand-in's place in it, its version probed."""
+    assert set(libreswan5.FIREWALLD) <= set(libreswan5.RECIPE["packages"]) and libreswan5.RECIPE["no_daemons"]
+    assert set(libreswan5.FIREWALLD) <= set(firewalld.PACKAGES)
+    assert libreswan5.ROOT.files == firewalld.ROOT.files == {firewalld.SYSTEMCTL: (firewalld.SYSTEMCTL_PLACEHOLDER, 0o755)}
 
 
 def test_nothing_is_built_without_a_firewall_or_an_el_firewalld_router(monkeypatch, tmp_path):
@@ -103,16 +103,26 @@ def test_on_qemu_the_el_router_runs_firewalld_and_the_verdict_names_each_routers
                                         "WAN_LAB_FIREWALLD=0)")
 
 
-def test_a_5x_el_router_keeps_the_libreswan_5_root_and_says_firewalld_was_not_run(monkeypatch, tmp_path):
+@pytest.mark.parametrize("root_firewalld", ["2.3.1", ""])
+def test_a_5x_el_router_runs_its_roots_firewalld_or_says_it_was_not_run(monkeypatch, tmp_path, root_firewalld):
+    """A Libreswan 5.x EL router keeps the Libreswan 5 root and runs that root's firewalld (Debian 13's);
+    a 5.x root without one (an older build) leaves it on the model, and the verdict says so."""
     cache = tmp_path / "cache"
     _fake(firewalld.ROOT, cache, {"firewalld": "1.3.3", "libreswan": "4.10"}, monkeypatch)
-    five = _fake(libreswan5.ROOT, cache, {"libreswan": "5.2"}, monkeypatch)
+    five = _fake(libreswan5.ROOT, cache, {"libreswan": "5.2", "firewalld": root_firewalld}, monkeypatch)
     monkeypatch.setenv("WAN_LAB_CACHE", str(cache))
     p = _prepare(LabRequest(sites=MIXED, kernel="qemu", results=tmp_path / "r"), "qemu", 4, lambda line: None)
     acme, berlin = p.plan.wan.site("acme"), p.plan.wan.site("berlin")  # acme: EL 5.x; berlin: EL 4.x
-    assert (acme.root, acme.firewalld) == (str(five), "")
+    assert (acme.root, acme.firewalld) == (str(five), root_firewalld)
     assert berlin.firewalld == "1.3.3"
-    assert "firewalld NOT run: a Libreswan 5.x router" in p.plan.firewalls["acme"]
+    if root_firewalld:
+        assert p.plan.firewalls["acme"].startswith("firewalld 2.3.1 (real, in the Libreswan 5 root")
+    else:
+        assert "firewalld NOT run: a Libreswan 5.x router: its root has no firewalld" in p.plan.firewalls["acme"]
+    # the lab asks for the model: neither runs it
+    m = _prepare(LabRequest(sites=MIXED, kernel="qemu", results=tmp_path / "m", firewalld=False), "qemu", 4,
+                 lambda line: None)
+    assert m.plan.wan.site("acme").firewalld == "" == m.plan.wan.site("berlin").firewalld
 
 
 def test_an_el_nftables_router_is_named_as_the_model():
