@@ -549,19 +549,24 @@ def test_a_firewalld_without_policy_objects_is_refused_before_anything_changes(t
             assert not (root / "etc/firewalld").exists()
 
 
-def _fw_root() -> Path | None:
-    from lab import firewalld
-    return firewalld.built() if os.geteuid() == 0 else None
+def _fw_root(which: str) -> Path | None:
+    """A built lab root with firewalld: Debian 12's (1.3.3, lab/firewalld.py) or Debian 13's (2.x, the
+    Libreswan 5 root)."""
+    from lab import firewalld, libreswan5, roots
+    root = (firewalld if which == "debian12" else libreswan5).built() if os.geteuid() == 0 else None
+    return root if root and roots.meta(root).get("firewalld") else None
 
 
-@pytest.mark.skipif(_fw_root() is None, reason="needs root and the lab's firewalld root (lab/firewalld.py ensure_root)")
-def test_real_firewalld_refuses_a_source_in_two_zones_and_a_policy_without_its_zone(tmp_path):
-    """What reconcile guards against, on real firewalld 1.3.3 (the lab's Debian 12 root, chrooted with
-    /etc/firewalld bound to a directory of this test's in a mount namespace of its own: the cached root
-    is not changed): `firewall-offline-cmd --check-config` (the check firewalld makes at every start and
-    reload, core/fw.py full_check_config) passes on acme's rendered zones and policies, and fails with
-    an operator zone holding a remote LAN, and with a policy whose zone is missing."""
-    fw_root = _fw_root()
+@pytest.mark.parametrize("which", ["debian12", "debian13"])
+def test_real_firewalld_refuses_a_source_in_two_zones_and_a_policy_without_its_zone(tmp_path, which):
+    """What reconcile guards against, on real firewalld 1.3.3 and 2.x (the lab's Debian 12 and 13 roots,
+    chrooted with /etc/firewalld bound to a directory of this test's in a mount namespace of its own: the
+    cached root is not changed): `firewall-offline-cmd --check-config` (the check firewalld makes at
+    every start and reload, core/fw.py full_check_config) passes on acme's rendered zones and policies,
+    and fails with an operator zone holding a remote LAN, and with a policy whose zone is missing."""
+    fw_root = _fw_root(which)
+    if fw_root is None:
+        pytest.skip(f"needs root and the lab's {which} root with firewalld (lab/roots.py; the QEMU labs build it)")
     trees = render_wan(load_sites(REPO / "sites"))
     etc = tmp_path / "firewalld"
     (etc / "zones").mkdir(parents=True)
