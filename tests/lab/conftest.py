@@ -169,6 +169,10 @@ def qemu_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
         # DHCP; the OpenWrt hub forwards transit (28 s and 39 s inside the boot with the model, session 5)
         "router-dns": LabRequest(sites=WANS / "router-dns", kernel="qemu", results=base / "router-dns", timeout=1200),
         "hub": LabRequest(sites=WANS / "hub", kernel="qemu", results=base / "hub", timeout=900, firewalld=False),
+        # acme (EL, Libreswan 5.2) runs Debian 13's firewalld 2.x in its root, berlin (EL, 4.10) Debian 12's
+        # 1.3.3: the whole firewalld sequence on acme (first by name), the Child SAs of a mixed WAN with the
+        # firewall on (about 210 s inside the boot, session 7)
+        "mixed": LabRequest(sites=WANS / "mixed", kernel="qemu", results=base / "mixed", timeout=1200),
     }
 
 

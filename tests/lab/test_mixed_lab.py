@@ -50,3 +50,23 @@ def test_every_pluto_took_every_keyword_of_its_rendering(uml_labs):
     for name, c in got.items():
         assert c.ok and c.evidence["ignored"] == [], (name, c.evidence)
     assert got["acme"].evidence["libreswan"] == 5
+
+
+def test_on_qemu_the_libreswan_5_el_router_runs_firewalld_2_and_the_4x_one_firewalld_1(qemu_labs):
+    """The firewall on: acme (EL, 5.2) runs its root's firewalld (Debian 13: 2.x, EL 10's major), berlin
+    (EL, 4.10) Debian 12's 1.3.3; both pass the firewalld check, acme with the whole sequence (boot,
+    firewall-cmd --reload, reconcile's repair, a reboot) and the platform's own traffic each time; the
+    Child SAs and every ping hold as on User-Mode Linux."""
+    outcome = qemu_labs["mixed"]
+    r = outcome.result
+    assert outcome.ok, r.error or [(c.kind, c.src, c.dst, c.evidence.get("why")) for c in r.checks if not c.ok][:5]
+    assert r.firewalls["acme"].startswith("firewalld 2.") and "Libreswan 5 root" in r.firewalls["acme"], r.firewalls
+    assert r.firewalls["berlin"].startswith("firewalld 1.3.3 (real"), r.firewalls
+    fw = {c.src: c for c in r.checks if c.kind == "firewalld"}
+    assert set(fw) == {"acme", "berlin"} and fw["acme"].evidence["full"] and not fw["berlin"].evidence["full"]
+    assert fw["acme"].evidence["firewalld"].startswith("2.")
+    for when in ("boot", "reload", "reboot"):
+        phase = fw["acme"].evidence[when]
+        assert phase["state"] == "running" and phase["platform"] and all(v["ok"] for v in phase["platform"].values())
+    assert r.libreswan["acme"]["ran"].startswith("5.")
+    assert len([c for c in r.checks if c.kind == "child_sas" and c.ok]) == 3
