@@ -3,11 +3,13 @@ root's recipe and its cache key (shared builder, lab/roots.py), which routers ge
 plan and verdict say, a router's disk (the stock /etc/firewalld, the operator's zones, the enabled
 unit), the systemctl stand-in (lab/el-systemctl, run by sh), and the parser of firewall-cmd's output.
 
-The last test boots one router's holder (lab/router-setup.sh) on this host's kernel in a network
-namespace of its own, in the built root: a real dbus-daemon, firewalld 1.3.3 and polkitd, the rendered
-zones and policies, the WAN's table, `firewall-cmd --reload`. It needs root and the built root
-(`python3 -c 'from lab import firewalld; firewalld.ensure_root()'`, about a minute); without them it
-is skipped, and says so."""
+One test boots one router's holder (lab/router-setup.sh) on this host's kernel in a network
+namespace of its own, in the built root: a real dbus-daemon, firewalld 1.3.3, polkitd and radvd, the
+rendered zones and policies, the WAN's table, `firewall-cmd --reload`, and the platform's own traffic
+from a LAN host (ND, RS/RA, DHCP from 0.0.0.0) before and after the reload. It needs root and the
+built root (`python3 -c 'from lab import firewalld; firewalld.ensure_root()'`, about a minute);
+without them it is skipped, and says so. The last test shows the old EL table biting that traffic
+and the rendered one not, with real nft and dnsmasq (root only)."""
 from __future__ import annotations
 
 import dataclasses
