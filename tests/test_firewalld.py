@@ -51,7 +51,7 @@ def _fake(root_obj: roots.Root, cache: Path, meta: dict, monkeypatch) -> Path:
 def test_the_recipe_is_debian_12_with_firewalld_and_dbus_and_starts_no_daemon_on_the_host(monkeypatch, tmp_path):
     monkeypatch.setenv("WAN_LAB_CACHE", str(tmp_path))
     r = firewalld.RECIPE
-    assert r["suite"] == "bookworm" and {"firewalld", "dbus", "libreswan", "nftables"} <= set(r["packages"])
+    assert r["suite"] == "bookworm" and {"firewalld", "dbus", "libreswan", "nftables", "radvd"} <= set(r["packages"])
     # polkitd (firewalld's dependency) needs a logind debootstrap cannot pick by itself
     assert "libpam-systemd" in r["packages"]
     assert r["no_daemons"] is True  # docker_image.debootstrap: two stages, policy-rc.d, a network namespace
@@ -136,6 +136,10 @@ def test_a_firewalld_routers_disk_has_the_stock_files_the_operators_zones_and_th
     assert '<interface name="wan"/>' in external and "<masquerade/>" in external
     assert f'<forward-port port="8080" protocol="tcp" to-port="8080" to-addr="{r.site.lans[0].host}"/>' in external
     assert '<interface name="br-lan"/>' in (fw / "zones/internal.xml").read_text()
+    # the operator's radvd on the first LAN, answering solicitations by unicast (what lab/fwcheck.py tells apart)
+    radvd = (r.flash / "etc/radvd.conf").read_text()
+    assert radvd.startswith("# the lab's EL operator") and "\ninterface br-lan\n" in radvd
+    assert "AdvRASolicitedUnicast on;" in radvd and f"prefix {firewalld.RA_PREFIX}\n" in radvd
     rendered = Path(r.site.tree) / "etc/firewalld/zones/wan-tunnels.xml"
     assert (fw / "zones/wan-tunnels.xml").read_text() == rendered.read_text()
     link = r.flash / "etc/systemd/system/multi-user.target.wants/wan-firewall.service"
