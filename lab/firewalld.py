@@ -163,7 +163,8 @@ LAN_OUT_POLICY = """<?xml version="1.0" encoding="utf-8"?>
 # an answer to its own solicitation from radvd's periodic multicast RAs (those leave the router even
 # when its input drops the solicitation). The prefix is IPv6 documentation space (RFC 3849): the WAN
 # is IPv4; this is the platform's own IPv6 next to it. radvd starts without IPv6 forwarding on the
-# router (it logs "IPv6 forwarding seems to be disabled, but continuing anyway", radvd.c).
+# router (it logs "IPv6 forwarding seems to be disabled, but continuing anyway") and still advertises
+# a router lifetime of 1800 s (seen in the QEMU lab: boot/radvd.log, the check's evidence).
 RADVD_CONF = """# the lab's EL operator: router advertisements on the first LAN (lab/firewalld.py; radvd.conf(5))
 interface {bridge}
 {{

@@ -182,7 +182,7 @@ def ra_answered(host: list[str], ifname: str, router_ll: str, prefix: str, wait:
     """A LAN host (`host`: the argv prefix that runs in its network namespace) sends Router
     Solicitations to ff02::2 and must get an RA from the router's link-local address, hop limit 255,
     addressed to itself (the answer to its RS), advertising `prefix` (the operator's radvd.conf).
-    {"ok", "answer", "ras", "why"}."""
+    {"ok", "router", "host", "rs_sent", "answer" (the RA or None), "ras_seen", "seconds", "why"}."""
     t = time.monotonic()
     r = subprocess.run([*host, "python3", "-c", RS_PROBE, ifname, str(wait)], capture_output=True, text=True,
                        timeout=wait + 30)

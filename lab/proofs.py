@@ -375,7 +375,7 @@ def lease(ns: str, iface: str = "eth0") -> tuple[str, str]:
     """A real DHCP client (BusyBox udhcpc) in network namespace `ns` (a router-DNS site's: its dns_ns, a host
     on its first LAN without an address) asks for a lease, sending its hostname: a DHCPDISCOVER from
     0.0.0.0 to 255.255.255.255, which the router's dnsmasq must receive through the router's firewall
-    (dnsmasq reads DHCP from a UDP socket, so the input hook sees it). Returns (leased address or "",
+    (dnsmasq reads DHCP from a UDP socket, so the input hook sees it: field facts W5). Returns (leased address or "",
     udhcpc's output). `-s /bin/true`: the address is not configured (the host needs none: the router's
     dnsmasq names it from the lease). Also the lab's EL platform check (lab/fwcheck.py) and the host-side
     test of the old EL table (tests/test_firewalld.py)."""
