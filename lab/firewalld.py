@@ -35,7 +35,10 @@ from . import docker_image, libreswan5, roots
 # virtual packages debootstrap does not resolve: libpam-systemd provides both (it brings systemd,
 # which never runs here: the holder is the router's init; elogind's library conflicts with
 # libsystemd0, which minbase has). As on EL, polkitd answers firewalld's authorization checks: the
-# bus starts it on demand (its D-Bus service file) and it authorizes uid 0.
+# bus starts it on demand (its D-Bus service file) and it authorizes uid 0. radvd (Debian 12: 2.19) is
+# the operator's router advertisement daemon (RHEL ships the same program in AppStream): the holder
+# starts it when the router's disk has /etc/radvd.conf (`operator_files`). (libreswan5.FIREWALLD: the
+# Libreswan 5 root carries the same, for its EL routers.)
 PACKAGES = (*libreswan5.PACKAGES, *libreswan5.FIREWALLD)
 
 RECIPE = {
@@ -150,17 +153,42 @@ LAN_OUT_POLICY = """<?xml version="1.0" encoding="utf-8"?>
 """
 
 
+# The operator's router advertisements on the first LAN: radvd's configuration as radvd.conf(5) (radvd
+# 2.19, EXAMPLES) writes it: an interface block with AdvSendAdvert on and a prefix block (on-link,
+# autonomous: the LAN hosts configure an address from it, SLAAC). AdvRASolicitedUnicast on (said
+# here so the check rests on no default; radvd.conf(5)) answers a Router Solicitation with a unicast
+# RA to the soliciting host (RFC 7772; seen from 2.19 here), which is how lab/fwcheck.py tells
+# an answer to its own solicitation from radvd's periodic multicast RAs (those leave the router even
+# when its input drops the solicitation). The prefix is IPv6 documentation space (RFC 3849): the WAN
+# is IPv4; this is the platform's own IPv6 next to it. radvd starts without IPv6 forwarding on the
+# router (it logs "IPv6 forwarding seems to be disabled, but continuing anyway") and still advertises
+# a router lifetime of 1800 s (seen in the QEMU lab: boot/radvd.log, the check's evidence).
+RADVD_CONF = """# the lab's EL operator: router advertisements on the first LAN (lab/firewalld.py; radvd.conf(5))
+interface {bridge}
+{{
+	AdvSendAdvert on;
+	AdvRASolicitedUnicast on;
+	prefix {prefix}
+	{{
+		AdvOnLink on;
+		AdvAutonomous on;
+	}};
+}};
+"""
+RA_PREFIX = "2001:db8:1::/64"
+
 DNAT_PORT = 8080  # the operator's port forward: the router's WAN address, TCP 8080 -> the first LAN's host
 SSH_PORT = 22
 
 
 def operator_files(wan: str, bridges: tuple[str, ...], dnat_to: str) -> dict[str, str]:
     """path under the router's / -> text: the operator's firewalld files (zones of its interfaces, a port
-    forward to `dnat_to`)."""
+    forward to `dnat_to`) and its radvd.conf for the first LAN (the holder starts radvd when it is there)."""
     ifaces = "".join(f'  <interface name="{b}"/>\n' for b in bridges)
     return {"etc/firewalld/zones/external.xml": EXTERNAL_ZONE.format(wan=wan, dnat_port=DNAT_PORT, dnat_to=dnat_to),
             "etc/firewalld/zones/internal.xml": INTERNAL_ZONE.format(interfaces=ifaces),
-            "etc/firewalld/policies/lab-lans-out.xml": LAN_OUT_POLICY}
+            "etc/firewalld/policies/lab-lans-out.xml": LAN_OUT_POLICY,
+            "etc/radvd.conf": RADVD_CONF.format(bridge=bridges[0], prefix=RA_PREFIX)}
 
 
 def enabled_links(tree: Path) -> dict[str, str]:

@@ -4,6 +4,7 @@ reboot. The engine runs `checks` before the traffic proofs."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import time
@@ -11,9 +12,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .contracts import Check
-from .firewalld import DNAT_PORT, SSH_PORT
+from .firewalld import DNAT_PORT, RA_PREFIX, SSH_PORT
 from .network import ns_path
-from .proofs import wait_tunnels
+from .proofs import lease, wait_tunnels
 
 # ---- the lab's checks on a router that runs firewalld ---------------------------------------------
 
@@ -122,13 +123,95 @@ def tcp_answered(server: list[str], port: int, client: list[str], to: str, to_po
     return {"ok": ok, "banner": banner, "peer": peer[0], "why": "" if ok else f"not answered: {banner}"}
 
 
+# A Router Solicitation from a LAN host, and the router advertisements that come back (RFC 4861 4.1,
+# 4.2, 6.1.2: ICMPv6 133/134, hop limit 255; an RS from a host with an address carries its link-layer
+# address, option 1). A raw ICMPv6 socket: the kernel fills in the checksum (RFC 3542 3.1). The RA's
+# destination (IPV6_PKTINFO) tells the answer to this RS (unicast to the host: AdvRASolicitedUnicast,
+# lab/firewalld.py) from a periodic multicast RA to ff02::1, which leaves the router even when its
+# firewall drops every solicitation. Prints one JSON line: the host's address, RSs sent, RAs seen.
+RS_PROBE = r"""
+import fcntl, json, socket, struct, sys, time
+ifname, wait = sys.argv[1], float(sys.argv[2])
+idx = socket.if_nametoindex(ifname)
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+s.settimeout(0.2)
+mac = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", ifname.encode()))[18:24]  # SIOCGIFHWADDR
+rs = struct.pack("!BBHI", 133, 0, 0, 0) + struct.pack("!BB6s", 1, 1, mac)
+me, seen, sent, start = "", [], 0, time.monotonic()
+while time.monotonic() < start + wait:
+    if not me:  # the host's link-local source (none while it is tentative: DAD)
+        try:
+            u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            u.connect(("ff02::2", 9, 0, idx))
+            me = u.getsockname()[0].split("%")[0]
+        except OSError:
+            time.sleep(0.2)
+            continue
+    if sent < 4 and time.monotonic() >= start + sent * 1.5:
+        s.sendto(rs, ("ff02::2", 0, 0, idx))
+        sent += 1
+    try:
+        data, anc, _flags, src = s.recvmsg(2048, 256)
+    except socket.timeout:
+        continue
+    if len(data) < 16 or data[0] != 134:
+        continue
+    ra = {"from": src[0].split("%")[0], "to": "", "hop_limit": -1, "router_lifetime": struct.unpack("!H", data[6:8])[0],
+          "prefixes": []}
+    for _lvl, typ, val in anc:
+        if typ == socket.IPV6_PKTINFO:
+            ra["to"] = socket.inet_ntop(socket.AF_INET6, val[:16])
+        elif typ == socket.IPV6_HOPLIMIT:
+            ra["hop_limit"] = struct.unpack("i", val[:4])[0]
+    opts = data[16:]
+    while len(opts) >= 8 and opts[1]:
+        if opts[0] == 3 and len(opts) >= 32:  # prefix information (RFC 4861 4.6.2)
+            ra["prefixes"].append(f"{socket.inet_ntop(socket.AF_INET6, opts[16:32])}/{opts[2]}")
+        opts = opts[opts[1] * 8:]
+    seen.append(ra)
+    if ra["to"] == me:
+        break
+print(json.dumps({"host": me, "rs_sent": sent, "ras": seen}))
+"""
+
+
+def ra_answered(host: list[str], ifname: str, router_ll: str, prefix: str, wait: float = 8.0) -> dict:
+    """A LAN host (`host`: the argv prefix that runs in its network namespace) sends Router
+    Solicitations to ff02::2 and must get an RA from the router's link-local address, hop limit 255,
+    addressed to itself (the answer to its RS), advertising `prefix` (the operator's radvd.conf).
+    {"ok", "router", "host", "rs_sent", "answer" (the RA or None), "ras_seen", "seconds", "why"}."""
+    t = time.monotonic()
+    r = subprocess.run([*host, "python3", "-c", RS_PROBE, ifname, str(wait)], capture_output=True, text=True,
+                       timeout=wait + 30)
+    seconds = round(time.monotonic() - t, 1)
+    try:
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"ok": False, "why": f"the RS probe failed: {(r.stdout + r.stderr).strip()[-300:]}"}
+    answer = [ra for ra in got["ras"] if ra["from"] == router_ll and ra["to"] == got["host"] and ra["hop_limit"] == 255]
+    ok = bool(answer) and prefix in answer[0]["prefixes"]
+    if not answer:
+        why = (f"no RA from {router_ll} answered the host's Router Solicitation ({got['rs_sent']} sent; "
+               f"other RAs seen: {len(got['ras'])})")
+    else:
+        why = "" if ok else f"the answer did not advertise {prefix}: {answer[0]['prefixes']}"
+    return {"ok": ok, "router": router_ll, "host": got["host"], "rs_sent": got["rs_sent"],
+            "answer": answer[0] if answer else None, "ras_seen": len(got["ras"]), "seconds": seconds, "why": why}
+
+
 def platform(lab, s) -> dict[str, dict]:
     """What the EL platform must keep doing next to the WAN's files (issue 13 item 2), each a real
     exchange through the router's firewall: IPv6 neighbour discovery on the LAN (the LAN host pings the
-    router's link-local address: NS/NA both ways), SSH from a management network outside the WAN (the
-    lab's internet, to TCP 22 of the router's WAN address: the operator's external zone opens ssh), the
-    operator's port forward (the internet to TCP 8080 of the WAN address, DNAT to a LAN host). A DHCP
-    DISCOVER from 0.0.0.0 to the router's dnsmasq is the dhcp check of router-DNS sites (lab/proofs.py)."""
+    router's link-local address: NS/NA both ways), router advertisements (the LAN host's Router
+    Solicitation in, the operator's radvd's answer out: `ra_answered`), SSH from a management network
+    outside the WAN (the lab's internet, to TCP 22 of the router's WAN address: the operator's external
+    zone opens ssh), the operator's port forward (the internet to TCP 8080 of the WAN address, DNAT to a
+    LAN host), and on a router-DNS site a DHCP DISCOVER from 0.0.0.0 answered by the router's dnsmasq
+    (the DHCP client host of its first LAN, lab/proofs.py `lease`; the operator's internal zone opens
+    dhcp)."""
     r = lab.routers[s.name]
     lan = s.lans[0]
     host = ["nsenter", f"--net={ns_path(lan.host_ns)}", "--"]
@@ -138,6 +221,7 @@ def platform(lab, s) -> dict[str, dict]:
     ll = re.search(r"inet6 (fe80::[0-9a-f:]+)/", addrs)
     if not ll:
         out["ipv6_nd"] = {"ok": False, "why": f"no IPv6 link-local address on {lan.bridge}"}
+        out["ipv6_ra"] = {"ok": False, "why": f"no IPv6 link-local address on {lan.bridge}"}
     else:
         for _ in range(5):  # a fresh link-local address is tentative for a moment (DAD)
             p = subprocess.run([*host, "ping", "-6", "-c", "1", "-W", "2", "-I", "eth0", ll.group(1)],
@@ -147,6 +231,16 @@ def platform(lab, s) -> dict[str, dict]:
             time.sleep(1)
         out["ipv6_nd"] = {"ok": p.returncode == 0, "to": ll.group(1), "ping": p.stdout.strip()[-200:],
                           "why": "" if p.returncode == 0 else "the LAN host got no answer from the router's link-local address"}
+        out["ipv6_ra"] = ra_answered(host, "eth0", ll.group(1), RA_PREFIX)
+        if not out["ipv6_ra"]["ok"]:  # what the operator's radvd said (lab/router-setup.sh)
+            radvd_log = Path(r.bootdir) / "radvd.log"
+            out["ipv6_ra"]["radvd_log"] = radvd_log.read_text(errors="replace")[-600:] if radvd_log.exists() else "(none)"
+    if s.router_dns:
+        t = time.monotonic()
+        addr, udhcpc = lease(s.dns_ns)
+        out["dhcp_discover"] = {"ok": bool(addr), "leased": addr, "seconds": round(time.monotonic() - t, 1),
+                                "udhcpc": udhcpc[-300:],
+                                "why": "" if addr else "no answer from the router's dnsmasq to a DHCPDISCOVER from 0.0.0.0"}
     out["ssh_management"] = tcp_answered(r.enter(), SSH_PORT, inet, s.public, SSH_PORT)
     out["dnat_port_forward"] = tcp_answered(host, DNAT_PORT, inet, s.public, DNAT_PORT)
     return out
@@ -248,5 +342,6 @@ def checks(lab) -> list:
             if what:
                 why.append(f"after {when}: " + "; ".join(what))
         out.append(Check("firewalld", name, name, not why, {
-            "firewalld": s.firewalld, "full": full, "seconds": seconds, **phases, "why": " | ".join(why)}))
+            "firewalld": s.firewalld, "full": full, "router_dns": s.router_dns, "seconds": seconds, **phases,
+            "why": " | ".join(why)}))
     return out

@@ -32,7 +32,7 @@ PACKAGES = ("libreswan", "bind9-host", "libnss3-tools", "iproute2", "nftables", 
 # firewalld with its D-Bus system bus, for the EL routers of the QEMU lab (lab/firewalld.py says why each
 # package); in this root too, so a Libreswan 5.x EL router runs Debian 13's firewalld (2.x, the major
 # EL 10 ships, which also ships Libreswan 5) as the 4.x ones run Debian 12's 1.3.3
-FIREWALLD = ("firewalld", "dbus", "libpam-systemd")
+FIREWALLD = ("firewalld", "dbus", "libpam-systemd", "radvd")
 
 RECIPE = {
     "version": 1,

@@ -371,11 +371,15 @@ def dns(lab: Lab) -> Iterator[Check]:
 DHCP_NAME = "lab-dhcp"  # the hostname the DHCP client host sends (option 12)
 
 
-def _lease(s: SitePlan) -> tuple[str, str]:
-    """A real DHCP client (BusyBox udhcpc) on the router-DNS site's first LAN asks the router's dnsmasq for a
-    lease, sending its hostname; returns (leased address or "", udhcpc's output). `-s /bin/true`: the
-    address is not configured (the host needs none: the router's dnsmasq names it from the lease)."""
-    r = run(["nsenter", f"--net={ns_path(s.dns_ns)}", "--", "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f",
+def lease(ns: str, iface: str = "eth0") -> tuple[str, str]:
+    """A real DHCP client (BusyBox udhcpc) in network namespace `ns` (a router-DNS site's: its dns_ns, a host
+    on its first LAN without an address) asks for a lease, sending its hostname: a DHCPDISCOVER from
+    0.0.0.0 to 255.255.255.255, which the router's dnsmasq must receive through the router's firewall
+    (dnsmasq reads DHCP from a UDP socket, so the input hook sees it: field facts W5). Returns (leased address or "",
+    udhcpc's output). `-s /bin/true`: the address is not configured (the host needs none: the router's
+    dnsmasq names it from the lease). Also the lab's EL platform check (lab/fwcheck.py) and the host-side
+    test of the old EL table (tests/test_firewalld.py)."""
+    r = run(["nsenter", f"--net={ns_path(ns)}", "--", "busybox", "udhcpc", "-i", iface, "-n", "-q", "-f",
              "-t", "5", "-T", "2", "-x", f"hostname:{DHCP_NAME}", "-s", "/bin/true"], check=False, timeout=60)
     out = (r.stdout + r.stderr).strip()
     for line in out.splitlines():
@@ -432,7 +436,7 @@ def router_dns(lab: Lab) -> Iterator[Check]:
     firewall it is noted as not proven)."""
     view, infra = lab.view, lab.plan.infra
     for s in [s for s in view.sites if s.router_dns]:
-        addr, out = _lease(s)
+        addr, out = lease(s.dns_ns)
         yield Check("dhcp", s.name, s.name, bool(addr), {"hostname": DHCP_NAME, "leased": addr, "udhcpc": out[-400:],
                     "why": "" if addr else "no DHCP lease from the router's dnsmasq"})
         name = f"{DHCP_NAME}.{s.domain}"

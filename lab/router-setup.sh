@@ -143,6 +143,14 @@ if [ "$firewall" = firewalld ]; then
         [ -e "$u" ] || continue
         systemctl start "${u##*/}" || { echo "starting ${u##*/} failed" >&2; echo failed > "$boot/failed"; exit 1; }
     done
+    # The operator's router advertisement daemon (lab/firewalld.py operator_files), as radvd.service starts
+    # it when /etc/radvd.conf exists (Debian 12's unit: ConditionPathExists=/etc/radvd.conf, After=
+    # network.target, `radvd --configtest` then radvd, which forks). A radvd that does not start fails
+    # no boot (nor would it under systemd): the ipv6_ra check (lab/fwcheck.py) fails with its log.
+    if [ -f /etc/radvd.conf ]; then
+        radvd --logmethod logfile --logfile "$boot/radvd.log" --pidfile /run/radvd.pid \
+            || echo "radvd did not start: $(tail -3 "$boot/radvd.log" 2>/dev/null)" >&2
+    fi
 elif [ "$firewall" != "-" ]; then
     nft -f "$firewall"
 fi

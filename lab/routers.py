@@ -363,7 +363,7 @@ class NetnsRouter(BootWaits):
 
     def logs(self) -> dict[str, str]:
         out = {}
-        for f in ("pluto.log", "dnsmasq.log", "setup.log", "firewalld.log"):
+        for f in ("pluto.log", "dnsmasq.log", "setup.log", "firewalld.log", "radvd.log"):
             try:
                 out[f] = (self.bootdir / f).read_text(errors="replace")
             except FileNotFoundError:

@@ -3,11 +3,13 @@ root's recipe and its cache key (shared builder, lab/roots.py), which routers ge
 plan and verdict say, a router's disk (the stock /etc/firewalld, the operator's zones, the enabled
 unit), the systemctl stand-in (lab/el-systemctl, run by sh), and the parser of firewall-cmd's output.
 
-The last test boots one router's holder (lab/router-setup.sh) on this host's kernel in a network
-namespace of its own, in the built root: a real dbus-daemon, firewalld 1.3.3 and polkitd, the rendered
-zones and policies, the WAN's table, `firewall-cmd --reload`. It needs root and the built root
-(`python3 -c 'from lab import firewalld; firewalld.ensure_root()'`, about a minute); without them it
-is skipped, and says so."""
+One test boots one router's holder (lab/router-setup.sh) on this host's kernel in a network
+namespace of its own, in the built root: a real dbus-daemon, firewalld 1.3.3, polkitd and radvd, the
+rendered zones and policies, the WAN's table, `firewall-cmd --reload`, and the platform's own traffic
+from a LAN host (ND, RS/RA, DHCP from 0.0.0.0) before and after the reload. It needs root and the
+built root (`python3 -c 'from lab import firewalld; firewalld.ensure_root()'`, about a minute);
+without them it is skipped, and says so. The last test shows the old EL table biting that traffic
+and the rendered one not, with real nft and dnsmasq (root only)."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +50,7 @@ def _fake(root_obj: roots.Root, cache: Path, meta: dict, monkeypatch) -> Path:
 def test_the_recipe_is_debian_12_with_firewalld_and_dbus_and_starts_no_daemon_on_the_host(monkeypatch, tmp_path):
     monkeypatch.setenv("WAN_LAB_CACHE", str(tmp_path))
     r = firewalld.RECIPE
-    assert r["suite"] == "bookworm" and {"firewalld", "dbus", "libreswan", "nftables"} <= set(r["packages"])
+    assert r["suite"] == "bookworm" and {"firewalld", "dbus", "libreswan", "nftables", "radvd"} <= set(r["packages"])
     # polkitd (firewalld's dependency) needs a logind debootstrap cannot pick by itself
     assert "libpam-systemd" in r["packages"]
     assert r["no_daemons"] is True  # docker_image.debootstrap: two stages, policy-rc.d, a network namespace
@@ -144,6 +146,10 @@ def test_a_firewalld_routers_disk_has_the_stock_files_the_operators_zones_and_th
     assert '<interface name="wan"/>' in external and "<masquerade/>" in external
     assert f'<forward-port port="8080" protocol="tcp" to-port="8080" to-addr="{r.site.lans[0].host}"/>' in external
     assert '<interface name="br-lan"/>' in (fw / "zones/internal.xml").read_text()
+    # the operator's radvd on the first LAN, answering solicitations by unicast (what lab/fwcheck.py tells apart)
+    radvd = (r.flash / "etc/radvd.conf").read_text()
+    assert radvd.startswith("# the lab's EL operator") and "\ninterface br-lan\n" in radvd
+    assert "AdvRASolicitedUnicast on;" in radvd and f"prefix {firewalld.RA_PREFIX}\n" in radvd
     rendered = Path(r.site.tree) / "etc/firewalld/zones/wan-tunnels.xml"
     assert (fw / "zones/wan-tunnels.xml").read_text() == rendered.read_text()
     link = r.flash / "etc/systemd/system/multi-user.target.wants/wan-firewall.service"
@@ -206,18 +212,25 @@ def _can_boot() -> str | None:
 @pytest.mark.skipif(_can_boot() is not None, reason=str(_can_boot()))
 def test_a_router_boots_firewalld_with_the_wans_zones_and_table_and_a_reload_keeps_the_table(tmp_path):
     """The holder's firewalld path for real, on the host kernel in a network namespace of its own
-    (no ESP needed here: pluto is never started). Checks what lab/firewalld.py checks in the lab."""
+    (no ESP needed here: pluto is never started). Checks what lab/firewalld.py checks in the lab, on
+    berlin of the router-DNS WAN: also the platform's own traffic from a LAN host namespace through
+    real firewalld and the WAN's table, at boot and after `firewall-cmd --reload`: neighbour discovery,
+    the operator's radvd answering a Router Solicitation, the router's dnsmasq a DHCPDISCOVER from 0.0.0.0."""
     from lab.routers import NetnsRouter
-    p = _prepare(LabRequest(sites=TWO, kernel="qemu", results=tmp_path / "r"), "qemu", 4, lambda line: None)
-    site = p.plan.wan.site("acme")
-    assert site.firewalld
-    ns = f"fwt{os.getpid()}"
+    p = _prepare(LabRequest(sites=REPO / "tests/lab/wans/router-dns", kernel="qemu", results=tmp_path / "r"), "qemu", 4,
+                 lambda line: None)
+    site = p.plan.wan.site("berlin")
+    assert site.firewalld and site.router_dns
+    ns, hns = f"fwt{os.getpid()}", f"fwh{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "netns", "add", hns], check=True)
     try:
         ip = ["ip", "-n", ns]
         subprocess.run([*ip, "link", "set", "lo", "up"], check=True)
-        for a, b in (("wan", "wanp"), ("br-lan", "lanp")):
-            subprocess.run([*ip, "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+        subprocess.run([*ip, "link", "add", "wan", "type", "veth", "peer", "name", "wanp"], check=True)
+        subprocess.run([*ip, "link", "add", "br-lan", "type", "veth", "peer", "name", "eth0", "netns", hns], check=True)
+        subprocess.run(["ip", "-n", hns, "link", "set", "eth0", "up"], check=True)
+        for a in ("wan", "br-lan"):
             subprocess.run([*ip, "link", "set", a, "up"], check=True)
         subprocess.run([*ip, "addr", "add", f"{site.public}/24", "dev", "wan"], check=True)
         lan = site.lans[0]
@@ -231,14 +244,20 @@ def test_a_router_boots_firewalld_with_the_wans_zones_and_table_and_a_reload_kee
             t0 = time.monotonic()
             r.wait_prepared(timeout=90)
             up = time.monotonic() - t0
-            remote = [x.subnet for x in p.plan.wan.site("home").lans]
+            remote = [x.subnet for o in ("acme", "home") for x in p.plan.wan.site(o).lans]
             before = fwcheck.state(r, Path(site.tree), remote)
             assert before["state"] == "running" and before["why"] == "", before
             assert before["active_zones"]["external"]["interfaces"] == ["wan"]
             assert {"wan-from-tunnels", "wan-into-tunnels"} <= set(before["policies"])
+            ll = _link_local(ns, "br-lan")
+            _link_local(hns, "eth0")
+            probes = _platform_probes(ns, hns, ll)
+            assert all(v["ok"] for v in probes.values()), (probes, (r.bootdir / "radvd.log").read_text())
             assert r.exec(["firewall-cmd", "--reload"], timeout=120).returncode == 0
             after = fwcheck.state(r, Path(site.tree), remote)
             assert after["why"] == "" and after["wan_rules"] == before["wan_rules"] > 0, after
+            probes = _platform_probes(ns, hns, ll)
+            assert all(v["ok"] for v in probes.values()), probes
             # reconcile's firewalld path, with the stand-in systemctl: the table loaded again
             assert r.exec(["systemctl", "restart", "wan-firewall"], env={"PATH": ROOT_PATH}).returncode == 0
             assert r.exec(["firewall-cmd", "--version"]).stdout.strip() == "1.3.3"
@@ -246,6 +265,7 @@ def test_a_router_boots_firewalld_with_the_wans_zones_and_table_and_a_reload_kee
         finally:
             r.teardown()
     finally:
+        subprocess.run(["ip", "netns", "del", hns], check=False)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(tmp_path / "state", ignore_errors=True)
 
@@ -276,3 +296,119 @@ def test_a_tree_altered_after_rendering_is_told_apart_as_reconcile_tells_it(tmp_
     nft = tmp_path / "acme" / paths.NFT_EL
     nft.write_text(nft.read_text().replace("snat", "masquerade", 1))
     assert not fwcheck.tree_intact(tmp_path / "acme")
+
+
+# ---- the platform's own traffic through the EL table: the old one bites, the rendered one does not ----
+# issue 13 item 4. berlin's first LAN (tests/lab/wans/router-dns, an EL router-DNS site) on this host's
+# kernel: a router namespace with the WAN's `table inet wan` and real dnsmasq as the operator's DHCP
+# server and RA daemon (dnsmasq's enable-ra: the lab's EL routers run radvd in the firewalld root,
+# which this host does not have; what is tested here is the table, and either daemon reads RS and
+# DHCP from sockets behind the input hook), and a LAN host namespace without an IPv4 address. The
+# probes are the lab's own (lab/fwcheck.py ra_answered, lab/proofs.py lease).
+
+OLD_EL_TABLE = REPO / "tests/data/el-wan-old-berlin.nft"
+
+
+def _no_netns_lab() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    missing = [t for t in ("nft", "dnsmasq", "busybox", "ping") if not shutil.which(t)]
+    if missing:
+        return f"not installed: {missing}"
+    if subprocess.run(["nft", "list", "tables"], capture_output=True).returncode != 0:
+        return "this kernel has no nftables"
+    return None
+
+
+def _link_local(ns: str, dev: str) -> str:
+    """The link-local address of `dev` in `ns` once it has left DAD (a tentative address sends nothing)."""
+    for _ in range(100):
+        a = subprocess.run(["ip", "-n", ns, "-6", "-o", "addr", "show", "dev", dev, "scope", "link"],
+                           capture_output=True, text=True).stdout
+        if "fe80::" in a and "tentative" not in a:
+            return a.split("inet6 ", 1)[1].split("/", 1)[0]
+        time.sleep(0.1)
+    raise AssertionError(f"{ns} {dev}: no usable link-local address: {a!r}")
+
+
+def _platform_probes(router_ns: str, host_ns: str, router_ll: str) -> dict[str, dict]:
+    """ND (the host pings the router's link-local address), RS/RA and a DHCPDISCOVER from 0.0.0.0, at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lab.proofs import lease
+    host = ["ip", "netns", "exec", host_ns]
+
+    def nd() -> dict:
+        p = subprocess.run([*host, "ping", "-6", "-c", "1", "-W", "3", "-I", "eth0", router_ll],
+                           capture_output=True, text=True, timeout=30)
+        return {"ok": p.returncode == 0, "ping": p.stdout.strip()[-200:]}
+
+    def dhcp() -> dict:
+        addr, out = lease(host_ns)
+        return {"ok": bool(addr), "leased": addr, "udhcpc": out[-300:]}
+
+    with ThreadPoolExecutor(3) as ex:
+        jobs = {"ipv6_nd": ex.submit(nd), "ipv6_ra": ex.submit(fwcheck.ra_answered, host, "eth0", router_ll,
+                                                               firewalld.RA_PREFIX, 6.0),
+                "dhcp_discover": ex.submit(dhcp)}
+        return {k: f.result() for k, f in jobs.items()}
+
+
+@pytest.mark.skipif(_no_netns_lab() is not None, reason=str(_no_netns_lab()))
+def test_the_old_el_table_drops_nd_ra_and_dhcp_from_0_0_0_0_and_the_rendered_table_does_not(tmp_path):
+    """W5: the old table's input chain (policy drop, IPv4 rules for the LANs' own addresses) drops the
+    host's neighbour solicitations, its Router Solicitation and its DHCPDISCOVER from 0.0.0.0 (dnsmasq
+    never logs the DISCOVER); the rendered table (policy accept, IPv4 matches only) lets all three through."""
+    from render.render import render_wan
+    from render.validate import load_sites
+    rendered = render_wan(load_sites(REPO / "tests/lab/wans/router-dns"), "lab")["berlin"][paths.NFT_EL].content
+    (tmp_path / "wan.nft").write_bytes(rendered)
+    rns, hns = f"elr{os.getpid()}", f"elh{os.getpid()}"
+    prefix = firewalld.RA_PREFIX.split("/")[0]
+    dnsmasq = None
+    subprocess.run(["ip", "netns", "add", rns], check=True)
+    subprocess.run(["ip", "netns", "add", hns], check=True)
+    try:
+        for cmd in (["-n", rns, "link", "set", "lo", "up"], ["-n", hns, "link", "set", "lo", "up"],
+                    ["-n", rns, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", hns],
+                    ["-n", rns, "link", "set", "lan", "up"], ["-n", hns, "link", "set", "eth0", "up"],
+                    ["-n", rns, "addr", "add", "10.3.0.1/24", "dev", "lan"],
+                    ["-n", rns, "addr", "add", f"{prefix}1/64", "dev", "lan", "nodad"]):
+            subprocess.run(["ip", *cmd], check=True)
+        # the operator's dnsmasq: DHCP on the LAN and RAs with the LAN's prefix (dnsmasq(8) enable-ra,
+        # dhcp-range constructor: ra-only); no DNS (port=0), only this interface
+        log = tmp_path / "dnsmasq.log"
+        (tmp_path / "dnsmasq.conf").write_text(
+            "port=0\ninterface=lan\nbind-interfaces\nenable-ra\ndhcp-range=::,constructor:lan,ra-only\n"
+            f"dhcp-range=10.3.0.100,10.3.0.150,1h\ndhcp-leasefile={tmp_path / 'leases'}\nlog-dhcp\n"
+            f"log-facility={log}\n")
+        dnsmasq = subprocess.Popen(["ip", "netns", "exec", rns, "dnsmasq", "--keep-in-foreground",
+                                    f"--conf-file={tmp_path / 'dnsmasq.conf'}"], stderr=subprocess.PIPE, text=True)
+        ll = _link_local(rns, "lan")
+        _link_local(hns, "eth0")
+        assert dnsmasq.poll() is None, dnsmasq.stderr.read()
+
+        def load(path: Path) -> None:
+            r = subprocess.run(["ip", "netns", "exec", rns, "nft", "-f", str(path)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+
+        load(OLD_EL_TABLE)
+        before = log.read_text() if log.exists() else ""
+        old = _platform_probes(rns, hns, ll)
+        assert {k: v["ok"] for k, v in old.items()} == {"ipv6_nd": False, "ipv6_ra": False, "dhcp_discover": False}, old
+        assert old["ipv6_ra"]["rs_sent"] >= 2 and "DHCPDISCOVER" not in log.read_text()[len(before):]
+
+        load(tmp_path / "wan.nft")  # replaces the table (its `delete table inet wan`)
+        table = subprocess.run(["ip", "netns", "exec", rns, "nft", "list", "table", "inet", "wan"],
+                               capture_output=True, text=True).stdout
+        assert "policy drop" not in table and "ipsec missing drop" in table
+        new = _platform_probes(rns, hns, ll)
+        assert all(v["ok"] for v in new.values()), new
+        assert new["ipv6_ra"]["answer"]["to"] == new["ipv6_ra"]["host"]  # unicast: the answer to the host's RS
+        assert new["dhcp_discover"]["leased"].startswith("10.3.0.") and "DHCPDISCOVER(lan)" in log.read_text()
+    finally:
+        if dnsmasq is not None:
+            dnsmasq.terminate()
+            dnsmasq.wait(timeout=10)
+        subprocess.run(["ip", "netns", "del", hns], check=False)
+        subprocess.run(["ip", "netns", "del", rns], check=False)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 def assert_firewalld(outcome, routers: set[str], full: str) -> None:
     """These EL routers ran real firewalld (lab/firewalld.py) and passed its check; `full` was also
-    reloaded and rebooted, with IPv6 ND, SSH from the internet and the port forward answered each time."""
+    reloaded and rebooted, with IPv6 ND, an RA answering the LAN host's solicitation, SSH from the
+    internet, the port forward and (a router-DNS site) a DHCP DISCOVER from 0.0.0.0 answered each time."""
     r = outcome.result
     assert {n for n, what in r.firewalls.items() if what.startswith("firewalld 1.3.3 (real")} == routers
     fw = {c.src: c for c in r.checks if c.kind == "firewalld"}
     assert set(fw) == routers and all(c.ok for c in fw.values()), [c.evidence.get("why") for c in fw.values()]
     assert [n for n, c in fw.items() if c.evidence["full"]] == [full]
     phases = fw[full].evidence
+    want = {"ipv6_nd", "ipv6_ra", "ssh_management", "dnat_port_forward"} | ({"dhcp_discover"} if phases["router_dns"] else set())
     for when in ("boot", "reload", "reboot"):
         assert phases[when]["state"] == "running" and phases[when]["active_zones"]["wan-tunnels"]["sources"]
-        assert {k for k, v in phases[when]["platform"].items() if v["ok"]} == {"ipv6_nd", "ssh_management", "dnat_port_forward"}
+        assert {k for k, v in phases[when]["platform"].items() if v["ok"]} == want, phases[when]["platform"]
 
 
 def if_firewalld(outcome, routers: set[str], full: str) -> None:
