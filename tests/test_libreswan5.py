@@ -208,14 +208,17 @@ def test_a_5x_router_sees_its_roots_etc_not_the_lab_kernels(monkeypatch, tmp_pat
         r.install(r.site.tree)
         etc[name] = r.flash / "etc"
     acme, berlin = etc["acme"], etc["berlin"]
-    # acme (5.x): the root's /etc entries through hostetc (bound to the root's /etc by its holder)
-    assert os.readlink(acme / "ipsec.conf").endswith("router-acme/hostetc/ipsec.conf")
+    # acme (5.x): the root's /etc entries through hostetc (bound to the root's /etc by its holder), but
+    # EL's own ipsec.conf: RHEL's stock file, as on every EL router of the lab (lab/platform.py el_stock_files)
     assert os.readlink(acme / "hosts").endswith("router-acme/hostetc/hosts")
+    for e in (acme, berlin):
+        assert not (e / "ipsec.conf").is_symlink()
+        assert (e / "ipsec.conf").read_bytes() == (REPO / "lab/stock-el/ipsec.conf").read_bytes()
     assert not (acme / "passwd").exists() and not (acme / "passwd").is_symlink()  # not the lab kernel's /etc
     rendered = Path(p.plan.wan.site("acme").tree) / "etc/ipsec.d/acme-berlin.conf"
     assert (acme / "ipsec.d/acme-berlin.conf").read_text() == rendered.read_text()
     # berlin (4.x): the lab kernel's own /etc, as before
-    assert (berlin / "ipsec.conf").is_symlink() and (berlin / "passwd").is_symlink()
+    assert (berlin / "hosts").is_symlink() and (berlin / "passwd").is_symlink()
 
 
 def test_a_5x_routers_dns_reload_restarts_dnsmasq_in_its_own_root(tmp_path):
