@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import childsas, diagnostics, fwcheck, plutoconf, proofs, scenarios
@@ -24,6 +25,14 @@ from .docker_routers import DockerFleet
 from .network import Network, ns_path
 from .proc import log, run, scrub
 from .routers import NetnsRouter, RouterHost, make_nss, start_fleet, wait_initiated
+
+
+def changed_sas(view: WanView, before: dict[str, dict[str, set[str]]], now: dict[str, dict[str, set[str]]]) -> list[str]:
+    """The tunnels whose ESP SPIs (router -> conn -> SPIs, RouterHost.spis) differ between two readings
+    on either end: torn down and set up again in between (a rekey also changes them: not within a lab run,
+    salifetime is an hour)."""
+    return [t.name for t in view.tunnels
+            if any(before.get(e, {}).get(c) != now.get(e, {}).get(c) for e in (t.a, t.b) for c in view.site(e).conns[t.name])]
 
 
 class Lab:
@@ -146,12 +155,17 @@ class Lab:
             for check in fwcheck.checks(self):
                 self.add(check)
             first = len(self.result.checks)
+            try:  # a tunnel that goes down and comes back during the proofs has new SAs
+                spis_before: dict | None = self._spis()
+            except Exception as e:  # noqa: BLE001 (only the re-run after a flap needs it)
+                spis_before = None
+                self.note(f"could not read the routers' SAs before the proofs: {type(e).__name__}: {e}")
             for check in self._traffic_proofs():
                 self.add(check)
             for check in proofs.firewall(self):
                 self.add(check)
         try:
-            self._recheck_after_flaps(first)
+            self._recheck_after_flaps(first, spis_before)
         except Exception as e:  # noqa: BLE001 (the first attempt's failed checks stand)
             self.note(f"re-running the traffic proofs after a tunnel went down failed: {type(e).__name__}: {e}")
         failed = {c.src for c in self.result.failed()} | {c.dst for c in self.result.failed()}
@@ -170,13 +184,24 @@ class Lab:
                       proofs.router_dns(self), proofs.platform_files(self)):
             yield from proof
 
-    def _recheck_after_flaps(self, first: int) -> None:
+    def _spis(self) -> dict[str, dict[str, set[str]]]:
+        """router -> conn -> the ESP SPIs pluto holds (one `ipsec whack --status` per router, at once)."""
+        names = self.view.names
+        with ThreadPoolExecutor(max_workers=8) as ex:
+            return dict(zip(names, ex.map(lambda n: self.routers[n].spis(), names), strict=True))
+
+    def _recheck_after_flaps(self, first: int, spis_before: dict[str, dict[str, set[str]]] | None = None) -> None:
         """Traffic proofs that failed while a tunnel proven up before them is down again: the WAN is
         waited for again (the wait's own repair included) and those proofs run once more. Seen on a
         loaded QEMU guest (23 s stalls): a liveness exchange crossed a slow one, pluto dropped it as an
         old Message ID, its peer cleared the tunnel after retransmit-timeout and re-established it a
-        minute later. Each re-run check keeps the failed attempt (evidence `first_attempt`) and a note
-        names the tunnels; a failure with every tunnel up (a missing NAT exemption, a wrong DNS
+        minute later. A tunnel that went down and came back while the proofs ran counts too: its SAs
+        are not those it had when they began (seen in CI's QEMU example, session 7: berlin's
+        CREATE_CHILD_SA for paris's second LAN crossed paris's liveness request, pluto 4.10 logged
+        "EXPECTATION FAILED: v2_msg_role(md) == MESSAGE_REQUEST" and then dropped paris's liveness as an
+        old Message ID; paris cleared the tunnel during the checks and it was up again before they
+        ended). Each re-run check keeps the failed attempt (evidence `first_attempt`) and a note names
+        the tunnels; a failure with every tunnel up and unchanged (a missing NAT exemption, a wrong DNS
         forward) is not re-run."""
         kinds = {"child_sas", "ping", "router_ping", "dns", "dhcp", "dns_dhcp", "dns_internet"}
         failed = [c for c in self.result.checks[first:] if not c.ok and c.kind in kinds]
@@ -185,6 +210,8 @@ class Lab:
         proven = {c.evidence.get("tunnel"): c.ok for c in self.result.checks if c.kind == "tunnel"}  # the latest wait's
         up = proofs.tunnels_up(self.view, proofs.all_traffic(self.routers, self.view.names))
         down = [name for name, ok in up.items() if proven.get(name) and not ok]
+        if spis_before is not None:
+            down += [t for t in changed_sas(self.view, spis_before, self._spis()) if t not in down and proven.get(t)]
         if not down:
             return
         self.note(f"tunnels {', '.join(down)} went down after they were proven up (see their routers' pluto logs); "

@@ -234,3 +234,26 @@ def test_labs_at_once_each_run_in_a_process_of_their_own_named_in_the_output(tmp
     for name in ("one", "two", "three"):
         assert f"@lab {name} (started;" in r.stdout
         assert re.search(rf"^\[{name}\] .*FileNotFoundError.*{name}\.json", r.stdout, re.M), r.stdout
+
+
+def test_a_tunnel_torn_down_and_set_up_again_during_the_proofs_is_told_by_its_new_sas(tmp_path):
+    """lab/engine.py changed_sas: the re-run after a flap also covers a tunnel that went down and came
+    back while the traffic proofs ran (CI's QEMU example, session 7): it holds other SPIs than when the
+    proofs began. Unchanged SPIs, or none before and none after, are not a flap."""
+    from lab.engine import changed_sas
+    out = tmp_path / "out"
+    wan = load_sites(REPO / "sites")
+    write_trees(render_wan(wan, "lab"), out)
+    view = wan_view(wan, out, "wt")
+    bp = "berlin-paris"
+    before = {n: {c: {f"{i:08x}"} for i, c in enumerate(view.site(n).all_conns())} for n in view.names}
+    same = {n: {c: set(s) for c, s in conns.items()} for n, conns in before.items()}
+    assert changed_sas(view, before, same) == []
+    after = {n: {c: set(s) for c, s in conns.items()} for n, conns in before.items()}
+    conn = view.site("paris").conns[bp][-1]  # paris has two LANs: the second pair's conn
+    after["paris"][conn] = {"deadbeef"}
+    assert changed_sas(view, before, after) == [bp]
+    del after["paris"][conn]  # gone on one end (cleared, not yet back)
+    assert changed_sas(view, before, after) == [bp]
+    empty = {n: {} for n in view.names}
+    assert changed_sas(view, empty, empty) == []
