@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import childsas, diagnostics, fwcheck, plutoconf, proofs, scenarios
@@ -186,9 +185,7 @@ class Lab:
 
     def _spis(self) -> dict[str, dict[str, set[str]]]:
         """router -> conn -> the ESP SPIs pluto holds (one `ipsec whack --status` per router, at once)."""
-        names = self.view.names
-        with ThreadPoolExecutor(max_workers=8) as ex:
-            return dict(zip(names, ex.map(lambda n: self.routers[n].spis(), names), strict=True))
+        return proofs.each_router(self.routers, self.view.names, lambda r: r.spis())
 
     def _recheck_after_flaps(self, first: int, spis_before: dict[str, dict[str, set[str]]] | None = None) -> None:
         """Traffic proofs that failed while a tunnel proven up before them is down again: the WAN is

@@ -20,8 +20,6 @@ $WAN_LAB_FIREWALLD=0 keeps every EL router on the lab's firewall model (the verd
 """
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,11 +59,11 @@ def _probe(root: Path) -> dict:
 
 
 ROOT = roots.Root(recipe=RECIPE, label="the firewalld root", name="fw", probe=_probe,
-                  files={SYSTEMCTL: (SYSTEMCTL_PLACEHOLDER, 0o755)})
+                  files={SYSTEMCTL: (SYSTEMCTL_PLACEHOLDER, 0o755)}, switch="WAN_LAB_FIREWALLD")
 
 
 def wanted() -> bool:
-    return os.environ.get("WAN_LAB_FIREWALLD", "1") != "0"
+    return ROOT.wanted()
 
 
 def root_dir() -> Path:
@@ -78,9 +76,7 @@ def built() -> Path | None:
 
 def unavailable() -> str | None:
     """Why no firewalld root can be used in this run, None if one can (built, or buildable here)."""
-    if not wanted():
-        return "WAN_LAB_FIREWALLD=0"
-    return ROOT.buildable()
+    return ROOT.unavailable()
 
 
 def ensure_root(say: Callable[[str], None] = print) -> Path:
@@ -99,14 +95,7 @@ def choose(sites, lab_major: int, firewall: bool, say: Callable[[str], None] = p
     the lab kernel's Libreswan major (a 5.x EL router runs in the Libreswan 5 root)."""
     if not firewall or not any(wants_root(s) and s.router.libreswan == lab_major for s in sites):
         return None, None
-    why = unavailable()
-    if why:
-        return None, why
-    try:
-        return ensure_root(say), None
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        say(f"lab: no firewalld root: {e}")
-        return None, f"building the firewalld root failed: {str(e).splitlines()[0]}"
+    return ROOT.obtain(say)
 
 
 # ---- the router's own firewalld configuration (the operator's, not the WAN's) ----------------------

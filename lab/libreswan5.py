@@ -15,8 +15,6 @@ $WAN_LAB_LIBRESWAN5=0 keeps every router on the lab kernel's Libreswan (the 5.x 
 """
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,7 +53,7 @@ def _probe(root: Path) -> dict:
 
 # lab/roots.py builds and caches it
 ROOT = roots.Root(recipe=RECIPE, label="the Libreswan 5 root", probe=_probe,
-                  files={roots.SYSTEMCTL: (roots.SYSTEMCTL_PLACEHOLDER, 0o755)})
+                  files={roots.SYSTEMCTL: (roots.SYSTEMCTL_PLACEHOLDER, 0o755)}, switch="WAN_LAB_LIBRESWAN5")
 
 
 def recipe_hash() -> str:
@@ -67,7 +65,7 @@ def root_dir() -> Path:
 
 
 def wanted() -> bool:
-    return os.environ.get("WAN_LAB_LIBRESWAN5", "1") != "0"
+    return ROOT.wanted()
 
 
 def built() -> Path | None:
@@ -81,9 +79,7 @@ def meta(root: Path) -> dict:
 
 def unavailable() -> str | None:
     """Why no 5.x root can be used in this run, None if one can (built, or buildable here)."""
-    if not wanted():
-        return "WAN_LAB_LIBRESWAN5=0"
-    return ROOT.buildable()
+    return ROOT.unavailable()
 
 
 def ensure_root(say: Callable[[str], None] = print) -> Path:
@@ -96,11 +92,4 @@ def choose(targets: dict[str, int], say: Callable[[str], None] = print) -> tuple
     why not. Nothing is built when no router targets 5."""
     if not any(t >= 5 for t in targets.values()):
         return None, None
-    why = unavailable()
-    if why:
-        return None, why
-    try:
-        return ensure_root(say), None
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        say(f"lab: no Libreswan 5 root: {e}")
-        return None, f"building the Libreswan 5 root failed: {str(e).splitlines()[0]}"
+    return ROOT.obtain(say)

@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,9 +52,14 @@ def _ping_line(r: dict) -> str:
     return f"{r['sent']} echo requests, {r['received']} replies{rtt}{errors}"
 
 
-def all_traffic(routers: dict[str, RouterHost], names: list[str]) -> dict[str, dict]:
+def each_router(routers: dict[str, RouterHost], names: list[str], read: Callable[[RouterHost], dict]) -> dict[str, dict]:
+    """router -> read(router), the routers read at once (each reading is a process in the router)."""
     with ThreadPoolExecutor(max_workers=8) as ex:
-        return dict(zip(names, ex.map(lambda n: routers[n].traffic(), names), strict=True))
+        return dict(zip(names, ex.map(lambda n: read(routers[n]), names), strict=True))
+
+
+def all_traffic(routers: dict[str, RouterHost], names: list[str]) -> dict[str, dict]:
+    return each_router(routers, names, lambda r: r.traffic())
 
 
 INSTALLED_RECONCILE = "/etc/wan/reconcile"  # as a program release installs it (enrol, fetch)

@@ -51,6 +51,25 @@ class Root:
     probe: Callable[[Path], dict] = field(default=lambda root: {})
     # files written into the root after debootstrap: path in the root -> (text, mode); part of the hash
     files: dict[str, tuple[str, int]] = field(default_factory=dict)
+    switch: str = ""  # the environment variable that, set to 0, keeps the lab from using this root
+
+    def wanted(self) -> bool:
+        return not self.switch or os.environ.get(self.switch, "1") != "0"
+
+    def unavailable(self) -> str | None:
+        """Why this root cannot be used in this run, None if it can (built, or buildable here)."""
+        return f"{self.switch}=0" if not self.wanted() else self.buildable()
+
+    def obtain(self, say: Callable[[str], None] = print) -> tuple[Path | None, str | None]:
+        """The root, built if need be, or None and why not (the verdict says it)."""
+        why = self.unavailable()
+        if why:
+            return None, why
+        try:
+            return self.ensure(say), None
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            say(f"lab: no {self.label.removeprefix('the ')}: {e}")
+            return None, f"building {self.label} failed: {str(e).splitlines()[0]}"
 
     def recipe_hash(self) -> str:
         doc = {**self.recipe, **({"files": self.files} if self.files else {})}
