@@ -164,7 +164,8 @@ def verdict(result: LabResult, sites: list[str], results_dir: Path) -> str:
     for n in result.notes:
         lines.append(f"note: {n}")
     t = result.timings
-    where = f"kernel {result.kernel}" + (", Docker routers" if result.routers == "docker" else "")
+    where = f"kernel {result.kernel}" + (f" ({result.kernel_origin})" if result.kernel_origin else "")
+    where += (", Docker routers" if result.routers == "docker" else "")
     lines.append(f"{where}: boot {result.boot_seconds:.1f} s, " +
                  ", ".join(f"{k} {v} s" for k, v in t.items() if k != "inside_total") + f"; total {result.total_seconds:.1f} s")
     fw = "firewall active with drop policies" if result.firewall_exercised else "firewall NOT exercised"

@@ -297,6 +297,7 @@ class LabResult(Record):
     # the commit and the digest of the site files this result proves: {"revision", "sites_digest"}
     source: dict = field(default_factory=dict)
     kernel: str = ""
+    kernel_origin: str = ""  # which build of it: "Debian 13's user-mode-linux 6.12um1+b22 (6.12.113)"
     routers: str = "netns"
     boot_seconds: float = 0.0
     total_seconds: float = 0.0

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import kernels
+from . import debian, kernels
 
 IMAGE_REPO = "wan-lab-router"
 LABEL = "wan-lab"  # every image, container and network the lab makes carries this label
@@ -71,29 +71,8 @@ def cache() -> Path:
 
 
 def apt_mirror(suite: str | None = None) -> str:
-    """The Debian mirror apt uses here for `suite` (the recipe's by default; $WAN_LAB_DEBIAN_MIRROR
-    wins; deb.debian.org for a suite apt has no source for): debootstrap fetches from it."""
-    if os.environ.get("WAN_LAB_DEBIAN_MIRROR"):
-        return os.environ["WAN_LAB_DEBIAN_MIRROR"]
-    texts = []
-    for p in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
-        try:
-            texts.append(p.read_text())
-        except OSError:
-            pass
-    suite = suite or RECIPE["suite"]
-    for text in texts:
-        # deb822: a stanza with URIs and our suite (not -security, not -updates)
-        for stanza in re.split(r"\n\s*\n", text):
-            uri = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
-            suites = re.search(r"^Suites:\s*(.+)$", stanza, re.M)
-            if uri and suites and suite in suites.group(1).split() and re.search(r"^Components:.*\bmain\b", stanza, re.M):
-                return uri.group(1)
-        for line in text.splitlines():
-            f = line.split()
-            if len(f) >= 4 and f[0] == "deb" and f[2] == suite and "main" in f[3:]:
-                return f[1] if not f[1].startswith("[") else f[2]
-    return "http://deb.debian.org/debian"
+    """The Debian mirror apt uses here for `suite` (the recipe's by default): debootstrap fetches from it."""
+    return debian.mirror(suite or RECIPE["suite"])
 
 
 def _atomic(path: Path, make: Callable[[Path], None]) -> Path:

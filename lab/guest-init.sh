@@ -52,7 +52,7 @@ rel=$(uname -r)
 mr=/run/wan-lab/modroot
 mkdir -p "$mr/lib/modules/$rel" /run/wan-lab/bin
 case $kind in
-    uml) mount --bind "/usr/lib/uml/modules/$rel" "$mr/lib/modules/$rel" ;;
+    uml) mount --bind "${WAN_LAB_UML_MODULES:-/usr/lib/uml/modules}/$rel" "$mr/lib/modules/$rel" ;;
     qemu) mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose kmods "$mr/lib/modules/$rel" ;;
 esac || warn "kernel modules for $rel are not available"
 # The kernel starts it with an environment of its own: carry GLIBC_TUNABLES (set for User-Mode

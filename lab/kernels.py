@@ -6,8 +6,9 @@ XFRM without ESP, see reference/lab-substrate.md), they run in a throw-away kern
 file system is the host's ``/`` mounted read-only, so the host's Python, Libreswan and the
 project checkout are used unchanged:
 
-- ``uml``: Debian's User-Mode Linux (``/usr/bin/linux``). Boots in seconds; ESP works, but its
-  nf_tables has no ``ip``/``ip6``/``inet`` families, so the rendered firewall cannot be loaded.
+- ``uml``: Debian 13's User-Mode Linux (lab/uml.py; the host's ``/usr/bin/linux`` as a fallback).
+  Boots in seconds; ESP works, but its nf_tables has no ``ip``/``ip6``/``inet`` families, so the
+  rendered firewall cannot be loaded.
 - ``qemu``: Debian's own amd64 kernel under QEMU (software emulation by default). Slower, but a
   full router kernel: ESP and ``inet`` nftables tables.
 - ``host``: the host's own kernel, no isolation beyond what the command does itself.
@@ -42,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import uml
 from .uml_xstate import GUEST_GLIBC_TUNABLES, GUEST_GODEBUG
 
 KINDS = ("host", "qemu", "uml")
@@ -49,8 +51,6 @@ KINDS = ("host", "qemu", "uml")
 GUEST_INIT = Path(__file__).resolve().with_name("guest-init.sh")
 UML_XSTATE = Path(__file__).resolve().with_name("uml_xstate.py")
 
-UML_BINARY = "/usr/bin/linux"
-UML_MODULES = Path("/usr/lib/uml/modules")
 BUSYBOX = Path("/bin/busybox")
 
 # Modules the QEMU initramfs needs to reach the host's / over 9p (the order that worked by hand;
@@ -87,6 +87,7 @@ class GuestRun:
     total_seconds: float
     firewall_capable: bool  # nftables 'inet' tables work inside this kernel
     timed_out: bool = False  # the run was killed at the timeout
+    origin: str = ""  # which kernel: "Debian 13's user-mode-linux 6.12um1+b22 (6.12.113)", "linux-image-..."
     pid: int = 0  # host PID of the kernel (or of the command, for kind='host'); gone on return
 
 
@@ -157,11 +158,6 @@ def _host_firewall_capable() -> bool:
         return False
 
 
-def _uml_release() -> str | None:
-    versions = sorted(p.name for p in UML_MODULES.glob("*") if p.is_dir()) if UML_MODULES.is_dir() else []
-    return versions[-1] if versions else None
-
-
 def _is_static_elf(path: Path) -> bool:
     """True for an ELF executable without a program interpreter (statically linked)."""
     try:
@@ -191,13 +187,9 @@ def available_kernels() -> dict[str, str | None]:
     ok, why = esp_probe_host()
     result["host"] = None if ok else f"The host kernel cannot run the lab: {why}."
 
-    missing = []
-    if not Path(UML_BINARY).exists() or _uml_release() is None:
-        missing.append("user-mode-linux")
-    if not Path("/usr/sbin/modprobe").exists():
-        missing.append("kmod")
-    result["uml"] = (f"User-Mode Linux is missing: apt-get install {' '.join(missing)}"
-                     if missing else None)
+    result["uml"] = uml.available(cache_dir() / "uml")
+    if result["uml"] is None and not Path("/usr/sbin/modprobe").exists():
+        result["uml"] = "User-Mode Linux is missing: apt-get install kmod"
 
     missing = []
     if shutil.which("qemu-system-x86_64") is None:
@@ -435,12 +427,20 @@ def uml_needs_xstate_guard() -> bool:
     return bool({"avx512f", "amx_tile"} & set(flags.split()))
 
 
-def _uml_argv(init_args: list[str], mem_mb: int, umid: str, uml_dir: Path) -> list[str]:
+def prepare_uml(progress: Progress = _default_progress) -> uml.UmlKernel:
+    """The User-Mode Linux to boot (lab/uml.py: Debian 13's, fetched once into the cache)."""
+    return uml.prepare(cache_dir() / "uml", progress)
+
+
+def _uml_argv(kernel: uml.UmlKernel, init_args: list[str], mem_mb: int, umid: str, uml_dir: Path) -> list[str]:
     guard = [sys.executable, str(UML_XSTATE)] if uml_needs_xstate_guard() else []
     # unknown NAME=value parameters reach init's environment: every guest process gets the tunables
     tunables = [f"GLIBC_TUNABLES={GUEST_GLIBC_TUNABLES}", f"GODEBUG={GUEST_GODEBUG}"] if guard else []
-    return [*guard, UML_BINARY, *tunables, f"mem={mem_mb}M", "rootfstype=hostfs", "rootflags=/", "ro",
-            f"umid={umid}", f"uml_dir={uml_dir}", "con0=fd:0,fd:1", "con=null", "quiet",
+    # the kernel's own environment (Debian 13's libc) is set by env(1) right before it: not for the guard's Python
+    own = ["/usr/bin/env", *(f"{k}={v}" for k, v in sorted(kernel.env.items()))] if kernel.env else []
+    # WAN_LAB_UML_MODULES reaches guest-init.sh's environment, as the tunables do
+    return [*guard, *own, str(kernel.binary), *tunables, f"mem={mem_mb}M", "rootfstype=hostfs", "rootflags=/", "ro",
+            f"umid={umid}", f"uml_dir={uml_dir}", f"WAN_LAB_UML_MODULES={kernel.modules}", "con0=fd:0,fd:1", "con=null", "quiet",
             "init=/bin/sh", "--", *init_args]
 
 
@@ -532,6 +532,7 @@ def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dic
     if kind != "host" and not _SAFE_PATH.match(str(share)):
         raise ValueError(f"share {share}: only letters, digits and ._+@:/- are allowed in its path")
     kernel = prepare_qemu() if kind == "qemu" else None
+    uml_kernel = prepare_uml() if kind == "uml" else None
 
     nonce = uuid.uuid4().hex[:12]
     ctl = share / f".guest-{nonce}"
@@ -554,8 +555,10 @@ def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dic
             (ctl / "cmd.sh").write_text(_command_script(argv, cwd, env, guest=True, uml=kind == "uml"))
             init_args = [str(GUEST_INIT), kind, str(share), str(ctl), nonce, str(Path(cwd).resolve())]
             if kind == "uml":
-                popen_argv = _uml_argv(init_args, mem_mb, f"wanlab-{nonce}", temp)
-                popen_kw = {"env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(temp)}}
+                assert uml_kernel is not None
+                popen_argv = _uml_argv(uml_kernel, init_args, mem_mb, f"wanlab-{nonce}", temp)
+                popen_kw = {"env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(temp)},
+                            "cwd": uml_kernel.cwd}
                 firewall = False
             else:
                 assert kernel is not None
@@ -632,7 +635,8 @@ def run_in_guest(kind: str, argv: list[str], share: Path, *, cwd: Path, env: dic
     return GuestRun(kind=kind, exit_code=exit_code, console="\n".join(console) + "\n",
                     boot_seconds=round((ready_at or finished) - started, 2),
                     total_seconds=round(finished - started, 2), firewall_capable=firewall,
-                    timed_out=timed_out, pid=proc.pid)
+                    timed_out=timed_out, pid=proc.pid,
+                    origin=uml_kernel.origin if uml_kernel else f"Debian's {kernel.release} under QEMU" if kernel else "")
 
 
 def _read_text(path: Path) -> str | None:

@@ -324,7 +324,7 @@ def _collect(p: _Prepared, kind: str, guest: kernels.GuestRun, total: float | No
     result.other_major = p.other_major
     result.libreswan = p.plan.libreswan
     result.firewalls = p.plan.firewalls
-    result.kernel, result.routers = kind, p.plan.routers
+    result.kernel, result.kernel_origin, result.routers = kind, guest.origin, p.plan.routers
     result.keys = {"origin": "lab", "why": "the lab made its own key pair per router in place of the routers' public "
                    "keys in the site files (their private halves never leave the routers)",
                    "ckaids": {r: [k.ckaid for k in v.keys] for r, v in sorted(p.keys.routers.items())}}
