@@ -7,7 +7,13 @@ Each round runs, one lab kernel at a time (the machine lock held throughout):
 It prints every run, then the median of each and the ratio lab / bare.
 
     .venv/bin/python benchmarks/lab_vs_bare.py [--rounds 3] [--kernel uml] [--sites sites] [--starts gated,serial]
-        [--bare-sites 6] [--no-bare] [--before DIR]
+        [--bare-sites 6] [--no-bare] [--before DIR] [--uml debian13,host]
+
+--uml: which User-Mode Linux builds to measure, each with its bare mesh and its lab in every round
+(lab/uml.py: Debian 13's, the default; `host`: the host's package, $WAN_LAB_UML=host).
+"core" is the lab without the scenarios it plays after its proofs' set-up (boot plus network, DNS
+servers, routers, tunnels and checks): the example's dynamic site adds the NAT scenario (`nat`), a
+wait for liveness after its outside address changes, reported on its own.
 
 --before DIR: also run the lab of another checkout (e.g. `git archive <commit> | tar -x -C DIR`) in
 the same rounds, through its own run_lab(sites, kernel, results) (the API before LabRequest).
@@ -60,16 +66,22 @@ def main() -> None:
     ap.add_argument("--bare-sites", type=int, default=6)
     ap.add_argument("--no-bare", action="store_true")
     ap.add_argument("--before", metavar="DIR", help="an older checkout whose lab runs in the same rounds")
+    ap.add_argument("--uml", default="debian13", help="User-Mode Linux builds: debian13, host or both")
     args = ap.parse_args()
+    umls = [u for u in args.uml.split(",") if u]
+    if args.kernel != "uml":
+        umls = [""]
     runs: dict[str, list[float]] = {}
     phases: dict[str, dict[str, list[float]]] = {}
     with one_lab_at_a_time(lambda m: print(m, file=sys.stderr)), tempfile.TemporaryDirectory(dir=REPO, prefix=".bench-") as tmp:
         tmp = Path(tmp)
-        for k in range(1, args.rounds + 1):
+        for k, u in [(k, u) for k in range(1, args.rounds + 1) for u in umls]:
+            os.environ["WAN_LAB_UML"] = "host" if u == "host" else ""
+            tag = f" [{u}]" if len(umls) > 1 else ""
             if not args.no_bare:
                 secs, result = bare(args.kernel, args.bare_sites, tmp)
-                runs.setdefault("bare", []).append(secs)
-                print(f"round {k}: bare mesh of {args.bare_sites}: {secs:.1f} s  {result}", flush=True)
+                runs.setdefault(f"bare{tag}", []).append(secs)
+                print(f"round {k}{tag}: bare mesh of {args.bare_sites}: {secs:.1f} s  {result}", flush=True)
             if args.before:
                 secs, t, checks = before(Path(args.before).resolve(), args.kernel, args.sites, tmp / f"before-{k}")
                 runs.setdefault("lab before", []).append(secs)
@@ -79,26 +91,31 @@ def main() -> None:
                       + f"; {checks}", flush=True)
             for start in [s for s in args.starts.split(",") if s]:
                 os.environ["WAN_LAB_START"] = start
-                o = run_lab(LabRequest(sites=Path(args.sites), kernel=args.kernel, results=tmp / f"lab-{start}-{k}",
+                o = run_lab(LabRequest(sites=Path(args.sites), kernel=args.kernel, results=tmp / f"lab-{start}-{k}{u}",
                                        timeout=1800, on_line=lambda line: None, start=start))
                 t = o.result.timings
-                runs.setdefault(f"lab {start}", []).append(o.total_seconds)
-                for p in PHASES:
-                    phases.setdefault(start, {}).setdefault(p, []).append(t.get(p, 0.0))
+                core = round(o.boot_seconds + sum(t.get(p, 0.0) for p in PHASES), 1)
+                runs.setdefault(f"lab {start}{tag}", []).append(o.total_seconds)
+                runs.setdefault(f"lab {start} core{tag}", []).append(core)
+                for p in (*PHASES, "nat"):
+                    phases.setdefault(start + tag, {}).setdefault(p, []).append(t.get(p, 0.0))
                 passed, total = o.result.summary()
-                print(f"round {k}: lab ({start} start): {o.total_seconds:.1f} s, boot {o.boot_seconds:.1f} s, "
-                      + ", ".join(f"{p} {t.get(p, 0):.1f} s" for p in PHASES)
-                      + f"; {passed}/{total} {'PASS' if o.ok else 'FAIL'}", flush=True)
+                print(f"round {k}{tag}: lab ({start} start): {o.total_seconds:.1f} s (core {core:.1f} s), "
+                      f"boot {o.boot_seconds:.1f} s, "
+                      + ", ".join(f"{p} {t.get(p, 0):.1f} s" for p in (*PHASES, "nat"))
+                      + f"; {passed}/{total} {'PASS' if o.ok else 'FAIL'}; {o.result.kernel_origin}", flush=True)
     print("\nmedians (all runs above):")
     med = {name: statistics.median(v) for name, v in runs.items()}
     for name, v in runs.items():
         print(f"  {name}: median {med[name]:.1f} s of {', '.join(f'{x:.1f}' for x in v)}")
     for start, ph in phases.items():
         print(f"  lab {start} phases (median): " + ", ".join(f"{p} {statistics.median(v):.1f} s" for p, v in ph.items()))
-    if "bare" in med:
-        for name in med:
-            if name != "bare":
-                print(f"  ratio {name} / bare: {med[name] / med['bare']:.2f}")
+    for u in umls:
+        tag = f" [{u}]" if len(umls) > 1 else ""
+        if f"bare{tag}" in med:
+            for name in med:
+                if name.startswith("lab") and name.endswith(tag):
+                    print(f"  ratio {name} / bare{tag}: {med[name] / med[f'bare{tag}']:.2f}")
 
 
 if __name__ == "__main__":
