@@ -66,7 +66,7 @@ def plan(c, sites=SITES, base=None, format="text"):
 @task(help={"k": "only tests matching this expression", "quick": "skip the lab tests (they boot kernels)"})
 def test(c, k=None, quick=False):
     """The test suite (real tools, real kernels)."""
-    args = [sys.executable, "-m", "pytest", "-q", "-ra", "--durations=15"]  # the slowest, for the CI budget
+    args = [sys.executable, "-m", "pytest", "-q", "-ra", "--durations=40"]  # the slowest, for the CI budget
     if k:
         args += ["-k", k]
     if quick:
