@@ -1,4 +1,4 @@
-"""Start User-Mode Linux on a host whose CPU state is larger than UML 6.1 can hand over.
+"""Start User-Mode Linux on a host whose CPU state is larger than UML 6.1 and 6.12 can hand over.
 
 Debian 12's UML (6.1) saves and restores a guest process's FPU state with
 PTRACE_GETREGSET/SETREGSET(NT_X86_XSTATE) and a fixed buffer of sizeof(struct _xstate) (832
@@ -6,7 +6,10 @@ bytes: arch/x86/um/os-Linux/registers.c, arch_init_registers/put_fp_registers). 
 AVX-512 or AMX has a larger XSAVE area, and the host kernel refuses a SETREGSET of another size
 (EFAULT: arch/x86/kernel/fpu/regset.c, xstateregs_set; both read from memory of the sources, not
 checked line by line here). Seen on this project's Sapphire Rapids machines: every UML boot died at
-its first process with "userspace - ptrace set fp regs failed, errno = 14".
+its first process with "userspace - ptrace set fp regs failed, errno = 14". Debian 13's UML (6.12,
+the one the lab boots: lab/uml.py) dies the same way without this guard and boots with it; sid's 7.2
+boots without it (tried by hand, November 2026, with its seccomp=on and =off; why was not read in
+its source).
 
 This launcher installs a seccomp filter that makes exactly that regset fail with EIO, then execs
 UML: its probe (arch_init_registers) then finds no XSTATE support and UML falls back to
