@@ -12,8 +12,9 @@ boots Debian 13's User-Mode Linux on any host, fetched with apt from Debian's ar
 Debian 13's binary needs glibc 2.38 (`__isoc23_strtol`), which Debian 12 does not have, so the tree
 carries Debian 13's libc6 too, and the binary's program interpreter is rewritten (same length, in
 place) to a path relative to the tree, ``./ld.so``: the kernel opens a relative interpreter from the
-working directory of the execve (fs/binfmt_elf.c load_elf_binary -> open_exec; read, not checked line
-by line), so UML runs with the tree as its working directory and LD_LIBRARY_PATH on Debian 13's libc.
+working directory of the execve (fs/binfmt_elf.c, load_elf_binary's open_exec of the PT_INTERP path:
+recalled, not read here; tests/test_uml.py shows it on this kernel), so UML runs with the tree as its
+working directory and LD_LIBRARY_PATH on Debian 13's libc (set by env(1) for the kernel alone).
 Starting it through the loader instead (``ld.so linux.uml``) does not work: UML then sizes its memory
 from the loader's program break and panics (tried: "Failed to allocate 1466006962176 bytes").
 UML sees the host's files through hostfs by absolute paths; its working directory matters to nothing
