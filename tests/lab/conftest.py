@@ -161,9 +161,10 @@ def qemu_requests(base: Path, revisions: Path) -> dict[str, LabRequest]:
     # reload, repair and reboot; lab/fwcheck.py); the others load the lab's model of what it loads
     # (firewalld=False): real firewalld in every QEMU lab costs 6-9 min of CI (session 6).
     # in this order: the suite's tests that boot nothing may still run beside the first QEMU labs (the UML
-    # boot ended first: 846 s in session 8's first CI, the other tests about 4 min later), and the example's
-    # gated start is the lab that suffers from a busy host (tunnels phase 168 s with two scheduled repairs
-    # instead of 32 s, session 8): the short ones first, the example and router-dns on a quieter machine
+    # boot now ends first: 817-846 s in session 8's CIs, the other tests 4-5 min later), so the short ones
+    # go first and take that overlap (session 8's second CI: hub 75 s instead of 36, mixed 247 instead of
+    # 166); the example's gated start also loses a Child SA on a quiet machine now and then (pluto 4.10,
+    # docs/performance.md): its repair costs about 85 s whenever it happens
     return {
         "two-no-nat-exemption": LabRequest(sites=WANS / "two", kernel="qemu", results=base / "two", timeout=1200,
                                            tamper=drop_nat_exemption, firewalld=False),
