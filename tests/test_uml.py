@@ -82,3 +82,9 @@ def test_the_cached_tree_is_complete_when_there_is_one() -> None:
     assert (kernel.modules / kernel.release / "modules.dep").exists()
     data = kernel.binary.read_bytes()
     assert b"./ld.so\0" in data and b"/lib64/ld-linux-x86-64.so.2\0" not in data
+    # started as the lab starts it (its tree as working directory, its libc by env(1)), it runs on this host
+    env = ["/usr/bin/env", *(f"{k}={v}" for k, v in kernel.env.items())]
+    got = subprocess.run([*env, str(kernel.binary), "--version"], cwd=kernel.cwd, capture_output=True, text=True, timeout=30)
+    assert got.stdout.strip() == kernel.release, got.stderr
+    # and not from elsewhere: the interpreter is relative to the tree
+    assert subprocess.run([*env, str(kernel.binary), "--version"], cwd="/", capture_output=True).returncode != 0
