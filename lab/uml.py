@@ -95,30 +95,43 @@ def available(base: Path) -> str | None:
     return "User-Mode Linux is missing: apt-get install user-mode-linux (or debian-archive-keyring to fetch Debian 13's)"
 
 
+def interpreter_field(data: bytes) -> tuple[int, int] | None:
+    """Where a 64-bit ELF executable's program interpreter path lies (offset, size of PT_INTERP's
+    bytes), None for one without (statically linked). ValueError for what is no 64-bit ELF file."""
+    if data[:4] != b"\x7fELF" or data[4:5] != b"\x02":
+        raise ValueError("not a 64-bit ELF file")
+    order = "little" if data[5] == 1 else "big"
+    phoff = int.from_bytes(data[32:40], order)
+    phentsize = int.from_bytes(data[54:56], order)
+    for i in range(int.from_bytes(data[56:58], order)):
+        ph = phoff + i * phentsize
+        if int.from_bytes(data[ph:ph + 4], order) == PT_INTERP:
+            return int.from_bytes(data[ph + 8:ph + 16], order), int.from_bytes(data[ph + 32:ph + 40], order)
+    return None
+
+
 def set_interpreter(path: Path, new: bytes) -> bytes:
     """Rewrite the ELF program interpreter of the 64-bit little-endian executable `path` in place
     (the new path, NUL-padded, must fit the old one's bytes); the old interpreter."""
     data = bytearray(path.read_bytes())
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise RuntimeError(f"{path}: not a 64-bit little-endian ELF file")
-    phoff = int.from_bytes(data[32:40], "little")
-    phentsize = int.from_bytes(data[54:56], "little")
-    for i in range(int.from_bytes(data[56:58], "little")):
-        ph = phoff + i * phentsize
-        if int.from_bytes(data[ph:ph + 4], "little") != PT_INTERP:
-            continue
-        offset = int.from_bytes(data[ph + 8:ph + 16], "little")
-        size = int.from_bytes(data[ph + 32:ph + 40], "little")
-        old = bytes(data[offset:offset + size]).split(b"\0", 1)[0]
-        if len(new) + 1 > size:
-            raise RuntimeError(f"{path}: interpreter {new!r} does not fit the {size} bytes of {old!r}")
-        data[offset:offset + size] = new.ljust(size, b"\0")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.chmod(path.stat().st_mode)
-        os.replace(tmp, path)
-        return old
-    raise RuntimeError(f"{path}: no program interpreter (a static binary needs no rewrite)")
+    try:
+        if data[5:6] != b"\x01":
+            raise ValueError("big-endian")
+        field = interpreter_field(data)
+    except ValueError:
+        raise RuntimeError(f"{path}: not a 64-bit little-endian ELF file") from None
+    if field is None:
+        raise RuntimeError(f"{path}: no program interpreter (a static binary needs no rewrite)")
+    offset, size = field
+    old = bytes(data[offset:offset + size]).split(b"\0", 1)[0]
+    if len(new) + 1 > size:
+        raise RuntimeError(f"{path}: interpreter {new!r} does not fit the {size} bytes of {old!r}")
+    data[offset:offset + size] = new.ljust(size, b"\0")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(path.stat().st_mode)
+    os.replace(tmp, path)
+    return old
 
 
 def _fetch(base: Path, progress: Callable[[str], None]) -> Path:
